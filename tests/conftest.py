@@ -12,3 +12,36 @@ def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
         pytest.fail(f"shared fixtures not found at {FIXTURES} (set CURRICULUM_FIXTURES)")
     return FIXTURES
+
+
+def write_tiny_shards(folder: Path, n_shards: int = 2, per_shard: int = 4, height: int = 56, width: int = 112,
+                      seed: int = 0, prefix: str = "shard") -> list[str]:
+    """Tiny shards in the v1 schema: a ramp of depths with a sky band (65535) and a hole (0)."""
+    import numpy as np
+
+    from data_prep.schema import encode_sample
+    from data_prep.writer import ShardWriter
+
+    rng = np.random.default_rng(seed)
+    with ShardWriter(folder, prefix=prefix, max_samples=per_shard) as writer:
+        for i in range(n_shards * per_shard):
+            rows = np.linspace(150.0, 5.0, height, dtype=np.float32)[:, None].repeat(width, 1)
+            depth_m = rows * (1.0 + 0.2 * rng.random())
+            raw = np.round(depth_m / 0.01).astype(np.uint16)
+            sky = np.zeros((height, width), bool)
+            sky[: height // 4] = True
+            raw[sky] = 65535
+            raw[-2:, :3] = 0
+            rgb = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+            rgb[sky] = (135, 200, 250)
+            meta = {"source": "test", "scene": f"s{seed}", "frame": i, "width": width, "height": height,
+                    "fx": 100.0, "fy": 100.0, "cx": width / 2, "cy": height / 2, "depth_scale": 0.01}
+            writer.write(encode_sample(f"test_s{seed}_{i:04d}", rgb, raw, meta, sky=sky))
+    return sorted(str(p) for p in Path(folder).glob("*.tar"))
+
+
+@pytest.fixture
+def tiny_shards(tmp_path):
+    train = write_tiny_shards(tmp_path / "train", n_shards=4, per_shard=4, seed=0)
+    val = write_tiny_shards(tmp_path / "val", n_shards=2, per_shard=3, seed=1)
+    return tmp_path / "train", tmp_path / "val", train, val

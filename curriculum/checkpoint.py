@@ -1,0 +1,121 @@
+"""Checkpoints: atomic writes, safe reads, the metadata contract, model restore for eval/predict."""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from data_prep.schema import SCHEMA_VERSION
+
+META_KEY = "curriculum"
+MODEL_FIELDS = ("encoder", "head", "min_depth", "max_depth", "uncertainty")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, reported in one line naming the file."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes to a temporary name in the same folder and renames: a crash mid-write leaves the
+    previous checkpoint intact and never a truncated file under the final name."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            torch.save(checkpoint, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint with weights_only=True; one-line errors for missing or corrupt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first[:200]})") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (a {type(ckpt).__name__})")
+    return ckpt
+
+
+def metadata(ckpt: dict, path: str | os.PathLike) -> dict:
+    meta = ckpt.get(META_KEY)
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise CheckpointError(f"{path}: no '{META_KEY}' metadata; not a checkpoint of this project")
+    return meta
+
+
+def build_metadata(model_meta: dict, policy: dict, stage: str, recipe: dict, extra: dict | None = None) -> dict:
+    return {
+        "model": dict(model_meta),
+        "policy": dict(policy),
+        "stage": stage,
+        "recipe": recipe,
+        "schema_version": SCHEMA_VERSION,
+        **(extra or {}),
+    }
+
+
+def check_same_model(expected: dict, found: dict, source: str) -> None:
+    """Stage 2 must fine-tune the architecture and head that stage 1 trained."""
+    diffs = [f"{k}: {found.get(k)!r} in checkpoint vs {expected.get(k)!r} in recipe" for k in MODEL_FIELDS
+             if found.get(k) != expected.get(k)]
+    if diffs:
+        raise CheckpointError(f"{source}: model mismatch ({'; '.join(diffs)})")
+
+
+def model_state(ckpt: dict, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    state = ckpt.get("state_dict", {})
+    out = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    # A compiled model's keys may carry `_orig_mod.`; weights are always stored without it.
+    return {k.replace("_orig_mod.", ""): v for k, v in out.items()}
+
+
+def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
+    """Model and metadata of one of this project's checkpoints, for eval and predict."""
+    from curriculum.model import build_model
+
+    ckpt = read_checkpoint(path)
+    meta = metadata(ckpt, path)
+    model = build_model({k: meta["model"][k] for k in MODEL_FIELDS})
+    missing, unexpected = model.load_state_dict(model_state(ckpt), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not fit the recorded model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return model.eval(), meta
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def plain(obj: Any) -> Any:
+    """Recursively convert to plain python containers (no OmegaConf, no numpy scalars)."""
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):
+        return obj.item()
+    return obj

@@ -1,0 +1,289 @@
+"""Recipes: an OmegaConf structured schema, composed over recipes/base.yaml.
+
+`load_recipe(files, overrides)` merges schema defaults <- base.yaml <- each file <- `key=value`
+overrides, and fails before any heavy work with one line naming the offending key (plus the
+closest valid key when the name is unknown).
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+class RecipeError(ValueError):
+    """A recipe problem, reported as one line naming the key."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs/run"
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = MISSING  # brace pattern, glob, or `pipe:` command per shard
+    val_shards: str = MISSING
+    batch_size: int = 8  # per rank
+    val_batch_size: int = 8
+    num_workers: int = 2
+    crop_height: int = 126  # random crop of a lower-bound resize, multiples of 14
+    crop_width: int = 378
+    val_height: int = 126  # validation images are resized to this (depth stays native)
+    val_width: int = 378
+    scale_jitter: float = 0.0  # extra random zoom in [1, 1 + scale_jitter]
+    hflip: bool = True
+    color_jitter: float = 0.0  # brightness/contrast/saturation amplitude, image only
+    shuffle_buffer: int = 256
+    epoch_samples: int = 0  # samples per epoch over all ranks; 0 = the shard index total
+    max_bad_samples: int = 100  # per worker; beyond it the run stops naming the shard
+    val_max_images: int = 0  # 0 = every validation image
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "tiny"  # tiny | vits | vitb | vitl
+    head: str = "log"  # log (covers the unclipped range) | sigmoid (Depth-Anything-V2)
+    min_depth: float = 0.1
+    max_depth: float = 1000.0  # top of the head's range, not the loss mask
+    uncertainty: bool = False
+    pretrained: str = ""  # local encoder/official checkpoint; "" = random init
+    compile: bool = False
+    grad_checkpointing: bool = False
+    channels_last: bool = False
+
+
+@dataclass
+class LossConfig:
+    silog_lambda: float = 0.5
+    grad_weight: float = 0.0
+    nll_weight: float = 1.0  # only used when the model predicts uncertainty
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-6  # encoder learning rate
+    head_lr_mult: float = 10.0
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_steps: int = 0
+    poly_power: float = 0.9
+    fused: bool = False
+    grad_clip: float = 0.0
+
+
+@dataclass
+class StageConfig:
+    name: str = MISSING
+    steps: int = MISSING
+    policy: Dict[str, Any] = field(default_factory=lambda: {"name": "unclipped"})
+    rewarm_steps: int = 0  # linear lr re-warm-up at the start of this stage
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    val_every_steps: int = 0  # 0 = once per epoch
+    log_every_steps: int = 10
+    ckpt_every_steps: int = 0  # 0 = at the end of each epoch and of the run
+    progress: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    project: str = "curriculum-depth"
+    group: str = ""  # links the stages of one experiment; "" = run.name
+    mode: str = "auto"  # auto (online iff an API key is configured) | online | offline | disabled
+    image_every_steps: int = 200
+    depth_vmax: float = 700.0  # fixed colour range of depth panels
+    parent_run: str = ""  # filled in for stage 2: the stage-1 run id
+    parent_checkpoint_sha256: str = ""
+
+
+@dataclass
+class Recipe:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    stages: List[StageConfig] = field(default_factory=list)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    init_from: str = ""  # stage-2 start: weights and metadata of a checkpoint, fresh optimizer
+    resume: str = ""  # full resume of an interrupted run (same stage schedule)
+
+
+def _valid_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            path = f"{prefix}{k}"
+            keys.append(path)
+            keys.extend(_valid_keys(node._get_node(k), path + "."))
+    return keys
+
+
+def _check_keys(user: Any, schema: DictConfig, source: str, prefix: str = "") -> None:
+    """Unknown keys are an error with the closest valid key as a hint."""
+    if not isinstance(user, dict):
+        return
+    for key, value in user.items():
+        path = f"{prefix}{key}"
+        if key not in schema.keys():
+            valid = _valid_keys(OmegaConf.structured(Recipe))
+            hint = difflib.get_close_matches(path, valid, n=1)
+            raise RecipeError(f"{source}: unknown key '{path}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+        child = schema._get_node(key)
+        if isinstance(child, DictConfig) and not _is_free_dict(child):
+            _check_keys(value, child, source, path + ".")
+        elif isinstance(child, ListConfig) and path == "stages" and isinstance(value, list):
+            for i, item in enumerate(value):
+                _check_keys(item, OmegaConf.structured(StageConfig), source, f"stages.{i}.")
+
+
+def _is_free_dict(node: DictConfig) -> bool:
+    return node._metadata.object_type in (None, dict)
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise RecipeError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    value = OmegaConf.create({"v": raw}) if raw == "" else OmegaConf.create(f"v: {raw}")
+    return key.strip(), OmegaConf.to_container(value)["v"]
+
+
+def _set_override(cfg: DictConfig, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = cfg
+    for i, part in enumerate(parts[:-1]):
+        child = node[int(part)] if isinstance(node, ListConfig) else node._get_node(part) if part in node.keys() else None
+        if child is None:
+            _unknown(".".join(parts[: i + 1]), "command line")
+        node = child
+    last = parts[-1]
+    if isinstance(node, ListConfig):
+        if not last.isdigit() or int(last) >= len(node):
+            raise RecipeError(f"command line: no list item '{key}'")
+        node[int(last)] = value
+        return
+    if last not in node.keys() and not _is_free_dict(node):
+        _unknown(key, "command line")
+    node[last] = value
+
+
+def _unknown(key: str, source: str) -> None:
+    valid = _valid_keys(OmegaConf.structured(Recipe))
+    hint = difflib.get_close_matches(key, valid, n=1)
+    raise RecipeError(f"{source}: unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+
+
+def _load_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as exc:  # yaml syntax errors carry multi-line context; keep the first line
+        raise RecipeError(f"{path}: cannot parse: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _one_line(exc: OmegaConfBaseException, source: str) -> RecipeError:
+    key = getattr(exc, "full_key", None) or ""
+    msg = str(exc).splitlines()[0]
+    return RecipeError(f"{source}: key '{key}': {msg}" if key else f"{source}: {msg}")
+
+
+def load_recipe(files: list[str | Path], overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose a recipe; raise RecipeError (one line) on any unknown key, bad type or missing value."""
+    cfg = OmegaConf.structured(Recipe)
+    sources = [RECIPES_DIR / "base.yaml"] + [Path(f) for f in files]
+    seen = set()
+    for path in sources:
+        if path.resolve() in seen:
+            continue
+        seen.add(path.resolve())
+        data = _load_yaml(path)
+        _check_keys(data, cfg, str(path))
+        try:
+            cfg = OmegaConf.merge(cfg, data)
+        except OmegaConfBaseException as exc:
+            raise _one_line(exc, str(path)) from None
+    for text in overrides:
+        key, value = _parse_override(text)
+        try:
+            _set_override(cfg, key, value)
+        except OmegaConfBaseException as exc:
+            raise _one_line(exc, "command line") from None
+    missing = sorted(re.sub(r"\[(\d+)\]", r".\1", k) for k in OmegaConf.missing_keys(cfg))
+    if missing:
+        raise RecipeError(f"missing required value '{missing[0]}' (set it in a recipe or as {missing[0]}=...)")
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, False)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Semantic checks that the schema's types cannot express."""
+    from curriculum.masks import build_policy
+    from curriculum.model import ENCODER_SPECS
+
+    if not cfg.stages:
+        raise RecipeError("stages: a recipe needs at least one stage")
+    names = set()
+    for i, stage in enumerate(cfg.stages):
+        if stage.steps <= 0:
+            raise RecipeError(f"stages.{i}.steps: must be positive, got {stage.steps}")
+        if stage.name in names:
+            raise RecipeError(f"stages.{i}.name: duplicate stage name '{stage.name}'")
+        names.add(stage.name)
+        try:
+            build_policy(OmegaConf.to_container(stage.policy))
+        except (ValueError, TypeError) as exc:
+            raise RecipeError(f"stages.{i}.policy: {exc}") from None
+    if cfg.model.encoder not in ENCODER_SPECS:
+        raise RecipeError(
+            f"model.encoder: unknown encoder '{cfg.model.encoder}' (choose from {', '.join(ENCODER_SPECS)})"
+        )
+    if cfg.model.head not in ("log", "sigmoid"):
+        raise RecipeError(f"model.head: unknown head '{cfg.model.head}' (choose from log, sigmoid)")
+    for key in ("crop_height", "crop_width", "val_height", "val_width"):
+        if cfg.data[key] <= 0 or cfg.data[key] % 14:
+            raise RecipeError(f"data.{key}: must be a positive multiple of 14, got {cfg.data[key]}")
+    for key in ("batch_size", "val_batch_size"):
+        if cfg.data[key] <= 0:
+            raise RecipeError(f"data.{key}: must be positive, got {cfg.data[key]}")
+    if cfg.data.num_workers < 0:
+        raise RecipeError(f"data.num_workers: must be >= 0, got {cfg.data.num_workers}")
+    if cfg.logging.mode not in ("auto", "online", "offline", "disabled"):
+        raise RecipeError(f"logging.mode: unknown mode '{cfg.logging.mode}' (auto, online, offline, disabled)")
+    if cfg.init_from and cfg.resume:
+        raise RecipeError("init_from and resume are exclusive: init_from starts a new stage, resume continues a run")
+
+
+def total_steps(cfg: DictConfig) -> int:
+    return int(sum(stage.steps for stage in cfg.stages))
+
+
+def to_plain(cfg: DictConfig) -> dict:
+    """The resolved recipe as plain containers (safe for weights_only checkpoint loading)."""
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,403 @@
+"""The WebDataset side of training: shard lists, decoding, joint augmentation, batching.
+
+Design, against the traps of webdataset under DDP (see PITFALLS.md 1-9):
+- Rank and world size are captured in the main process and handed to the dataset; nothing is
+  read from environment variables inside loader workers.
+- Training: every rank yields exactly `batches_per_rank` full batches per epoch. Global batch `b`
+  of an epoch comes from stream `b % num_workers` of the rank; each stream reads its own slice of
+  an epoch-seeded shard permutation, cycling it if needed, so no rank ever runs dry.
+- The data of a batch is a pure function of (seed, epoch, rank, batch index): augmentations draw
+  from a per-sample generator. A resumed run skips the batches already trained on (without
+  decoding them) and sees the same batches an uninterrupted run would, provided `num_workers` and
+  the world size are unchanged.
+- Validation: shards are split over all readers; every image is read by exactly one reader.
+- 16-bit depth is decoded by `data_prep.schema.decode_sample`, never by webdataset's decoders.
+- Bad samples (truncated tars, missing members, undecodable files) are skipped and counted;
+  every batch carries how many were dropped, and past `max_bad_samples` the run stops naming the
+  shard.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import multiprocessing as mp
+import os
+import random
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import cv2
+import numpy as np
+import torch
+from braceexpand import braceexpand
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from data_prep.schema import SampleError, decode_sample
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+REQUIRED_MEMBERS = ("depth.png", "meta.json")
+
+
+class DataError(RuntimeError):
+    """A data problem that stops the run, reported in one line."""
+
+
+# ---------------------------------------------------------------------------- shard lists
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Brace-expand `spec`, glob local patterns, keep `pipe:` and URL shards as they are."""
+    urls: list[str] = []
+    for part in braceexpand(spec):
+        if part.startswith("pipe:") or "://" in part:
+            urls.append(part)
+        elif any(c in part for c in "*?["):
+            urls.extend(sorted(glob.glob(part)))
+        elif os.path.isfile(part):
+            urls.append(part)
+        else:
+            raise DataError(f"shard not found: {part}")
+    if not urls:
+        raise DataError(f"shard pattern '{spec}' matches no shard")
+    return urls
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """Total samples of local shards from the index.json beside them; None when unknown."""
+    by_dir: dict[str, set[str]] = {}
+    for url in urls:
+        if url.startswith("pipe:") or "://" in url:
+            return None
+        by_dir.setdefault(os.path.dirname(os.path.abspath(url)), set()).add(os.path.basename(url))
+    total = 0
+    for folder, names in by_dir.items():
+        path = os.path.join(folder, "index.json")
+        try:
+            with open(path) as f:
+                index = json.load(f)
+            counts = {s["name"]: int(s["samples"]) for s in index["shards"]}
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{path}: unreadable shard index ({exc})") from None
+        missing = names - counts.keys()
+        if missing:
+            raise DataError(f"{path}: no entry for shard {sorted(missing)[0]}")
+        total += sum(counts[n] for n in names)
+    return total
+
+
+# ---------------------------------------------------------------------------- transforms
+
+
+def crop_resize(rgb, depth, sky, out_h, out_w, rng: np.random.Generator, scale_jitter=0.0, hflip=True):
+    """Random crop of a lower-bound resize, done crop-first: only the crop is resized.
+
+    Equivalent to resizing the frame so it covers (out_h, out_w), then cropping; depth and sky
+    use nearest neighbour so no depth is interpolated across an edge.
+    """
+    h, w = depth.shape
+    scale = max(out_h / h, out_w / w) * (1.0 + rng.uniform(0.0, scale_jitter) if scale_jitter > 0 else 1.0)
+    ch, cw = min(h, max(1, round(out_h / scale))), min(w, max(1, round(out_w / scale)))
+    y0 = int(rng.integers(0, h - ch + 1))
+    x0 = int(rng.integers(0, w - cw + 1))
+    rgb = rgb[y0 : y0 + ch, x0 : x0 + cw]
+    depth = depth[y0 : y0 + ch, x0 : x0 + cw]
+    sky = sky[y0 : y0 + ch, x0 : x0 + cw]
+    if (ch, cw) != (out_h, out_w):
+        rgb = cv2.resize(rgb, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+        depth = cv2.resize(depth, (out_w, out_h), interpolation=cv2.INTER_NEAREST)
+        sky = cv2.resize(sky.view(np.uint8), (out_w, out_h), interpolation=cv2.INTER_NEAREST).astype(bool)
+    if hflip and rng.random() < 0.5:
+        rgb, depth, sky = rgb[:, ::-1], depth[:, ::-1], sky[:, ::-1]
+    return np.ascontiguousarray(rgb), np.ascontiguousarray(depth), np.ascontiguousarray(sky)
+
+
+def color_jitter(rgb: np.ndarray, amount: float, rng: np.random.Generator) -> np.ndarray:
+    """Brightness, contrast and saturation jitter on the image only."""
+    if amount <= 0:
+        return rgb
+    b, c, s = (1.0 + rng.uniform(-amount, amount, size=3)).astype(np.float32)
+    img = rgb.astype(np.float32) * b
+    mean = img.mean()
+    img = (img - mean) * c + mean
+    gray = img.mean(axis=2, keepdims=True)
+    img = (img - gray) * s + gray
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B,3,H,W) -> ImageNet-normalised float; done on the device after transfer."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float().div_(255.0) - mean) / std
+
+
+def collate_train(samples: list[dict]) -> dict:
+    depth = torch.from_numpy(np.stack([s["depth"] for s in samples]))
+    return {
+        "image": torch.from_numpy(np.stack([s["rgb"] for s in samples])).permute(0, 3, 1, 2).contiguous(),
+        "depth": depth,
+        "sky": torch.from_numpy(np.stack([s["sky"] for s in samples])),
+        "no_measurement": (depth <= 0) | torch.isnan(depth),
+        "key": [s["key"] for s in samples],
+    }
+
+
+def collate_val(samples: list[dict]) -> dict:
+    """Images share the network size; depth keeps its native size, padded (valid = False)."""
+    h = max(s["depth"].shape[0] for s in samples)
+    w = max(s["depth"].shape[1] for s in samples)
+    n = len(samples)
+    depth = torch.zeros(n, h, w)
+    sky = torch.zeros(n, h, w, dtype=torch.bool)
+    valid = torch.zeros(n, h, w, dtype=torch.bool)
+    sizes = torch.zeros(n, 2, dtype=torch.long)
+    for i, s in enumerate(samples):
+        sh, sw = s["depth"].shape
+        depth[i, :sh, :sw] = torch.from_numpy(s["depth"])
+        sky[i, :sh, :sw] = torch.from_numpy(s["sky"])
+        valid[i, :sh, :sw] = True
+        sizes[i] = torch.tensor([sh, sw])
+    return {
+        "image": torch.from_numpy(np.stack([s["rgb"] for s in samples])).permute(0, 3, 1, 2).contiguous(),
+        "depth": depth,
+        "sky": sky,
+        "valid": valid,
+        "no_measurement": (depth <= 0) | torch.isnan(depth) | ~valid,
+        "size": sizes,
+        "key": [s["key"] for s in samples],
+    }
+
+
+# ---------------------------------------------------------------------------- streams
+
+
+class _BadSampleCounter:
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.total = 0
+        self.pending = 0
+
+    def __call__(self, url: str, reason: str) -> None:
+        self.total += 1
+        self.pending += 1
+        warnings.warn(f"skipping bad sample in {url}: {reason}", stacklevel=2)
+        if self.total > self.limit:
+            raise DataError(f"{url}: more than {self.limit} bad samples in this reader (last: {reason})")
+
+    def take(self) -> int:
+        n, self.pending = self.pending, 0
+        return n
+
+
+def _raw_samples(urls: list[str], bad: _BadSampleCounter) -> Iterator[dict]:
+    """Raw webdataset samples (bytes) of the given shards; broken tars and partial samples counted."""
+    for url in urls:
+
+        def handler(exc: Exception, url=url) -> bool:
+            bad(url, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            return True
+
+        stream = gopen(url)
+        try:
+            samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=handler), handler=handler)
+            yield from _complete(samples, url, bad)
+        finally:
+            stream.close()
+
+
+def _complete(samples: Iterator[dict], url: str, bad: _BadSampleCounter) -> Iterator[dict]:
+    """Partial samples (a truncated tar, a missing member) are counted, never passed on."""
+    for sample in samples:
+        missing = [m for m in REQUIRED_MEMBERS if m not in sample]
+        if not any(k.startswith("rgb.") for k in sample):
+            missing.append("rgb")
+        if missing:
+            bad(url, f"sample {sample.get('__key__')} lacks {', '.join(missing)}")
+            continue
+        yield sample
+
+
+def _shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    if size <= 1:
+        yield from samples
+        return
+    buf: list[dict] = []
+    for s in samples:
+        buf.append(s)
+        if len(buf) >= size:
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+@dataclass
+class TrainSpec:
+    batch_size: int
+    batches_per_rank: int
+    crop_height: int
+    crop_width: int
+    scale_jitter: float = 0.0
+    hflip: bool = True
+    color_jitter: float = 0.0
+    shuffle_buffer: int = 256
+    max_bad_samples: int = 100
+
+
+class TrainStream(IterableDataset):
+    """Fixed-length, resumable training stream for one rank (see the module docstring)."""
+
+    def __init__(self, urls: list[str], spec: TrainSpec, rank: int, world_size: int, seed: int):
+        self.urls, self.spec = list(urls), spec
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.position = mp.Value("q", 0)  # global step at iterator creation, shared with workers
+
+    def __len__(self) -> int:
+        # Known epoch length: progress bars get an ETA and Lightning ends epochs on count.
+        return self.spec.batches_per_rank
+
+    def set_position(self, global_step: int) -> None:
+        self.position.value = int(global_step)
+
+    def _stream_samples(self, epoch: int, slot: int, slots: int, bad: _BadSampleCounter) -> Iterator[dict]:
+        """This reader's shards, cycled; each pass is shuffled on its own, so a pass over shards
+        that fit the epoch yields every one of their samples exactly once."""
+        order = list(self.urls)
+        random.Random(f"{self.seed}/{epoch}").shuffle(order)
+        mine = order[slot::slots]
+        if not mine:
+            raise DataError(f"{len(self.urls)} shards for {slots} readers: reader {slot} has no shard")
+        for cycle in range(1 << 30):
+            if cycle:
+                random.Random(f"{self.seed}/{epoch}/{slot}/{cycle}").shuffle(mine)
+            got = 0
+            buf_rng = random.Random(f"{self.seed}/{epoch}/{slot}/{cycle}/buffer")
+            for s in _shuffled(_raw_samples(mine, bad), self.spec.shuffle_buffer, buf_rng):
+                got += 1
+                yield s
+            if not got:
+                raise DataError(f"no readable sample in shards {mine[0]} ... ({len(mine)} shards)")
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        spec = self.spec
+        step = self.position.value
+        epoch, skip = divmod(step, spec.batches_per_rank)
+        stream = (wid + skip) % nw  # worker j of a resumed iterator plays stream (j + skip) % nw
+        already = len(range(stream, skip, nw))  # batches of this stream trained before `skip`
+        quota = len(range(stream, spec.batches_per_rank, nw)) - already
+        slot = self.rank * nw + stream
+        bad = _BadSampleCounter(spec.max_bad_samples)
+        samples = self._stream_samples(epoch, slot, self.world_size * nw, bad)
+        counter = 0
+        for _ in range(already * spec.batch_size):  # resume: skip what was trained on, undecoded
+            next(samples)
+            counter += 1
+        batch: list[dict] = []
+        while quota > 0:
+            raw = next(samples)
+            rng = np.random.default_rng([self.seed, epoch, slot, counter])
+            counter += 1
+            try:
+                s = decode_sample(raw)
+            except SampleError as exc:
+                bad(raw.get("__url__", "?"), str(exc))
+                continue
+            rgb, depth, sky = crop_resize(
+                s["rgb"], s["depth"], s["sky"], spec.crop_height, spec.crop_width, rng, spec.scale_jitter, spec.hflip
+            )
+            s.update(rgb=color_jitter(rgb, spec.color_jitter, rng), depth=depth, sky=sky)
+            batch.append(s)
+            if len(batch) == spec.batch_size:
+                out = collate_train(batch)
+                out["bad_samples"] = torch.tensor(bad.take())
+                yield out
+                batch = []
+                quota -= 1
+
+
+class ValStream(IterableDataset):
+    """Every validation image exactly once over all ranks and workers."""
+
+    def __init__(self, urls, rank, world_size, batch_size, height, width, max_images=0, max_bad_samples=100):
+        self.urls = list(urls)
+        self.rank, self.world_size = rank, world_size
+        self.batch_size, self.height, self.width = batch_size, height, width
+        self.max_images, self.max_bad_samples = max_images, max_bad_samples
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        slot, slots = self.rank * nw + wid, self.world_size * nw
+        bad = _BadSampleCounter(self.max_bad_samples)
+        by_shard = len(self.urls) >= slots and not self.max_images
+        urls = self.urls[slot::slots] if by_shard else self.urls
+        batch = []
+        for index, raw in enumerate(_raw_samples(urls, bad)):
+            if not by_shard:
+                if self.max_images and index >= self.max_images:
+                    break
+                if index % slots != slot:
+                    continue
+            try:
+                s = decode_sample(raw)
+            except SampleError as exc:
+                bad(raw.get("__url__", "?"), str(exc))
+                continue
+            s["rgb"] = cv2.resize(s["rgb"], (self.width, self.height), interpolation=cv2.INTER_CUBIC)
+            batch.append(s)
+            if len(batch) == self.batch_size:
+                yield self._finish(batch, bad)
+                batch = []
+        if batch:
+            yield self._finish(batch, bad)
+
+    @staticmethod
+    def _finish(batch, bad) -> dict:
+        out = collate_val(batch)
+        out["bad_samples"] = torch.tensor(bad.take())
+        return out
+
+
+class _PositionedLoader(DataLoader):
+    """Tells the stream the global step each time an epoch's iterator is created."""
+
+    def __init__(self, dataset: TrainStream, position_fn: Callable[[], int], **kw):
+        super().__init__(dataset, batch_size=None, **kw)
+        self.position_fn = position_fn
+
+    def __iter__(self):
+        self.dataset.set_position(self.position_fn())
+        return super().__iter__()
+
+
+def train_loader(stream: TrainStream, position_fn: Callable[[], int], num_workers: int) -> DataLoader:
+    return _PositionedLoader(
+        stream,
+        position_fn,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+def val_loader(stream: ValStream, num_workers: int) -> DataLoader:
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available())
+
+
+def check_readers(n_shards: int, world_size: int, num_workers: int, what: str, spec: str) -> None:
+    readers = world_size * max(1, num_workers)
+    if n_shards < readers:
+        raise DataError(
+            f"{what} '{spec}': {n_shards} shards for {world_size} ranks x {max(1, num_workers)} workers "
+            f"= {readers} readers; write more, smaller shards or lower data.num_workers"
+        )

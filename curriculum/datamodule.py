@@ -1,0 +1,57 @@
+"""Lightning wiring of the shard pipeline in data.py."""
+from __future__ import annotations
+
+import lightning.pytorch as pl
+
+from curriculum.data import (
+    DataError, TrainSpec, TrainStream, ValStream, check_readers, count_samples, expand_shards, train_loader,
+    val_loader,
+)
+
+
+class DepthDataModule(pl.LightningDataModule):
+    def __init__(self, data_cfg: dict, seed: int):
+        super().__init__()
+        self.cfg, self.seed = data_cfg, seed
+        self.train_urls = expand_shards(data_cfg["train_shards"])
+        self.val_urls = expand_shards(data_cfg["val_shards"])
+        total = data_cfg["epoch_samples"] or count_samples(self.train_urls)
+        if not total:
+            raise DataError(
+                f"data.train_shards '{data_cfg['train_shards']}': no index.json beside the shards; "
+                "set data.epoch_samples to the number of samples per epoch"
+            )
+        self.epoch_samples = int(total)
+
+    def batches_per_rank(self, world_size: int) -> int:
+        n = self.epoch_samples // (world_size * self.cfg["batch_size"])
+        if n < 1:
+            raise DataError(
+                f"data.batch_size: {self.epoch_samples} samples per epoch are fewer than one batch of "
+                f"{self.cfg['batch_size']} on each of {world_size} ranks"
+            )
+        return n
+
+    def setup(self, stage: str) -> None:
+        # Rank and world size come from the trainer in the main process (PITFALLS 4).
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        workers = self.cfg["num_workers"]
+        if stage == "fit":
+            check_readers(len(self.train_urls), world, workers, "data.train_shards", self.cfg["train_shards"])
+            spec = TrainSpec(
+                batch_size=self.cfg["batch_size"], batches_per_rank=self.batches_per_rank(world),
+                crop_height=self.cfg["crop_height"], crop_width=self.cfg["crop_width"],
+                scale_jitter=self.cfg["scale_jitter"], hflip=self.cfg["hflip"], color_jitter=self.cfg["color_jitter"],
+                shuffle_buffer=self.cfg["shuffle_buffer"], max_bad_samples=self.cfg["max_bad_samples"],
+            )
+            self.train_stream = TrainStream(self.train_urls, spec, rank, world, self.seed)
+        self.val_stream = ValStream(
+            self.val_urls, rank, world, self.cfg["val_batch_size"], self.cfg["val_height"], self.cfg["val_width"],
+            max_images=self.cfg["val_max_images"], max_bad_samples=self.cfg["max_bad_samples"],
+        )
+
+    def train_dataloader(self):
+        return train_loader(self.train_stream, lambda: self.trainer.global_step, self.cfg["num_workers"])
+
+    def val_dataloader(self):
+        return val_loader(self.val_stream, min(self.cfg["num_workers"], 1))

@@ -1,0 +1,90 @@
+"""Evaluation of a checkpoint on validation shards: near range, far range, sky, phantom rate."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from curriculum.checkpoint import load_model
+from curriculum.data import ValStream, expand_shards, normalize_images
+from curriculum.metrics import MetricAccumulator, eval_crop
+from curriculum.module import EVAL_MAX_DEPTH
+
+METRIC_COLUMNS = ("d1", "abs_rel", "sq_rel", "rmse", "rmse_log", "silog")
+GROUPS = (("near (<= 80 m)", "near"), ("  [0, 20)", "near/0_20"), ("  [20, 40)", "near/20_40"),
+          ("  [40, 80]", "near/40_80"), ("far (> 80 m)", "far"))
+
+
+def protocol_text(protocol: str, min_depth: float, max_depth: float) -> str:
+    crop = {"kitti_garg": "Garg crop", "kitti_eigen": "Eigen crop", "nyu": "NYU crop"}.get(protocol, "no crop")
+    return (f"protocol {protocol}: {crop}; near range {min_depth:g}..{max_depth:g} m; far = measured > "
+            f"{max_depth:g} m; sky = sky mask or beyond sensor range; metrics per image, then averaged over images; "
+            f"phantom rate over pixels")
+
+
+@torch.no_grad()
+def evaluate(checkpoint: str, shards: str, protocol: str = "synthetic", batch_size: int = 4,
+             height: int | None = None, width: int | None = None, device: str | None = None,
+             max_images: int = 0, model=None, meta=None, progress: bool = True) -> dict:
+    if model is None:
+        model, meta = load_model(checkpoint)
+    data_cfg = meta.get("recipe", {}).get("data", {})
+    height = height or data_cfg.get("val_height", 518)
+    width = width or data_cfg.get("val_width", 518)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+    stream = ValStream(expand_shards(shards), 0, 1, batch_size, height, width, max_images=max_images)
+    acc = MetricAccumulator(min_depth=1e-3, max_depth=EVAL_MAX_DEPTH)
+    start, n = time.perf_counter(), 0
+    bar = tqdm(stream, desc="eval", unit="batch", disable=not progress)
+    for batch in bar:
+        pred = model(normalize_images(batch["image"].to(device))).depth.float().cpu()
+        for i in range(pred.shape[0]):
+            h, w = (int(v) for v in batch["size"][i])
+            p = F.interpolate(pred[i][None, None], size=(h, w), mode="bilinear", align_corners=False)[0]
+            valid = batch["valid"][i : i + 1, :h, :w] & eval_crop(h, w, protocol)[None]
+            acc.update(p, batch["depth"][i : i + 1, :h, :w], batch["sky"][i : i + 1, :h, :w], valid)
+            n += 1
+        bar.set_postfix(img_per_s=f"{n / (time.perf_counter() - start):.1f}")
+    results = acc.compute()
+    return {
+        "checkpoint": str(checkpoint),
+        "shards": shards,
+        "protocol": protocol,
+        "protocol_text": protocol_text(protocol, 1e-3, EVAL_MAX_DEPTH),
+        "model": meta.get("model", {}),
+        "stage": meta.get("stage"),
+        "input_size": [height, width],
+        "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results.items()},
+    }
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def format_table(report: dict) -> str:
+    m = report["metrics"]
+    lines = [report["protocol_text"], f"images: {int(m.get('images') or 0)}"]
+    lines.append(f"{'range':<16}" + "".join(f"{c:>10}" for c in METRIC_COLUMNS) + f"{'images':>8}")
+    for label, group in GROUPS:
+        count = m.get(f"{group}/images")
+        lines.append(f"{label:<16}" + "".join(f"{_fmt(m.get(f'{group}/{c}')):>10}" for c in METRIC_COLUMNS)
+                     + f"{int(count or 0):>8}")
+    lines.append(f"phantom rate (gt beyond 80 m or sky, predicted within 80 m): {_fmt(m.get('phantom_rate'))}"
+                 f"  far: {_fmt(m.get('far/phantom_rate'))}  sky: {_fmt(m.get('sky/phantom_rate'))}")
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, path)

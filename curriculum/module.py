@@ -1,0 +1,215 @@
+"""The Lightning module: wires model, active mask policy, loss, optimizer and metrics together.
+
+Everything numeric lives in model.py, masks.py, losses.py and metrics.py; this file only decides
+when each runs, what is logged, and what a checkpoint carries.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from curriculum.checkpoint import META_KEY, build_metadata
+from curriculum.data import normalize_images
+from curriculum.losses import compute_loss
+from curriculum.masks import build_policy, policy_to_dict
+from curriculum.metrics import MetricAccumulator
+from curriculum.model import build_model
+from curriculum.schedule import lr_factor
+
+MODEL_KEYS = ("encoder", "head", "min_depth", "max_depth", "uncertainty")
+EVAL_MAX_DEPTH = 80.0  # the near/far split of every report (DESIGN.md, Metrics)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with non-finite gradients."""
+
+
+class DepthModule(pl.LightningModule):
+    def __init__(self, recipe: dict):
+        super().__init__()
+        self.recipe = recipe
+        mcfg = recipe["model"]
+        self.model = build_model({k: mcfg[k] for k in MODEL_KEYS})
+        if mcfg.get("grad_checkpointing"):
+            self.model.set_grad_checkpointing(True)
+        if mcfg.get("channels_last"):
+            self.model.depth_head.to(memory_format=torch.channels_last)
+        # The compiled wrapper is kept out of the module tree so state dicts never hold
+        # `_orig_mod.` keys (PITFALLS 15).
+        object.__setattr__(self, "_forward_model", torch.compile(self.model) if mcfg.get("compile") else self.model)
+        self.stages = recipe["stages"]
+        self.stage_index = -1
+        self.set_stage(0)
+        self.val_metrics = MetricAccumulator(min_depth=1e-3, max_depth=EVAL_MAX_DEPTH)
+        self.max_nonfinite = int(recipe.get("max_nonfinite_steps", 5) if isinstance(recipe, dict) else 5)
+        self.skipped_steps = 0
+        self.nonfinite_streak = 0
+        self.bad_samples = 0
+        self._t_last = None
+        self.extra_metadata: dict = {}
+
+    # ------------------------------------------------------------------ stages
+    def set_stage(self, index: int) -> None:
+        self.stage_index = index
+        self.policy = build_policy(dict(self.stages[index]["policy"]))
+
+    @property
+    def stage_name(self) -> str:
+        return self.stages[self.stage_index]["name"]
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, images: torch.Tensor):
+        return self._forward_model(images)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        batch["image_uint8"] = batch["image"]
+        images = normalize_images(batch["image"])
+        if self.recipe["model"].get("channels_last"):
+            images = images.contiguous(memory_format=torch.channels_last)
+        batch["image"] = images
+        return batch
+
+    def training_step(self, batch, batch_idx):
+        pred = self(batch["image"])
+        weight, target = self.policy(batch["depth"], batch["sky"], batch["no_measurement"])
+        lcfg = self.recipe["loss"]
+        losses = compute_loss(
+            pred, target, weight,
+            silog_lambda=lcfg["silog_lambda"], grad_weight=lcfg["grad_weight"], nll_weight=lcfg["nll_weight"],
+        )
+        self.bad_samples += int(batch.get("bad_samples", torch.tensor(0)).sum())
+        bs = batch["image"].shape[0]
+        log = {f"train/{k}": v.detach().float() for k, v in losses.items()}
+        log["train/valid_fraction"] = (weight > 0).float().mean()
+        log["train/bad_samples"] = float(self.bad_samples)
+        log["train/skipped_steps"] = float(self.skipped_steps)
+        now = time.perf_counter()
+        if self._t_last is not None:
+            log["train/images_per_sec"] = bs * self.trainer.world_size / max(now - self._t_last, 1e-9)
+        self._t_last = now
+        for i, group in enumerate(self.optimizers().param_groups if self._trainer else []):
+            log[f"train/lr_{group.get('name', i)}"] = group["lr"]
+        self.log_dict(log, on_step=True, on_epoch=False, batch_size=bs)
+        self.log("loss", log["train/loss"], prog_bar=True, on_step=True, on_epoch=False, logger=False, batch_size=bs)
+        every = self.recipe["logging"]["image_every_steps"]
+        if every and self.global_step % every == 0 and self.global_rank == 0:
+            self._log_panel("train/panel", batch, pred.depth.detach(), 0)
+        return losses["loss"]
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        """Skips the update when any gradient is non-finite.
+
+        Under DDP the gradients are already averaged over ranks, so a NaN on one rank is a NaN
+        on all and every rank skips the same step without extra communication.
+        """
+
+        def closure():
+            loss = optimizer_closure()
+            finite = all(torch.isfinite(p.grad).all() for p in self.parameters() if p.grad is not None)
+            if loss is not None and not torch.isfinite(loss):
+                finite = False
+            if not finite:
+                for p in self.parameters():
+                    p.grad = None  # AdamW leaves parameters without a gradient untouched
+                self.skipped_steps += 1
+                self.nonfinite_streak += 1
+            else:
+                self.nonfinite_streak = 0
+            return loss
+
+        optimizer.step(closure=closure)
+        if self.nonfinite_streak >= self.max_nonfinite:
+            path = Path(self.recipe["run"]["out_dir"]) / "checkpoints" / "nonfinite-stop.ckpt"
+            self.trainer.save_checkpoint(path)
+            raise NonFiniteError(
+                f"{self.nonfinite_streak} consecutive steps with non-finite loss or gradients at step "
+                f"{self.global_step}; last good weights saved to {path}"
+            )
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self.val_metrics.reset()
+
+    def validation_step(self, batch, batch_idx):
+        pred = self(batch["image"]).depth.float()
+        for i in range(pred.shape[0]):
+            h, w = (int(v) for v in batch["size"][i])
+            p = F.interpolate(pred[i][None, None], size=(h, w), mode="bilinear", align_corners=False)[0]
+            self.val_metrics.update(p, batch["depth"][i : i + 1, :h, :w], batch["sky"][i : i + 1, :h, :w],
+                                    batch["valid"][i : i + 1, :h, :w])
+            if batch_idx == 0 and i == 0 and self.global_rank == 0:
+                self._log_panel("val/panel", batch, p, 0, size=(h, w))
+
+    def on_validation_epoch_end(self) -> None:
+        # One reduction of sums and counts per epoch: every image counts once across ranks and
+        # no collective runs per step (PITFALLS 16).
+        state = self.val_metrics.state().to(self.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(state, op=dist.ReduceOp.SUM)
+        self.val_metrics.load_state(state.cpu())
+        results = self.val_metrics.compute()
+        logged = {f"val/{k}": float(v) for k, v in results.items() if not (isinstance(v, float) and math.isnan(v))}
+        self.log_dict(logged, on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=False)
+        self.last_val_results = results
+
+    # ------------------------------------------------------------------ images
+    def _log_panel(self, key, batch, pred, i, size=None):
+        from curriculum.viz import depth_panel
+
+        h, w = size or pred.shape[-2:]
+        rgb = batch["image_uint8"][i].permute(1, 2, 0).cpu().numpy()
+        if rgb.shape[:2] != (h, w):
+            import cv2
+
+            rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
+        gt = batch["depth"][i, :h, :w].float().cpu().numpy()
+        p = pred[i] if pred.dim() == 3 else pred
+        panel = depth_panel(rgb, gt, p[:h, :w].float().cpu().numpy(), vmin=1.0,
+                            vmax=self.recipe["logging"]["depth_vmax"])
+        out = Path(self.recipe["run"]["out_dir"]) / "panels"
+        out.mkdir(parents=True, exist_ok=True)
+        name = f"{key.replace('/', '_')}_step{self.global_step:07d}.png"
+        import PIL.Image
+
+        PIL.Image.fromarray(panel).save(out / name)
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key=key, images=[panel], step=self.global_step,
+                                 caption=["rgb | ground truth | prediction | abs rel error"])
+
+    # ------------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        ocfg = self.recipe["optim"]
+        fused = bool(ocfg["fused"]) and torch.cuda.is_available()
+        groups = [
+            {"params": [p for p in self.model.encoder_parameters() if p.requires_grad], "lr": ocfg["lr"], "name": "encoder"},
+            {"params": [p for p in self.model.head_parameters() if p.requires_grad],
+             "lr": ocfg["lr"] * ocfg["head_lr_mult"], "name": "head"},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=ocfg["lr"], betas=(ocfg["beta1"], ocfg["beta2"]),
+                                      weight_decay=ocfg["weight_decay"], fused=fused or None)
+        schedule = functools.partial(lr_factor, stages=[dict(s) for s in self.stages],
+                                     warmup_steps=ocfg["warmup_steps"], poly_power=ocfg["poly_power"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[META_KEY] = build_metadata(
+            self.model.metadata(), policy_to_dict(self.policy), self.stage_name, self.recipe,
+            {"stage_index": self.stage_index, "skipped_steps": self.skipped_steps, **self.extra_metadata},
+        )
+        # Weights without any compile wrapper prefix (PITFALLS 15).
+        checkpoint["state_dict"] = {k.replace("_orig_mod.", ""): v for k, v in checkpoint["state_dict"].items()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get(META_KEY, {})
+        self.skipped_steps = int(meta.get("skipped_steps", 0))

@@ -1,0 +1,122 @@
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from curriculum.config import RECIPES_DIR, RecipeError, load_recipe, to_plain, total_steps
+from curriculum.schedule import lr_factor, stage_index_at, stage_starts
+
+ALL_RECIPES = sorted(p.name for p in RECIPES_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", ALL_RECIPES)
+def test_every_shipped_recipe_loads(name):
+    # overlays (demo, gpu_*) carry no stages: layer them over a stage recipe
+    cfg = load_recipe([RECIPES_DIR / "pretrain.yaml", RECIPES_DIR / name])
+    assert total_steps(cfg) > 0
+    assert isinstance(to_plain(cfg)["stages"], list)
+
+
+def test_curriculum_recipe_has_both_policies():
+    cfg = load_recipe([RECIPES_DIR / "curriculum.yaml"])
+    assert [s.policy["name"] for s in cfg.stages] == ["unclipped", "max_depth"]
+    assert cfg.stages[1].policy["max_depth"] == 80.0
+
+
+def test_gpu_recipes_carry_depth_anything_hyperparameters():
+    for enc in ("vits", "vitb", "vitl"):
+        cfg = load_recipe([RECIPES_DIR / "curriculum.yaml", RECIPES_DIR / f"gpu_{enc}.yaml"])
+        assert cfg.model.encoder == enc
+        assert (cfg.data.crop_height, cfg.data.crop_width) == (518, 518)
+        assert cfg.optim.lr == 5e-6 and cfg.optim.head_lr_mult == 10 and cfg.optim.weight_decay == 0.01
+        assert cfg.optim.poly_power == 0.9 and cfg.data.hflip
+
+
+def test_overrides_win_and_are_typed():
+    cfg = load_recipe([RECIPES_DIR / "curriculum.yaml"], ["data.batch_size=3", "stages.1.steps=7",
+                                                          "stages.1.policy.max_depth=60", "run.name=x"])
+    assert cfg.data.batch_size == 3 and cfg.stages[1].steps == 7 and cfg.stages[1].policy["max_depth"] == 60
+    assert cfg.run.name == "x"
+
+
+def _one_line(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_unknown_key_names_key_and_closest_valid(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  batch_sise: 4\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe([RECIPES_DIR / "pretrain.yaml", bad])
+    msg = _one_line(e)
+    assert "data.batch_sise" in msg and "data.batch_size" in msg and str(bad) in msg
+
+
+def test_unknown_override_key():
+    with pytest.raises(RecipeError) as e:
+        load_recipe([RECIPES_DIR / "pretrain.yaml"], ["optim.lr_head=1"])
+    assert "optim.lr_head" in _one_line(e)
+
+
+def test_wrong_type_names_key(tmp_path):
+    with pytest.raises(RecipeError) as e:
+        load_recipe([RECIPES_DIR / "pretrain.yaml"], ["data.batch_size=many"])
+    assert "data.batch_size" in _one_line(e)
+    bad = tmp_path / "t.yaml"
+    bad.write_text("trainer:\n  num_nodes: two\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe([RECIPES_DIR / "pretrain.yaml", bad])
+    assert "trainer.num_nodes" in _one_line(e)
+
+
+def test_missing_required_value():
+    with pytest.raises(RecipeError) as e:
+        load_recipe([RECIPES_DIR / "pretrain.yaml"], ["data.val_shards=???"])
+    assert "data.val_shards" in _one_line(e)
+
+
+def test_missing_stage_fields_and_bad_policy(tmp_path):
+    bad = tmp_path / "s.yaml"
+    bad.write_text("stages:\n  - name: a\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe([bad])
+    assert "stages.0.steps" in _one_line(e)
+    with pytest.raises(RecipeError) as e:
+        load_recipe([RECIPES_DIR / "pretrain.yaml"], ["stages.0.policy.name=clipped"])
+    assert "stages.0.policy" in _one_line(e) and "clipped" in str(e.value)
+    with pytest.raises(RecipeError) as e:
+        load_recipe([RECIPES_DIR / "pretrain.yaml"], ["stages.0.policy.far_wieght=0.1"])
+    assert "far_wieght" in _one_line(e)
+
+
+def test_semantic_checks():
+    with pytest.raises(RecipeError, match="data.crop_height"):
+        load_recipe([RECIPES_DIR / "pretrain.yaml"], ["data.crop_height=100"])
+    with pytest.raises(RecipeError, match="model.encoder"):
+        load_recipe([RECIPES_DIR / "pretrain.yaml"], ["model.encoder=vitg"])
+    with pytest.raises(RecipeError, match="exclusive"):
+        load_recipe([RECIPES_DIR / "finetune.yaml"], ["init_from=a.ckpt", "resume=b.ckpt"])
+
+
+def test_missing_recipe_file_and_bad_yaml(tmp_path):
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe([tmp_path / "nope.yaml"])
+    bad = tmp_path / "b.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe([bad])
+    assert str(bad) in _one_line(e)
+
+
+def test_schedule_is_a_function_of_step():
+    stages = [{"name": "a", "steps": 10}, {"name": "b", "steps": 5, "rewarm_steps": 2}]
+    assert stage_starts(stages) == [0, 10]
+    assert [stage_index_at(s, stages) for s in (0, 9, 10, 14, 15)] == [0, 0, 1, 1, 1]
+    assert lr_factor(0, stages, 0, 0.9) == 1.0
+    assert lr_factor(5, stages, 0, 1.0) == pytest.approx(1 - 5 / 15)
+    assert lr_factor(0, stages, 4, 1.0) == pytest.approx(0.25)
+    # re-warm-up at the stage switch: half of the poly value on the first step of stage b
+    assert lr_factor(10, stages, 0, 1.0) == pytest.approx((1 - 10 / 15) * 0.5)
+    assert lr_factor(12, stages, 0, 1.0) == pytest.approx(1 - 12 / 15)

@@ -1,0 +1,166 @@
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from conftest import write_tiny_shards
+from curriculum.data import (
+    DataError, TrainSpec, TrainStream, ValStream, check_readers, count_samples, crop_resize, expand_shards,
+    normalize_images, train_loader,
+)
+
+
+def _spec(**kw):
+    base = dict(batch_size=2, batches_per_rank=4, crop_height=28, crop_width=56, shuffle_buffer=4)
+    base.update(kw)
+    return TrainSpec(**base)
+
+
+def _keys(batches):
+    return [k for b in batches for k in b["key"]]
+
+
+def test_expand_and_count(tiny_shards):
+    train_dir, _, train, _ = tiny_shards
+    assert expand_shards(f"{train_dir}/*.tar") == train
+    assert expand_shards(f"{train_dir}/shard-{{000000..000001}}.tar") == train[:2]
+    assert count_samples(train) == 16 and count_samples(train[:1]) == 4
+    assert expand_shards("pipe:cat a.tar") == ["pipe:cat a.tar"]
+    assert count_samples(["pipe:cat a.tar"]) is None
+    with pytest.raises(DataError, match="matches no shard"):
+        expand_shards(f"{train_dir}/nothing-*.tar")
+    with pytest.raises(DataError, match="not found"):
+        expand_shards(f"{train_dir}/missing.tar")
+
+
+def test_far_value_survives_to_the_batch(tiny_shards):
+    """65535 in depth.png arrives as +inf metres; finite depths equal raw x scale exactly."""
+    _, _, train, _ = tiny_shards
+    stream = TrainStream(train, _spec(batches_per_rank=2, crop_height=56, crop_width=112, hflip=False), 0, 1, 0)
+    batch = next(iter(stream))
+    depth = batch["depth"]
+    assert depth.dtype == torch.float32 and torch.isinf(depth).any()
+    assert torch.equal(torch.isinf(depth), batch["sky"])  # the sky band is the 65535 band
+    finite = depth[torch.isfinite(depth) & (depth > 0)]
+    raw = torch.round(finite / 0.01)
+    assert torch.allclose(raw * 0.01, finite, atol=1e-6, rtol=0)
+    assert batch["no_measurement"].any()  # the 0 hole survives as no measurement
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (2, 3, 56, 112)
+
+
+def test_every_rank_same_batch_count_and_disjoint(tiny_shards):
+    _, _, train, _ = tiny_shards
+    per_rank = [list(TrainStream(train, _spec(), rank, 2, seed=3)) for rank in range(2)]
+    assert [len(b) for b in per_rank] == [4, 4]
+    assert all(len(b["key"]) == 2 for batches in per_rank for b in batches)  # full batches only
+    k0, k1 = set(_keys(per_rank[0])), set(_keys(per_rank[1]))
+    assert not k0 & k1 and len(k0 | k1) == 16
+
+
+def test_more_batches_than_shards_cycle(tiny_shards):
+    _, _, train, _ = tiny_shards
+    batches = list(TrainStream(train[:1], _spec(batches_per_rank=7), 0, 1, seed=0))
+    assert len(batches) == 7
+
+
+def test_epochs_reshuffle_and_runs_repeat(tiny_shards):
+    _, _, train, _ = tiny_shards
+    spec = _spec(batches_per_rank=8)
+
+    def epoch_keys(epoch, seed=0):
+        s = TrainStream(train, spec, 0, 1, seed)
+        s.set_position(epoch * spec.batches_per_rank)
+        return _keys(list(s))
+
+    assert epoch_keys(0) == epoch_keys(0)
+    assert epoch_keys(0) != epoch_keys(1)
+    assert sorted(epoch_keys(0)) == sorted(epoch_keys(1))
+    assert epoch_keys(0) != epoch_keys(0, seed=1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_sees_the_same_remaining_batches(tiny_shards, workers):
+    _, _, train, _ = tiny_shards
+    spec = _spec(batches_per_rank=8, color_jitter=0.2, scale_jitter=0.3)
+    full = list(train_loader(TrainStream(train, spec, 0, 1, 5), lambda: 0, workers))
+    resumed = list(train_loader(TrainStream(train, spec, 0, 1, 5), lambda: 3, workers))
+    assert len(full) == 8 and len(resumed) == 5
+    for a, b in zip(full[3:], resumed):
+        assert a["key"] == b["key"]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["depth"], b["depth"])
+
+
+@pytest.mark.parametrize("world,workers", [(2, 0), (3, 0), (2, 2)])
+def test_validation_counts_every_image_once(tiny_shards, world, workers):
+    _, _, _, val = tiny_shards  # 2 shards x 3 samples
+    keys = []
+    for rank in range(world):
+        loader = DataLoader(ValStream(val, rank, world, 2, 28, 56), batch_size=None, num_workers=workers)
+        keys += _keys(list(loader))
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == 6
+
+
+def test_validation_keeps_native_depth(tiny_shards):
+    _, _, _, val = tiny_shards
+    batch = next(iter(ValStream(val, 0, 1, 2, 28, 56)))
+    assert batch["image"].shape == (2, 3, 28, 56)
+    assert batch["depth"].shape == (2, 56, 112) and batch["valid"].all()
+    assert batch["size"].tolist() == [[56, 112], [56, 112]]
+
+
+def test_too_few_shards_for_readers_is_a_clear_error():
+    check_readers(4, 2, 2, "data.train_shards", "x/*.tar")
+    with pytest.raises(DataError, match=r"3 shards for 2 ranks x 2 workers = 4 readers"):
+        check_readers(3, 2, 2, "data.train_shards", "x/*.tar")
+
+
+def _append_broken_sample(shard, key):
+    """Rewrite `shard` with an extra sample that has rgb and meta but no depth.png."""
+    with tarfile.open(shard) as src:
+        members = [(m, src.extractfile(m).read()) for m in src.getmembers()]
+    with tarfile.open(shard, "w") as dst:
+        for m, data in members:
+            dst.addfile(m, io.BytesIO(data))
+        for name, data in ((f"{key}.rgb.png", b"x"), (f"{key}.meta.json", b"{}")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+
+
+def test_bad_samples_are_skipped_counted_and_bounded(tmp_path):
+    shards = write_tiny_shards(tmp_path / "d", n_shards=1, per_shard=4)
+    _append_broken_sample(shards[0], "broken_0001")
+    spec = _spec(batches_per_rank=3, shuffle_buffer=1)
+    with pytest.warns(UserWarning, match="lacks depth.png"):
+        batches = list(TrainStream(shards, spec, 0, 1, 0))
+    assert len(batches) == 3 and sum(int(b["bad_samples"]) for b in batches) == 1
+    with pytest.raises(DataError, match=r"shard-000000.tar: more than 0 bad samples"):
+        with pytest.warns(UserWarning):
+            list(TrainStream(shards, _spec(batches_per_rank=3, max_bad_samples=0), 0, 1, 0))
+
+
+def test_crop_resize_keeps_depth_values_and_aligns_flip():
+    rng = np.random.default_rng(0)
+    h, w = 40, 90
+    depth = np.tile(np.arange(w, dtype=np.float32) + 1, (h, 1))
+    depth[:5] = np.inf
+    rgb = np.repeat((np.arange(w) * 2).astype(np.uint8)[None, :, None], h, 0).repeat(3, 2)
+    sky = np.isinf(depth)
+    for _ in range(20):
+        r, d, s = crop_resize(rgb, depth, sky, 28, 56, rng, scale_jitter=0.5, hflip=True)
+        assert r.shape == (28, 56, 3) and d.shape == (28, 56) and s.shape == (28, 56)
+        assert set(np.unique(d[np.isfinite(d)])) <= set(np.arange(w, dtype=np.float32) + 1)  # nearest only
+        assert np.array_equal(np.isinf(d), s)
+        # image and depth flipped together: column order of depth follows that of the colour ramp
+        row = d[-1]
+        assert np.sign(row[-1] - row[0]) == np.sign(int(r[-1, -1, 0]) - int(r[-1, 0, 0]))
+
+
+def test_normalize_images():
+    x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    y = normalize_images(x)
+    assert y.dtype == torch.float32
+    assert torch.allclose(y[0, :, 0, 0], (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))

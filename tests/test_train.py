@@ -1,0 +1,166 @@
+"""End-to-end training on tiny shards: stages, init, resume, checkpoints, logging."""
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from curriculum.checkpoint import CheckpointError, model_state, read_checkpoint
+from curriculum.cli import main as cli_main
+from curriculum.config import RECIPES_DIR, load_recipe
+from curriculum.train import train
+
+
+def _recipe(tiny_shards, out, *extra, files=("smoke.yaml",)):
+    train_dir, val_dir, _, _ = tiny_shards
+    overrides = [f"data.train_shards={train_dir}/*.tar", f"data.val_shards={val_dir}/*.tar",
+                 f"run.out_dir={out}", *extra]
+    return load_recipe([RECIPES_DIR / f for f in files], overrides)
+
+
+def _metrics(out) -> list[dict]:
+    with open(Path(out) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_curriculum_switches_policy_at_the_exact_step(tiny_shards, tmp_path):
+    result = train(_recipe(tiny_shards, tmp_path / "run", "stages.0.steps=3", "stages.1.steps=2"))
+    assert result["global_step"] == 5
+    assert result["switches"] == [(0, "pretrain"), (3, "finetune")]
+    rows = [r for r in _metrics(tmp_path / "run") if r.get("curriculum/stage")]
+    stage_at = {int(r["step"]): float(r["curriculum/stage"]) for r in rows}
+    assert [stage_at[s] for s in range(5)] == [0, 0, 0, 1, 1]
+    ckpt = read_checkpoint(result["checkpoint"])  # weights_only=True
+    meta = ckpt["curriculum"]
+    assert meta["stage"] == "finetune" and meta["policy"]["name"] == "max_depth"
+    assert meta["model"]["head"] == "log" and meta["model"]["max_depth"] == 1000.0
+    assert meta["schema_version"] == 1 and meta["recipe"]["stages"][1]["name"] == "finetune"
+    assert not any("_orig_mod" in k for k in ckpt["state_dict"])
+    val_rows = [r for r in _metrics(tmp_path / "run") if r.get("val/images")]
+    assert val_rows and float(val_rows[-1]["val/images"]) == 6
+    assert any(k.startswith("val/near/") for k in val_rows[-1]) and "val/phantom_rate" in val_rows[-1]
+
+
+def test_stage_two_starts_from_stage_one_weights_with_fresh_optimizer(tiny_shards, tmp_path):
+    pre = train(_recipe(tiny_shards, tmp_path / "pre", "stages.0.steps=3", files=("smoke.yaml", "pretrain.yaml")))
+    pre_ckpt = read_checkpoint(pre["checkpoint"])
+    cfg = _recipe(tiny_shards, tmp_path / "fine", f"init_from={pre['checkpoint']}", "stages.0.steps=2",
+                  files=("smoke.yaml", "finetune.yaml"))
+    from curriculum.config import to_plain
+    from curriculum.module import DepthModule
+    from curriculum.train import init_from_checkpoint
+
+    module = DepthModule(to_plain(cfg))
+    lineage = init_from_checkpoint(module, pre["checkpoint"], to_plain(cfg))
+    for k, v in model_state(pre_ckpt).items():
+        assert torch.equal(module.model.state_dict()[k], v), k
+    assert len(lineage["init_from_sha256"]) == 64
+    fine = train(cfg)
+    assert fine["global_step"] == 2  # fresh step counter, not a resume of stage 1
+    ckpt = read_checkpoint(fine["checkpoint"])
+    assert ckpt["curriculum"]["init_from"] == pre["checkpoint"]
+    assert ckpt["curriculum"]["init_from_sha256"] == lineage["init_from_sha256"]
+    assert ckpt["curriculum"]["parent_stage"] == "pretrain"
+    assert ckpt["curriculum"]["recipe"]["logging"]["parent_checkpoint_sha256"] == lineage["init_from_sha256"]
+    # a fresh optimizer: AdamW's step count equals stage 2's steps only
+    state = ckpt["optimizer_states"][0]["state"]
+    assert all(int(s["step"]) == 2 for s in state.values())
+
+
+def test_init_from_another_model_is_an_error(tiny_shards, tmp_path):
+    pre = train(_recipe(tiny_shards, tmp_path / "pre", "stages.0.steps=1", files=("smoke.yaml", "pretrain.yaml")))
+    cfg = _recipe(tiny_shards, tmp_path / "fine", f"init_from={pre['checkpoint']}", "model.head=sigmoid",
+                  "model.max_depth=80", files=("smoke.yaml", "finetune.yaml"))
+    with pytest.raises(CheckpointError, match=r"head: 'log' in checkpoint vs 'sigmoid' in recipe"):
+        train(cfg)
+
+
+def test_resume_within_a_stage_matches_an_uninterrupted_run(tiny_shards, tmp_path):
+    common = ("stages.0.steps=3", "stages.1.steps=3", "trainer.ckpt_every_steps=2")
+    full = train(_recipe(tiny_shards, tmp_path / "full", *common))
+    periodic = _periodic_checkpoint(tiny_shards, tmp_path / "p4")  # a run stopped at step 4, in stage 2
+    resumed = train(_recipe(tiny_shards, tmp_path / "resumed", *common, f"resume={periodic}"))
+    assert resumed["global_step"] == 6
+    assert resumed["switches"] == [(0, "pretrain"), (3, "finetune")]
+    a = model_state(read_checkpoint(full["checkpoint"]))
+    b = model_state(read_checkpoint(resumed["checkpoint"]))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
+
+
+def _periodic_checkpoint(tiny_shards, out):
+    """Train 4 steps of the 3+3 schedule and keep the checkpoint of step 4."""
+    cfg = _recipe(tiny_shards, out, "stages.0.steps=3", "stages.1.steps=3", "trainer.ckpt_every_steps=2")
+    from curriculum import train as train_mod
+
+    # stop after step 4 by limiting max_steps through a trainer built from the same recipe
+    original = train_mod.build_trainer
+
+    def limited(recipe, out_dir, loggers):
+        trainer = original(recipe, out_dir, loggers)
+        trainer.fit_loop.epoch_loop.max_steps = 4
+        return trainer
+
+    train_mod.build_trainer = limited
+    try:
+        train_mod.train(cfg)
+    finally:
+        train_mod.build_trainer = original
+    ckpt = Path(out) / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(ckpt)["global_step"] == 4
+    return ckpt
+
+
+def test_wandb_offline_logs_are_written(tiny_shards, tmp_path):
+    out = tmp_path / "wb"
+    result = train(_recipe(tiny_shards, out, "logging.mode=offline", "logging.image_every_steps=2",
+                           "stages.0.steps=2", "stages.1.steps=2", "logging.group=exp1"))
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and result["wandb_run_id"] and result["wandb_run_id"] in runs[0].name
+    assert list(runs[0].glob("*.wandb"))
+    media = list(runs[0].glob("files/media/images/**/*.png"))
+    assert media, "image panels must reach the W&B run folder"
+    assert list((out / "panels").glob("train_panel_step*.png"))
+    ckpt = read_checkpoint(result["checkpoint"])
+    assert ckpt["curriculum"]["wandb_run_id"] == result["wandb_run_id"]
+    names = set().union(*(r.keys() for r in _metrics(out)))
+    for name in ("train/loss", "train/valid_fraction", "train/lr_encoder", "train/lr_head", "curriculum/stage",
+                 "val/near/abs_rel", "val/near/0_20/abs_rel", "val/sky/phantom_rate", "val/phantom_rate"):
+        assert name in names, name
+
+
+def test_cli_train_and_eval(tiny_shards, tmp_path, capsys):
+    train_dir, val_dir, _, _ = tiny_shards
+    out = tmp_path / "cli"
+    rc = cli_main(["train", str(RECIPES_DIR / "smoke.yaml"), f"data.train_shards={train_dir}/*.tar",
+                   f"data.val_shards={val_dir}/*.tar", f"run.out_dir={out}", "stages.0.steps=1", "stages.1.steps=1"])
+    assert rc == 0
+    ckpt = out / "checkpoints" / "last.ckpt"
+    rc = cli_main(["eval", "--checkpoint", str(ckpt), "--shards", f"{val_dir}/*.tar", "--out", str(tmp_path / "e.json")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "phantom rate" in text and "protocol synthetic" in text and "[20, 40)" in text
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["metrics"]["images"] == 6
+    rc = cli_main(["eval", "--checkpoint", str(ckpt), "--shards", f"{val_dir}/*.tar", "--max-depth", "80"])
+    assert rc == 2 and "conflicts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["stages.0.steps=1", "data.batch_sise=2"], "data.batch_size"),
+    (["data.train_shards=/nonexistent/*.tar"], "matches no shard"),
+])
+def test_cli_errors_are_one_line(tiny_shards, tmp_path, capsys, args, needle):
+    train_dir, val_dir, _, _ = tiny_shards
+    base = [f"data.train_shards={train_dir}/*.tar", f"data.val_shards={val_dir}/*.tar", f"run.out_dir={tmp_path / 'x'}"]
+    rc = cli_main(["train", str(RECIPES_DIR / "smoke.yaml"), *base, *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and needle in err and len(err.splitlines()) == 1
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        read_checkpoint(bad)
