@@ -19,8 +19,9 @@ def _train(argv: list[str]) -> int:
     from curriculum.train import train
 
     result = train(cfg)
-    print(f"final checkpoint: {result['checkpoint']}  (global step {result['global_step']}, "
-          f"stages {result['switches']})")
+    if result["rank"] == 0:
+        print(f"final checkpoint: {result['checkpoint']}  (global step {result['global_step']}, "
+              f"stages {result['switches']})")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -53,6 +54,7 @@ class DepthModule(pl.LightningModule):
         self.skipped_steps = 0
         self.nonfinite_streak = 0
         self.bad_samples = 0
+        self.train_batches = 0  # batches this rank trained on in this process
         self._t_last = None
         self.extra_metadata: dict = {}
 
@@ -86,6 +88,7 @@ class DepthModule(pl.LightningModule):
             silog_lambda=lcfg["silog_lambda"], grad_weight=lcfg["grad_weight"], nll_weight=lcfg["nll_weight"],
         )
         self.bad_samples += int(batch.get("bad_samples", torch.tensor(0)).sum())
+        self.train_batches += 1
         bs = batch["image"].shape[0]
         log = {f"train/{k}": v.detach().float() for k, v in losses.items()}
         log["train/valid_fraction"] = (weight > 0).float().mean()
@@ -157,7 +160,9 @@ class DepthModule(pl.LightningModule):
         self.val_metrics.load_state(state.cpu())
         results = self.val_metrics.compute()
         logged = {f"val/{k}": float(v) for k, v in results.items() if not (isinstance(v, float) and math.isnan(v))}
-        self.log_dict(logged, on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=False)
+        with warnings.catch_warnings():  # already reduced above; Lightning's sync hint does not apply
+            warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+            self.log_dict(logged, on_step=False, on_epoch=True, sync_dist=False)
         self.last_val_results = results
 
     # ------------------------------------------------------------------ images

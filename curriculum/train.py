@@ -1,6 +1,7 @@
 """`curriculum train`: one code path for a single stage, a stage-2 init, or both stages in one run."""
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -147,11 +148,19 @@ def train(cfg: DictConfig) -> dict:
     trainer.save_checkpoint(final)
     if wandb_logger is not None and trainer.is_global_zero:
         wandb_logger.experiment.finish()
-    return {
+    result = {
+        "rank": int(trainer.global_rank),
+        "world_size": int(trainer.world_size),
         "checkpoint": str(final),
         "out_dir": str(out_dir),
         "wandb_run_id": run_id,
         "global_step": int(trainer.global_step),
         "switches": trainer.callbacks[0].switches,
         "val": getattr(module, "last_val_results", {}),
+        "train_batches": module.train_batches,
     }
+    # One summary per rank: what each rank trained and validated, for humans and multi-rank tests.
+    summary = out_dir / "summary" / f"rank{trainer.global_rank}.json"
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_text(json.dumps(result, indent=1, default=float))
+    return result

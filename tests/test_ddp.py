@@ -1,0 +1,73 @@
+"""Multi-process runs on the CPU (gloo): 2-process DDP via Lightning, and 2 nodes via torchrun."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from curriculum.config import RECIPES_DIR
+
+TIMEOUT = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_args(tiny_shards, out, *extra):
+    train_dir, val_dir, _, _ = tiny_shards
+    return ["train", str(RECIPES_DIR / "smoke.yaml"), f"data.train_shards={train_dir}/*.tar",
+            f"data.val_shards={val_dir}/*.tar", f"run.out_dir={out}", "stages.0.steps=3", "stages.1.steps=3",
+            "trainer.strategy=ddp", *extra]
+
+
+def _summaries(out) -> list[dict]:
+    files = sorted((Path(out) / "summary").glob("rank*.json"))
+    return [json.loads(f.read_text()) for f in files]
+
+
+def _env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
+    return env
+
+
+def test_two_process_ddp_runs_both_stages(tiny_shards, tmp_path):
+    out = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "curriculum.cli", *_train_args(tiny_shards, out, "trainer.devices=2")],
+                          capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = _summaries(out)
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
+    # both ranks trained the same number of batches and switched policy at the same step
+    assert ranks[0]["train_batches"] == ranks[1]["train_batches"] == 6
+    assert ranks[0]["switches"] == ranks[1]["switches"] == [[0, "pretrain"], [3, "finetune"]]
+    # validation: 6 images over 2 ranks, each counted once, the same reduced result on both ranks
+    assert ranks[0]["val"]["images"] == ranks[1]["val"]["images"] == 6
+    assert ranks[0]["val"]["near/abs_rel"] == ranks[1]["val"]["near/abs_rel"]
+
+
+def test_two_nodes_with_torchrun(tiny_shards, tmp_path):
+    out = tmp_path / "nodes"
+    port = _free_port()
+    args = _train_args(tiny_shards, out, "trainer.num_nodes=2", "trainer.devices=1")
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                               f"--node-rank={node}", "--master-addr=127.0.0.1", f"--master-port={port}",
+                               "-m", "curriculum.cli", *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+             for node in range(2)]
+    try:
+        outs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    ranks = _summaries(out)
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
+    assert all(r["global_step"] == 6 for r in ranks)
+    assert ranks[0]["val"]["images"] == 6
