@@ -1,0 +1,229 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from curriculum.metrics import (
+    GROUPS,
+    METRIC_NAMES,
+    PROTOCOLS,
+    RANGE_BINS,
+    MetricAccumulator,
+    depth_metrics,
+    eval_crop,
+)
+
+INF = math.inf
+
+
+def _by_hand(pred, gt):
+    n = len(pred)
+    ratios = [max(p / g, g / p) for p, g in zip(pred, gt)]
+    logs = [math.log(p) - math.log(g) for p, g in zip(pred, gt)]
+    mean_g = sum(logs) / n
+    mean_g2 = sum(x * x for x in logs) / n
+    return {
+        "d1": sum(r < 1.25 for r in ratios) / n,
+        "d2": sum(r < 1.25**2 for r in ratios) / n,
+        "d3": sum(r < 1.25**3 for r in ratios) / n,
+        "abs_rel": sum(abs(p - g) / g for p, g in zip(pred, gt)) / n,
+        "sq_rel": sum((p - g) ** 2 / g for p, g in zip(pred, gt)) / n,
+        "rmse": math.sqrt(sum((p - g) ** 2 for p, g in zip(pred, gt)) / n),
+        "rmse_log": math.sqrt(mean_g2),
+        "log10": sum(abs(math.log10(p) - math.log10(g)) for p, g in zip(pred, gt)) / n,
+        "silog": math.sqrt(mean_g2 - 0.5 * mean_g**2),
+    }
+
+
+def test_depth_metrics_hand_computed():
+    pred, gt = [1.0, 2.0, 3.0, 10.0], [1.0, 1.0, 4.0, 8.0]
+    got = depth_metrics(torch.tensor(pred), torch.tensor(gt), torch.ones(4, dtype=torch.bool))
+    # ratios 1, 2, 4/3, 1.25: 1.25 itself is not < 1.25
+    assert got["d1"] == 0.25 and got["d2"] == 0.75 and got["d3"] == 0.75
+    assert got["abs_rel"] == pytest.approx((0 + 1 + 0.25 + 0.25) / 4)
+    assert got["rmse"] == pytest.approx(math.sqrt((0 + 1 + 1 + 4) / 4))
+    expected = _by_hand(pred, gt)
+    assert set(got) == set(METRIC_NAMES)
+    for k in METRIC_NAMES:
+        assert got[k] == pytest.approx(expected[k], rel=1e-6), k
+
+
+def test_depth_metrics_valid_mask_and_errors():
+    pred = torch.tensor([[2.0, 5.0], [1.0, 3.0]])
+    gt = torch.tensor([[1.0, 0.0], [math.nan, 3.0]])
+    valid = torch.tensor([[True, True], [True, False]])
+    got = depth_metrics(pred, gt, valid)  # only pixel (0, 0) is valid with a measured gt
+    assert got["abs_rel"] == pytest.approx(1.0) and got["d3"] == 0.0
+    with pytest.raises(ValueError, match="no valid pixel"):
+        depth_metrics(pred, gt, torch.zeros(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="shape"):
+        depth_metrics(pred, gt[0], None)
+
+
+def _image(gt_values, pred_values, sky=None, valid=None):
+    gt = torch.tensor([gt_values], dtype=torch.float32)
+    pred = torch.tensor([pred_values], dtype=torch.float32)
+    sky = torch.zeros_like(gt, dtype=torch.bool) if sky is None else torch.tensor([sky])
+    valid = torch.ones_like(gt, dtype=torch.bool) if valid is None else torch.tensor([valid])
+    return pred[None], gt[None], sky[None], valid[None]
+
+
+def test_accumulator_averages_per_image():
+    acc = MetricAccumulator()
+    acc.update(*_image([10.0], [15.0]))  # abs_rel 0.5 from one pixel
+    acc.update(*_image([10.0] * 50, [10.0] * 50))  # abs_rel 0 from 50 pixels
+    out = acc.compute()
+    assert out["images"] == 2 and out["near/images"] == 2
+    assert out["near/abs_rel"] == pytest.approx(0.25)  # per image, not per pixel (0.5 / 51)
+    assert out["near/d1"] == pytest.approx(0.5)
+
+
+def test_accumulator_bins_and_far_group():
+    gt = [5.0, 20.0, 39.0, 40.0, 80.0, 84.9, 0.0]
+    pred = [5.0, 30.0, 39.0, 60.0, 80.0, 84.9, 3.0]
+    acc = MetricAccumulator()
+    acc.update(*_image(gt, pred))
+    out = acc.compute()
+    near = _by_hand(pred[:5], gt[:5])
+    assert out["near/abs_rel"] == pytest.approx(near["abs_rel"])
+    assert out["near/0_20/abs_rel"] == pytest.approx(0.0)  # 5 m only
+    assert out["near/20_40/abs_rel"] == pytest.approx(_by_hand([30.0, 39.0], [20.0, 39.0])["abs_rel"])
+    assert out["near/40_80/abs_rel"] == pytest.approx(_by_hand([60.0, 80.0], [40.0, 80.0])["abs_rel"])
+    assert out["far/abs_rel"] == pytest.approx(0.0) and out["far/images"] == 1
+    assert [name for name, _, _ in RANGE_BINS] == ["0_20", "20_40", "40_80"]
+
+
+def test_accumulator_phantom_rate():
+    gt = [INF, 90.0, 0.0, 30.0, 10.0, 95.0]
+    pred = [50.0, 100.0, 70.0, 700.0, 10.0, 20.0]
+    sky = [False, False, True, True, False, False]
+    valid = [True, True, True, True, True, False]  # the last pixel is cropped away
+    acc = MetricAccumulator()
+    acc.update(*_image(gt, pred, sky, valid))
+    out = acc.compute()
+    # beyond 80 m or sky: inf (50 -> phantom), 90 (100 -> ok), sky (70 -> phantom), sky (700 -> ok)
+    assert out["phantom_rate"] == pytest.approx(2 / 4)
+    assert out["far/phantom_rate"] == pytest.approx(0 / 1)
+    assert out["sky/phantom_rate"] == pytest.approx(2 / 3)
+    # the sky pixel with a 30 m gt does not count as near
+    assert out["near/images"] == 1 and out["near/abs_rel"] == pytest.approx(0.0)
+
+
+def test_empty_groups_are_nan_not_errors():
+    acc = MetricAccumulator()
+    out = acc.compute()
+    assert out["images"] == 0 and all(math.isnan(out[f"{g}/abs_rel"]) for g in GROUPS)
+    assert math.isnan(out["phantom_rate"])
+    acc.update(*_image([5.0, 0.0], [5.0, 1.0]))
+    out = acc.compute()
+    assert out["near/abs_rel"] == 0.0 and math.isnan(out["far/abs_rel"]) and out["far/images"] == 0
+    assert math.isnan(out["near/20_40/d1"]) and math.isnan(out["sky/phantom_rate"])
+    acc.update(*_image([0.0, 0.0], [1.0, 1.0]))  # nothing measured at all: counted, no metrics
+    assert acc.compute()["images"] == 2 and acc.compute()["near/images"] == 1
+
+
+def _random_batch(seed, b=3):
+    g = torch.Generator().manual_seed(seed)
+    gt = torch.rand(b, 6, 8, generator=g) * 120
+    gt[torch.rand(b, 6, 8, generator=g) < 0.1] = 0.0
+    gt[torch.rand(b, 6, 8, generator=g) < 0.1] = INF
+    sky = torch.rand(b, 6, 8, generator=g) < 0.1
+    pred = torch.rand(b, 6, 8, generator=g) * 120 + 0.1
+    valid = torch.rand(b, 6, 8, generator=g) < 0.9
+    return pred, gt, sky, valid
+
+
+def _same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (math.isnan(a[k]) and math.isnan(b[k])) or a[k] == pytest.approx(b[k], rel=1e-12), k
+
+
+def test_state_merge_and_load_state_equal_single_pass():
+    batches = [_random_batch(s) for s in range(4)]
+    single = MetricAccumulator()
+    for batch in batches:
+        single.update(*batch)
+    ranks = [MetricAccumulator(), MetricAccumulator()]
+    for i, batch in enumerate(batches):
+        ranks[i % 2].update(*batch)
+    # what all_reduce(SUM) does across ranks
+    reduced = ranks[0].state() + ranks[1].state()
+    assert reduced.dtype == torch.float64 and reduced.shape == (len(MetricAccumulator.state_names()),)
+    loaded = MetricAccumulator()
+    loaded.load_state(reduced)
+    _same(loaded.compute(), single.compute())
+    merged = MetricAccumulator().merge(ranks[0]).merge(ranks[1])
+    _same(merged.compute(), single.compute())
+    assert single.compute()["images"] == 12
+    with pytest.raises(ValueError, match="entries"):
+        loaded.load_state(torch.zeros(3))
+
+
+def test_compute_keys_are_stable():
+    keys = set(MetricAccumulator().compute())
+    for g in GROUPS:
+        assert {f"{g}/{m}" for m in METRIC_NAMES} | {f"{g}/images"} <= keys
+    assert {"images", "phantom_rate", "far/phantom_rate", "sky/phantom_rate"} <= keys
+
+
+# ------------------------------------------------------------------------------- crops
+
+
+def test_eval_crops():
+    assert PROTOCOLS == ("none", "synthetic", "kitti_garg", "kitti_eigen", "nyu")
+    h, w = 375, 1242
+    garg = eval_crop(h, w, "kitti_garg")
+    rows = garg.any(1).nonzero().flatten()
+    cols = garg.any(0).nonzero().flatten()
+    assert (rows.min().item(), rows.max().item() + 1) == (int(0.40810811 * h), int(0.99189189 * h)) == (153, 371)
+    assert (cols.min().item(), cols.max().item() + 1) == (44, 1197)
+    assert garg.sum() == 218 * 1153
+    eigen = eval_crop(h, w, "kitti_eigen")
+    rows = eigen.any(1).nonzero().flatten()
+    assert (rows.min().item(), rows.max().item() + 1) == (int(0.3324324 * h), int(0.91351351 * h))
+    nyu = eval_crop(480, 640, "nyu")
+    assert nyu.sum() == (471 - 45) * (601 - 41) and nyu[45, 41] and not nyu[44, 41] and not nyu[45, 601]
+    assert eval_crop(7, 9, "none").all() and eval_crop(7, 9, "synthetic").all()
+    with pytest.raises(ValueError, match="480x640"):
+        eval_crop(375, 1242, "nyu")
+    with pytest.raises(ValueError, match="garg_crop"):
+        eval_crop(10, 10, "garg_crop")
+
+
+# ---------------------------------------------------------------------------- properties
+
+depths = st.lists(st.floats(min_value=0.01, max_value=300.0), min_size=1, max_size=50)
+
+
+@settings(max_examples=60, deadline=None)
+@given(depths)
+def test_perfect_prediction(values):
+    gt = torch.tensor(values)
+    got = depth_metrics(gt.clone(), gt, None)
+    assert got["abs_rel"] == 0.0 and got["d1"] == 1.0 and got["rmse"] == 0.0
+    assert got["silog"] == 0.0 and got["log10"] == 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.01, 300.0), st.floats(0.01, 300.0)), min_size=1, max_size=50), st.randoms())
+def test_metrics_invariant_to_pixel_permutation(pairs, rnd):
+    shuffled = pairs[:]
+    rnd.shuffle(shuffled)
+    a = depth_metrics(*(torch.tensor(c) for c in zip(*pairs)))
+    b = depth_metrics(*(torch.tensor(c) for c in zip(*shuffled)))
+    for k in METRIC_NAMES:
+        assert b[k] == pytest.approx(a[k], rel=1e-9, abs=1e-12), k
+
+
+@settings(max_examples=30, deadline=None)
+@given(depths, st.floats(0.05, 20.0))
+def test_silog_metric_lambda_half_of_scaled_prediction(values, scale):
+    # with g shifted by c = ln(scale): silog^2 = var(g') + 0.5 (mean g')^2 = var(g) + 0.5 c^2
+    gt = torch.tensor(values, dtype=torch.float64)
+    base = depth_metrics(gt.clone(), gt)
+    scaled = depth_metrics(gt * scale, gt)
+    assert base["silog"] == 0.0
+    assert scaled["silog"] == pytest.approx(math.sqrt(0.5) * abs(math.log(scale)), rel=1e-6, abs=1e-9)
