@@ -35,9 +35,9 @@ test-faults: $(STAMP)
 	$(PY) -m pytest -q -m slow tests
 
 $(DATA)/train/index.json: | $(STAMP)
-	$(PY) -m data_prep.synthetic --out $(DATA)/train --frames 480 --seed 0 --width 308 --height 98
+	$(PY) -m data_prep.synthetic --out $(DATA)/train --frames 480 --seed 0 --width 420 --height 140
 $(DATA)/val/index.json: | $(STAMP)
-	$(PY) -m data_prep.synthetic --out $(DATA)/val --frames 64 --seed 1000000 --width 308 --height 98
+	$(PY) -m data_prep.synthetic --out $(DATA)/val --frames 64 --seed 1000000 --width 420 --height 140
 
 data: $(DATA)/train/index.json $(DATA)/val/index.json
 
