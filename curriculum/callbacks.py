@@ -48,3 +48,54 @@ class CurriculumCallback(pl.Callback):
                 "resume needs the same stage schedule (use init_from to start a new stage)"
             )
         self.switches = [(int(step), str(name)) for step, name in state.get("switches", [])]
+
+
+class StepProgressBar(pl.callbacks.ProgressBar):
+    """One bar over the whole run (global step / max_steps) with stage, loss, images/s and ETA.
+
+    Lightning's default bar restarts every epoch, which says nothing about when a multi-stage run
+    ends; epochs here are only data-pass boundaries.
+    """
+
+    def __init__(self, refresh_steps: int = 1):
+        super().__init__()
+        self.refresh_steps = max(1, refresh_steps)
+        self._enabled = True
+        self.bar = None
+        self._start_step = 0
+        self._t0 = 0.0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer, module) -> None:
+        import time
+
+        from tqdm import tqdm
+
+        if not (self._enabled and trainer.is_global_zero):
+            return
+        self._start_step = trainer.global_step
+        self._t0 = time.perf_counter()
+        self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc="train", unit="step",
+                        dynamic_ncols=True, smoothing=0.05)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        import time
+
+        if self.bar is None or trainer.global_step % self.refresh_steps:
+            return
+        self.bar.update(trainer.global_step - self.bar.n)
+        done = trainer.global_step - self._start_step
+        images = done * len(batch["key"]) * trainer.world_size
+        loss = outputs["loss"].item() if isinstance(outputs, dict) and "loss" in outputs else float("nan")
+        self.bar.set_postfix(stage=module.stage_name, loss=f"{loss:.3f}",
+                             img_s=f"{images / max(time.perf_counter() - self._t0, 1e-9):.1f}", refresh=False)
+
+    def on_train_end(self, trainer, module) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -67,6 +67,12 @@ class DepthModule(pl.LightningModule):
     def stage_name(self) -> str:
         return self.stages[self.stage_index]["name"]
 
+    def on_fit_start(self) -> None:
+        # The W&B run id goes into every checkpoint so stage 2 can name its parent run.
+        for logger in self.loggers:
+            if type(logger).__name__ == "WandbLogger" and self.trainer.is_global_zero:
+                self.extra_metadata["wandb_run_id"] = logger.experiment.id
+
     # ------------------------------------------------------------------ steps
     def forward(self, images: torch.Tensor):
         return self._forward_model(images)

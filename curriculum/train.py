@@ -8,11 +8,11 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig
 
-from curriculum.callbacks import CurriculumCallback
+from curriculum.callbacks import CurriculumCallback, StepProgressBar
 from curriculum.checkpoint import (
     AtomicCheckpointIO, check_same_model, file_sha256, metadata, model_state, read_checkpoint,
 )
@@ -72,7 +72,7 @@ def build_trainer(recipe: dict, out_dir: Path, loggers: list) -> pl.Trainer:
                         save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=False),
     ]
     if tcfg["progress"]:
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, min(10, steps // 50))))
+        callbacks.append(StepProgressBar(refresh_steps=max(1, min(10, steps // 100))))
     strategy = tcfg["strategy"]
     if strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
@@ -131,10 +131,6 @@ def train(cfg: DictConfig) -> dict:
         recipe["logging"]["parent_checkpoint_sha256"] = lineage["init_from_sha256"]
     loggers = make_loggers(recipe, out_dir)
     wandb_logger = next((lg for lg in loggers if isinstance(lg, WandbLogger)), None)
-    run_id = ""
-    if wandb_logger is not None:
-        run_id = wandb_logger.experiment.id if os.environ.get("LOCAL_RANK", "0") == "0" else ""
-        module.extra_metadata["wandb_run_id"] = run_id
     trainer = build_trainer(recipe, out_dir, loggers)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -146,6 +142,7 @@ def train(cfg: DictConfig) -> dict:
             trainer.validate(module, datamodule=datamodule, verbose=False)  # the final model, always
     final = out_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(final)
+    run_id = module.extra_metadata.get("wandb_run_id", "")
     if wandb_logger is not None and trainer.is_global_zero:
         wandb_logger.experiment.finish()
     result = {
