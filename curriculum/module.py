@@ -122,9 +122,10 @@ class DepthModule(pl.LightningModule):
 
         def closure():
             loss = optimizer_closure()
-            finite = all(torch.isfinite(p.grad).all() for p in self.parameters() if p.grad is not None)
-            if loss is not None and not torch.isfinite(loss):
-                finite = False
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            # One device sync per step: the norm of the per-tensor norms is finite iff all are.
+            total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+            finite = bool(torch.isfinite(total)) and (loss is None or bool(torch.isfinite(loss)))
             if not finite:
                 for p in self.parameters():
                     p.grad = None  # AdamW leaves parameters without a gradient untouched
