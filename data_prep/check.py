@@ -1,0 +1,231 @@
+"""Validate a shard folder: ``python -m data_prep.check DIR [--quiet]``.
+
+Reads every shard with ``tarfile`` (not through webdataset, which yields partial samples from a
+truncated tar without complaint), decodes every sample with ``schema.decode_sample``, checks
+that keys are unique across shards and that index.json agrees with the shards, and prints a
+summary table. Exit status 0 when everything is valid, 1 otherwise, with one line per problem:
+``shard-000003.tar: <key>: <problem>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .schema import FAR_RAW, SampleError, decode_sample
+from .writer import INDEX_NAME, read_index
+
+NEAR_LIMIT_M = 80.0
+# Log-spaced histogram for depth percentiles: constant memory over any number of samples.
+_HIST_EDGES = np.geomspace(1e-3, 1e4, 3501)
+
+
+@dataclass
+class Stats:
+    samples: int = 0
+    pixels: int = 0
+    sky: int = 0
+    no_measurement: int = 0
+    far_raw: int = 0
+    beyond_near: int = 0  # finite depth > 80 m or raw 65535, sky excluded
+    hist: np.ndarray = field(default_factory=lambda: np.zeros(len(_HIST_EDGES) - 1, np.int64))
+    dmax: float = 0.0
+    resolutions: Counter = field(default_factory=Counter)
+    sources: Counter = field(default_factory=Counter)
+    rgb_formats: Counter = field(default_factory=Counter)
+
+    def add(self, dec: dict, rgb_format: str) -> None:
+        raw, depth, sky, meta = dec["depth_raw"], dec["depth"], dec["sky"], dec["meta"]
+        self.samples += 1
+        self.pixels += raw.size
+        self.sky += int(sky.sum())
+        self.no_measurement += int((raw == 0).sum())
+        far = raw == FAR_RAW
+        self.far_raw += int(far.sum())
+        self.beyond_near += int((((depth > NEAR_LIMIT_M) | far) & ~sky).sum())
+        finite = depth[(raw > 0) & ~far]
+        if finite.size:
+            self.hist += np.histogram(finite, bins=_HIST_EDGES)[0]
+            self.dmax = max(self.dmax, float(finite.max()))
+        self.resolutions[f"{meta['width']}x{meta['height']}"] += 1
+        self.sources[meta["source"]] += 1
+        self.rgb_formats[rgb_format] += 1
+
+    def percentiles(self, qs) -> list[float] | None:
+        n = int(self.hist.sum())
+        if n == 0:
+            return None
+        cdf = np.cumsum(self.hist)
+        out = []
+        for q in qs:
+            i = int(np.searchsorted(cdf, q / 100.0 * n, side="left"))
+            i = min(i, len(self.hist) - 1)
+            out.append(float(np.sqrt(_HIST_EDGES[i] * _HIST_EDGES[i + 1])))
+        return out
+
+
+def _archive_end_ok(path: Path, end_offset: int) -> bool:
+    """A complete tar ends with at least two zero blocks after its last member."""
+    size = path.stat().st_size
+    if size < end_offset + 2 * tarfile.BLOCKSIZE or size % tarfile.BLOCKSIZE:
+        return False
+    with open(path, "rb") as f:
+        f.seek(end_offset)
+        return f.read(2 * tarfile.BLOCKSIZE) == bytes(2 * tarfile.BLOCKSIZE)
+
+
+def read_shard(path: Path, problems: list[str]):
+    """Yield raw sample dicts from one shard (grouped like webdataset: by consecutive key).
+
+    Truncation, read errors and keys that reappear non-consecutively are appended to
+    ``problems``; a sample cut short by truncation is still yielded so its key is reported.
+    """
+    name = path.name
+    seen_in_shard: set[str] = set()
+    current: dict | None = None
+    end_offset = 0
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for ti in tar:
+                if not ti.isfile():
+                    continue
+                base = ti.name.rsplit("/", 1)[-1]
+                if "." not in base:
+                    problems.append(f"{name}: member {ti.name!r} has no extension")
+                    continue
+                key, ext = base.split(".", 1)
+                f = tar.extractfile(ti)
+                data = f.read() if f is not None else b""
+                if len(data) != ti.size:
+                    raise tarfile.ReadError(f"member {ti.name} cut short")
+                end_offset = ti.offset_data + ((ti.size + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        yield current
+                    if key in seen_in_shard:
+                        problems.append(f"{name}: {key}: key appears in more than one place in the shard")
+                    seen_in_shard.add(key)
+                    current = {"__key__": key, "__url__": str(path)}
+                if ext in current:
+                    problems.append(f"{name}: {key}: member {ext} repeated")
+                current[ext] = data
+    except (tarfile.TarError, OSError, EOFError) as e:
+        problems.append(f"{name}: truncated or unreadable tar ({e})")
+        if current is not None:
+            yield current
+        return
+    if current is not None:
+        yield current
+    if not _archive_end_ok(path, end_offset):
+        problems.append(f"{name}: truncated tar (no end-of-archive marker after the last member)")
+
+
+def check_folder(folder: Path, stats: Stats | None = None) -> tuple[list[str], Stats, dict]:
+    """Check every shard in ``folder``; returns (problems, stats, per-shard sample counts)."""
+    folder = Path(folder)
+    stats = stats or Stats()
+    problems: list[str] = []
+    shards = sorted(folder.glob("*.tar"))
+    if not shards:
+        problems.append(f"{folder}: no *.tar shards")
+    counts: dict[str, int] = {}
+    keys: dict[str, str] = {}
+    for shard in shards:
+        n = 0
+        for raw in read_shard(shard, problems):
+            n += 1
+            key = raw["__key__"]
+            if key in keys and keys[key] != shard.name:
+                problems.append(f"{shard.name}: {key}: duplicate key (also in {keys[key]})")
+            keys.setdefault(key, shard.name)
+            try:
+                dec = decode_sample(raw)
+            except SampleError as e:
+                msg = str(e)
+                if msg.startswith(f"{key}: "):
+                    msg = msg[len(key) + 2 :]
+                problems.append(f"{shard.name}: {key}: {msg}")
+                continue
+            stats.add(dec, "jpg" if "rgb.jpg" in raw else "png")
+        counts[shard.name] = n
+
+    try:
+        index = read_index(folder)
+    except (OSError, ValueError) as e:
+        problems.append(f"{INDEX_NAME}: {e}")
+    else:
+        listed = {s["name"]: s["samples"] for s in index["shards"]}
+        for name in sorted(set(listed) - set(counts)):
+            problems.append(f"{INDEX_NAME}: lists {name}, which is not in the folder")
+        for name in sorted(set(counts) - set(listed)):
+            problems.append(f"{INDEX_NAME}: does not list {name}")
+        for name in sorted(set(listed) & set(counts)):
+            if listed[name] != counts[name]:
+                problems.append(f"{INDEX_NAME}: says {name} holds {listed[name]} samples, it holds {counts[name]}")
+    return problems, stats, counts
+
+
+def _pct(n: int, d: int) -> str:
+    return f"{100.0 * n / d:6.2f} %" if d else "     - "
+
+
+def _counter(c: Counter) -> str:
+    return ", ".join(f"{k} ({v})" for k, v in c.most_common()) or "-"
+
+
+def summary_table(folder: Path, stats: Stats, counts: dict, n_bad: int) -> str:
+    rows = [
+        ("folder", str(folder)),
+        ("shards", str(len(counts))),
+        ("samples", f"{sum(counts.values())} ({stats.samples} valid, {n_bad} problems)"),
+        ("resolution", _counter(stats.resolutions)),
+        ("sources", _counter(stats.sources)),
+        ("rgb format", _counter(stats.rgb_formats)),
+    ]
+    qs = (1, 5, 50, 95, 99)
+    p = stats.percentiles(qs)
+    if p is None:
+        rows.append(("depth percentiles", "no finite measured depth"))
+    else:
+        rows.append(("depth p1/p5/p50/p95/p99", " / ".join(f"{v:.2f}" for v in p) + " m"))
+        rows.append(("depth max (finite)", f"{stats.dmax:.2f} m"))
+    px = stats.pixels
+    rows += [
+        ("beyond 80 m (not sky)", _pct(stats.beyond_near, px)),
+        ("sky", _pct(stats.sky, px)),
+        ("raw 65535 (far)", _pct(stats.far_raw, px)),
+        ("no measurement (0)", _pct(stats.no_measurement, px)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data_prep.check", description=__doc__.split("\n")[0])
+    ap.add_argument("folder", type=Path, help="folder holding <prefix>-%%06d.tar shards and index.json")
+    ap.add_argument("--quiet", action="store_true", help="print only problems and the verdict")
+    args = ap.parse_args(argv)
+    if not args.folder.is_dir():
+        print(f"error: {args.folder}: not a folder", file=sys.stderr)
+        return 2
+    problems, stats, counts = check_folder(args.folder)
+    if not args.quiet:
+        print(summary_table(args.folder, stats, counts, len(problems)))
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"FAILED: {len(problems)} problem(s) in {args.folder}", file=sys.stderr)
+        return 1
+    if args.quiet:
+        print(f"OK: {stats.samples} samples in {len(counts)} shards")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

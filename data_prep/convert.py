@@ -1,0 +1,276 @@
+"""Plumbing shared by the dataset converters and the synthetic generator.
+
+A converter lists its frames as ``Frame`` records (picklable: paths and small parameters), and
+provides a module-level ``load(frame, opts) -> sample dict`` that reads the source files and
+calls ``schema.encode_sample``. ``run`` maps ``load`` over the frames in a process pool, writes
+the samples in frame order through ``ShardWriter`` and reports progress and a summary.
+
+Bad input (missing or unreadable file, size mismatch, NaN or negative depth, missing
+intrinsics) is a ``SampleError`` whose one-line message names the file. Without ``--skip-bad``
+the first one stops the run with exit status 2 and the writer removes everything it wrote; with
+it the frame is skipped and listed in the summary. Ctrl-C exits with 130 and, likewise, leaves
+no shard under a final name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from .schema import SampleError
+from .writer import ShardWriter
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One source frame: what ``load`` needs to read it, and a label for messages."""
+
+    label: str
+    paths: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+
+
+# -- reading source files ------------------------------------------------------------------
+
+
+def bad(path: Any, problem: str) -> SampleError:
+    return SampleError(f"{path}: {problem}")
+
+
+def read_bytes(path: Path) -> bytes:
+    path = Path(path)
+    if not path.is_file():
+        raise bad(path, "missing file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise bad(path, f"cannot read ({e.strerror or e})") from None
+    if not data:
+        raise bad(path, "empty file")
+    return data
+
+
+def decode_image_bytes(data: bytes, path: Path) -> np.ndarray:
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise bad(path, "unreadable image (cannot decode)")
+    return img
+
+
+def to_rgb8(img: np.ndarray, path: Path) -> np.ndarray:
+    """cv2 BGR/BGRA/gray uint8 -> RGB uint8."""
+    if img.dtype != np.uint8:
+        raise bad(path, f"colour image is {img.dtype}, expected 8-bit")
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.shape[2] == 3:
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    raise bad(path, f"colour image has {img.shape[2]} channels")
+
+
+def read_rgb(path: Path) -> tuple[np.ndarray, bytes, str]:
+    """Return (RGB uint8 pixels, the file's bytes, its format 'jpg' or 'png')."""
+    path = Path(path)
+    data = read_bytes(path)
+    img = decode_image_bytes(data, path)
+    fmt = "jpg" if data[:3] == b"\xff\xd8\xff" else "png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "other"
+    if fmt == "png" and (img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3):
+        fmt = "other"  # a PNG that is not plain 8-bit RGB is re-encoded, not passed through
+    return to_rgb8(img, path), data, fmt
+
+
+def read_depth_png16(path: Path) -> np.ndarray:
+    path = Path(path)
+    img = decode_image_bytes(read_bytes(path), path)
+    if img.dtype != np.uint16:
+        raise bad(path, f"depth PNG is {img.dtype}, expected 16-bit")
+    if img.ndim != 2:
+        raise bad(path, f"depth PNG has {img.shape[2]} channels, expected 1")
+    return img
+
+
+def check_same_size(rgb: np.ndarray, rgb_path: Path, other: np.ndarray, other_path: Path) -> None:
+    if rgb.shape[:2] != other.shape[:2]:
+        raise bad(
+            other_path,
+            f"size {other.shape[1]}x{other.shape[0]} does not match rgb {rgb_path} "
+            f"({rgb.shape[1]}x{rgb.shape[0]})",
+        )
+
+
+def rgb_output(opts: dict, rgb_fmt: str) -> tuple[str, bool]:
+    """(rgb_format for encode_sample, pass the source bytes through?)."""
+    want = opts.get("rgb_format", "source")
+    if want == "source":
+        if rgb_fmt in ("jpg", "png"):
+            return rgb_fmt, True
+        return "png", False
+    return want, want == rgb_fmt
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def add_output_args(ap: argparse.ArgumentParser, rgb_default: str = "source", shard_size: int = 1000) -> None:
+    """Options of every command that writes shards."""
+    ap.add_argument("--out", type=Path, required=True, help="output folder for shards and index.json")
+    ap.add_argument("--workers", type=int, default=default_workers(),
+                    help="worker processes (default: min(4, CPUs)); 1 runs in-process")
+    ap.add_argument("--shard-size", type=int, default=shard_size,
+                    help=f"samples per shard (default {shard_size})")
+    ap.add_argument("--shard-mb", type=float, default=300.0, help="maximum shard size in MiB (default 300)")
+    ap.add_argument("--prefix", default="shard", help="shard name prefix: <prefix>-%%06d.tar")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="delete shards and index.json already in --out instead of refusing")
+    choices = ["source", "png", "jpg"] if rgb_default == "source" else ["png", "jpg"]
+    ap.add_argument("--rgb-format", choices=choices, default=rgb_default,
+                    help="how to store rgb" + (" (source: the source file's bytes, unchanged)"
+                                               if rgb_default == "source" else ""))
+    ap.add_argument("--jpeg-quality", type=int, default=95)
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """Options of the dataset converters."""
+    add_output_args(ap)
+    ap.add_argument("--skip-bad", action="store_true",
+                    help="skip frames with bad or missing files and list them in the summary")
+    ap.add_argument("--limit", type=int, default=None, help="convert only the first N frames")
+
+
+def common_opts(args: argparse.Namespace) -> dict:
+    return {"rgb_format": args.rgb_format, "jpeg_quality": args.jpeg_quality}
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+# -- running ---------------------------------------------------------------------------------
+
+
+def _worker_init() -> None:
+    # The parent handles Ctrl-C (and aborts the writer); workers just get terminated.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cv2.setNumThreads(1)
+
+
+def _call(load: Callable, opts: dict, frame: Any) -> tuple[str, Any]:
+    try:
+        return "ok", load(frame, opts)
+    except SampleError as e:
+        return "bad", str(e)
+
+
+class _Stop(Exception):
+    """Ends a run with a one-line error; the writer removes what it wrote."""
+
+
+def run(
+    name: str,
+    frames: Sequence[Any],
+    load: Callable[[Any, dict], dict],
+    opts: dict,
+    args: argparse.Namespace,
+) -> int:
+    """Convert ``frames`` with ``load`` into shards in ``args.out``; returns the exit status."""
+    skip_bad = getattr(args, "skip_bad", False)
+    limit = getattr(args, "limit", None)
+    if limit is not None:
+        frames = list(frames)[: max(0, limit)]
+    if not frames:
+        return fail(f"{name}: no frames found")
+    if args.workers < 1:
+        return fail(f"--workers must be >= 1, got {args.workers}")
+    if args.shard_size < 1:
+        return fail(f"--shard-size must be >= 1, got {args.shard_size}")
+    try:
+        writer = ShardWriter(
+            args.out,
+            prefix=args.prefix,
+            max_samples=args.shard_size,
+            max_bytes=int(args.shard_mb * 2**20),
+            overwrite=args.overwrite,
+        )
+    except (FileExistsError, ValueError) as e:
+        msg = str(e)
+        if isinstance(e, FileExistsError):
+            msg += " (pass --overwrite to replace them)"
+        return fail(msg)
+    except OSError as e:
+        return fail(f"{args.out}: {e.strerror}" if e.strerror else str(e))
+
+    fn = functools.partial(_call, load, opts)
+    workers = min(args.workers, len(frames))
+    # forkserver, not fork: a forked child inherits OpenCV's thread pool in whatever state the
+    # parent left it, and can deadlock on its first cv2 call.
+    pool = mp.get_context("forkserver").Pool(workers, initializer=_worker_init) if workers > 1 else None
+    results = pool.imap(fn, frames, chunksize=1) if pool is not None else map(fn, frames)
+    skipped: list[str] = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(frames), desc=name, unit="frame", dynamic_ncols=True, file=sys.stderr,
+               disable=getattr(args, "no_progress", False),
+               mininterval=0.2 if sys.stderr.isatty() else 10.0)  # logs get a line per 10 s
+    try:
+        with writer:
+            for status, value in results:
+                if status == "bad":
+                    if not skip_bad:
+                        raise _Stop(f"{value} (no shards written; --skip-bad skips bad frames)")
+                    skipped.append(value)
+                    bar.set_postfix(skipped=len(skipped), refresh=False)
+                else:
+                    try:
+                        writer.write(value)
+                    except ValueError as e:  # e.g. two frames mapped to the same key
+                        raise _Stop(f"{e} (no shards written)") from None
+                bar.update(1)
+            if writer.total == 0:
+                raise _Stop(f"{name}: every frame was bad, nothing written")
+    except _Stop as e:
+        bar.close()
+        return fail(str(e))
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"interrupted: removed the partial output in {args.out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+    dt = time.perf_counter() - t0
+    index = writer.index()
+    print(
+        f"{name}: wrote {index['total']} samples in {len(index['shards'])} shard(s) to {args.out} "
+        f"({dt:.1f} s, {index['total'] / max(dt, 1e-9):.1f} frames/s)"
+    )
+    if hasattr(args, "skip_bad"):  # converters; the generator has no bad frames
+        print(f"skipped {len(skipped)} bad frame(s)")
+    for msg in skipped:
+        print(f"  skipped: {msg}")
+    return EXIT_OK

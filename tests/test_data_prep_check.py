@@ -1,0 +1,144 @@
+"""python -m data_prep.check: good folders pass, each kind of damage is named, exit codes."""
+
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import cv2
+import numpy as np
+
+from data_prep import check
+from data_prep.schema import encode_sample
+from data_prep.writer import ShardWriter
+
+
+def sample(i, h=5, w=7):
+    raw = np.arange(h * w, dtype=np.uint16).reshape(h, w) * 100
+    raw[0, 1] = 65535
+    m = {"source": "t", "scene": "s", "frame": str(i), "width": w, "height": h,
+         "fx": 1.0, "fy": 1.0, "cx": 1.0, "cy": 1.0, "depth_scale": 0.05}
+    sky = np.zeros((h, w), bool)
+    sky[0, 1] = True
+    return encode_sample(f"t_s_{i}", np.zeros((h, w, 3), np.uint8), raw, m, sky=sky)
+
+
+def write(folder, samples, max_samples=2):
+    with ShardWriter(folder, max_samples=max_samples) as w:
+        for s in samples:
+            w.write(s)
+
+
+def run(folder, capsys, *extra):
+    rc = check.main([str(folder), *extra])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_good_folder(tmp_path, capsys):
+    write(tmp_path, [sample(i) for i in range(5)])
+    rc, out, _ = run(tmp_path, capsys)
+    assert rc == 0
+    for field in ("shards", "samples", "resolution", "depth p1/p5/p50/p95/p99", "beyond 80 m",
+                  "sky", "no measurement"):
+        assert field in out
+    assert "7x5 (5)" in out
+    assert "5 (5 valid, 0 problems)" in out
+    table = {line[:24].strip(): line[24:].strip() for line in out.splitlines()}
+    # 35 pixels: 1 sky (also 65535), 1 zero (no measurement), the rest n * 5 m
+    assert table["sky"] == f"{100 * 1 / 35:.2f} %"
+    assert table["raw 65535 (far)"] == f"{100 * 1 / 35:.2f} %"
+    assert table["no measurement (0)"] == f"{100 * 1 / 35:.2f} %"
+    beyond = sum(1 for n in range(2, 35) if n * 100 * 0.05 > 80)
+    assert table["beyond 80 m (not sky)"] == f"{100 * beyond / 35:.2f} %"
+    assert table["depth max (finite)"] == "170.00 m"
+
+
+def test_quiet(tmp_path, capsys):
+    write(tmp_path, [sample(0)])
+    rc, out, _ = run(tmp_path, capsys, "--quiet")
+    assert rc == 0 and out.strip() == "OK: 1 samples in 1 shards"
+
+
+def test_missing_depth_and_bad_json(tmp_path, capsys):
+    bad1 = sample(1)
+    del bad1["depth.png"]
+    bad2 = sample(2)
+    bad2["meta.json"] = b"{not json"
+    write(tmp_path, [sample(0), bad1, bad2, sample(3)])
+    rc, out, err = run(tmp_path, capsys)
+    assert rc == 1
+    assert "shard-000000.tar: t_s_1: missing depth.png" in out
+    assert "shard-000001.tar: t_s_2: meta.json is not valid JSON" in out
+    assert "2 problem(s)" in err
+
+
+def test_8bit_depth_named(tmp_path, capsys):
+    s = sample(0)
+    ok, buf = cv2.imencode(".png", np.zeros((5, 7), np.uint8))
+    s["depth.png"] = buf.tobytes()
+    write(tmp_path, [s])
+    rc, out, _ = run(tmp_path, capsys)
+    assert rc == 1 and "shard-000000.tar: t_s_0: depth.png is uint8, expected 16-bit" in out
+
+
+def test_truncated_mid_member(tmp_path, capsys):
+    write(tmp_path, [sample(i) for i in range(2)], max_samples=10)
+    p = tmp_path / "shard-000000.tar"
+    data = p.read_bytes()
+    p.write_bytes(data[: 512 * 9 + 100])  # inside the second sample
+    rc, out, _ = run(tmp_path, capsys)
+    assert rc == 1
+    assert "shard-000000.tar: truncated" in out
+    assert "index.json: says shard-000000.tar holds 2 samples" in out
+
+
+def test_truncated_at_member_boundary(tmp_path, capsys):
+    # Cut exactly after a complete member: tar readers see a shorter but "valid" archive.
+    write(tmp_path, [sample(i) for i in range(2)], max_samples=10)
+    p = tmp_path / "shard-000000.tar"
+    with tarfile.open(p) as t:
+        m = t.getmembers()[4]  # first member (of 4) of the second sample
+    end = m.offset_data + -(-m.size // 512) * 512
+    p.write_bytes(p.read_bytes()[:end])
+    rc, out, _ = run(tmp_path, capsys)
+    assert rc == 1
+    assert "shard-000000.tar: truncated tar (no end-of-archive marker" in out
+    assert "shard-000000.tar: t_s_1: missing" in out  # the partial sample is named
+
+
+def test_duplicate_key_across_shards(tmp_path, capsys):
+    write(tmp_path, [sample(0), sample(1)], max_samples=1)
+    shutil.copyfile(tmp_path / "shard-000000.tar", tmp_path / "shard-000001.tar")
+    rc, out, _ = run(tmp_path, capsys)
+    assert rc == 1 and "shard-000001.tar: t_s_0: duplicate key (also in shard-000000.tar)" in out
+
+
+def test_index_missing_or_wrong(tmp_path, capsys):
+    write(tmp_path, [sample(0), sample(1)], max_samples=1)
+    idx = json.loads((tmp_path / "index.json").read_text())
+    idx["shards"].append({"name": "shard-000009.tar", "samples": 0})
+    (tmp_path / "index.json").write_text(json.dumps(idx))
+    rc, out, _ = run(tmp_path, capsys)
+    assert rc == 1 and "index.json: lists shard-000009.tar, which is not in the folder" in out
+    (tmp_path / "index.json").unlink()
+    rc, out, _ = run(tmp_path, capsys)
+    assert rc == 1 and "index.json:" in out and "no shard index" in out
+
+
+def test_empty_folder_and_not_a_folder(tmp_path, capsys):
+    rc, out, _ = run(tmp_path, capsys)
+    assert rc == 1 and "no *.tar shards" in out
+    rc, _, err = run(tmp_path / "nope", capsys)
+    assert rc == 2 and "not a folder" in err
+
+
+def test_cli_subprocess(tmp_path):
+    write(tmp_path, [sample(0)])
+    r = subprocess.run([sys.executable, "-m", "data_prep.check", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "samples" in r.stdout
+    (tmp_path / "index.json").unlink()
+    r = subprocess.run([sys.executable, "-m", "data_prep.check", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 1

@@ -1,0 +1,217 @@
+"""Shard sample schema: encode/decode round trips and refusals."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import webdataset as wds
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from data_prep.schema import (
+    FAR_RAW,
+    REQUIRED_KEYS,
+    SCHEMA_VERSION,
+    SampleError,
+    decode_sample,
+    depth_to_raw,
+    encode_sample,
+    make_key,
+    validate_meta,
+)
+from data_prep.writer import ShardWriter
+
+H, W = 6, 8
+
+
+def meta(**kw):
+    m = {"source": "test", "scene": "s", "frame": "0001", "width": W, "height": H,
+         "fx": 10.0, "fy": 10.0, "cx": 4.0, "cy": 3.0, "depth_scale": 0.01}
+    m.update(kw)
+    return m
+
+
+def arrays_(seed=0):
+    rng = np.random.default_rng(seed)
+    rgb = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+    raw = rng.integers(0, 65536, (H, W)).astype(np.uint16)
+    raw[0, 0], raw[0, 1], raw[0, 2] = 0, FAR_RAW, 1
+    sky = np.zeros((H, W), bool)
+    sky[0, 1] = True
+    return rgb, raw, sky
+
+
+def test_constants():
+    assert SCHEMA_VERSION == 1 and FAR_RAW == 65535
+    assert set(REQUIRED_KEYS) == {"schema", "source", "scene", "frame", "width", "height",
+                                  "fx", "fy", "cx", "cy", "depth_scale"}
+
+
+def test_round_trip_png_keeps_0_and_65535():
+    rgb, raw, sky = arrays_()
+    s = encode_sample("test_s_0001", rgb, raw, meta(), sky=sky, rgb_format="png")
+    assert set(s) == {"__key__", "rgb.png", "depth.png", "sky.png", "meta.json"}
+    assert json.loads(s["meta.json"])["schema"] == 1
+    d = decode_sample(s)
+    assert d["key"] == "test_s_0001"
+    np.testing.assert_array_equal(d["rgb"], rgb)  # RGB order, lossless
+    np.testing.assert_array_equal(d["depth_raw"], raw)
+    assert d["depth_raw"].dtype == np.uint16 and d["depth"].dtype == np.float32
+    assert d["depth"][0, 0] == 0 and np.isposinf(d["depth"][0, 1])
+    np.testing.assert_allclose(d["depth"][raw < FAR_RAW], raw[raw < FAR_RAW] * np.float32(0.01), rtol=1e-6)
+    np.testing.assert_array_equal(d["sky"], sky)
+    assert d["meta"]["schema"] == 1 and d["meta"]["fx"] == 10.0
+
+
+def test_round_trip_jpg_and_no_sky():
+    rgb, raw, _ = arrays_()
+    rgb[:] = (200, 30, 60)  # flat colour: JPEG keeps it closely, and channel order is checked
+    s = encode_sample("k", rgb, raw, meta(), rgb_format="jpg", jpeg_quality=95)
+    assert "rgb.jpg" in s and "sky.png" not in s
+    d = decode_sample(s)
+    assert np.abs(d["rgb"].astype(int) - rgb).max() <= 3
+    assert d["sky"].dtype == bool and not d["sky"].any()
+    np.testing.assert_array_equal(d["depth_raw"], raw)
+
+
+def test_decode_accepts_leading_dot_keys_and_url():
+    rgb, raw, sky = arrays_()
+    s = encode_sample("k", rgb, raw, meta(), sky=sky)
+    dotted = {("." + k if not k.startswith("_") else k): v for k, v in s.items()}
+    dotted["__url__"] = "x.tar"
+    d = decode_sample(dotted)
+    np.testing.assert_array_equal(d["depth_raw"], raw)
+    np.testing.assert_array_equal(d["sky"], sky)
+
+
+def test_65535_survives_shard_and_webdataset_reader(tmp_path):
+    # PITFALLS 6: the training side reads tars with webdataset and decodes with decode_sample.
+    rgb, raw, sky = arrays_()
+    with ShardWriter(tmp_path) as w:
+        w.write(encode_sample("a_b_1", rgb, raw, meta(), sky=sky))
+    out = list(wds.WebDataset(str(tmp_path / "shard-000000.tar"), shardshuffle=False).map(decode_sample))
+    assert len(out) == 1
+    assert out[0]["depth_raw"].max() == 65535 and out[0]["depth_raw"][0, 1] == 65535
+    np.testing.assert_array_equal(out[0]["depth_raw"], raw)
+    assert np.isposinf(out[0]["depth"][0, 1])
+
+
+def test_8bit_depth_refused():
+    rgb, raw, _ = arrays_()
+    s = encode_sample("k", rgb, raw, meta())
+    ok, buf = cv2.imencode(".png", (raw >> 8).astype(np.uint8))
+    s["depth.png"] = buf.tobytes()
+    with pytest.raises(SampleError, match="k: depth.png is uint8, expected 16-bit"):
+        decode_sample(s)
+
+
+def test_multichannel_depth_refused():
+    rgb, raw, _ = arrays_()
+    s = encode_sample("k", rgb, raw, meta())
+    ok, buf = cv2.imencode(".png", np.stack([raw] * 3, -1))
+    s["depth.png"] = buf.tobytes()
+    with pytest.raises(SampleError, match="channels"):
+        decode_sample(s)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda s: s.pop("depth.png"), "missing depth.png"),
+        (lambda s: s.pop("rgb.png"), "missing rgb"),
+        (lambda s: s.pop("meta.json"), "missing meta.json"),
+        (lambda s: s.__setitem__("meta.json", b"{not json"), "not valid JSON"),
+        (lambda s: s.__setitem__("meta.json", json.dumps(meta(schema=2)).encode()), "schema is 2"),
+        (lambda s: s.__setitem__("meta.json", json.dumps({"schema": 1, "source": "x"}).encode()), "misses"),
+        (lambda s: s.__setitem__("meta.json", json.dumps(meta(schema=1, width=W + 1)).encode()), "but meta says"),
+        (lambda s: s.__setitem__("meta.json", json.dumps(meta(schema=1, fx=0)).encode()), "fx must be a positive"),
+        (lambda s: s.__setitem__("rgb.png", b"garbage"), "cannot be decoded"),
+        (lambda s: s.__setitem__("depth.png", b""), "empty"),
+    ],
+)
+def test_decode_refusals(mutate, message):
+    rgb, raw, _ = arrays_()
+    s = encode_sample("key1", rgb, raw, meta())
+    mutate(s)
+    with pytest.raises(SampleError, match=message) as e:
+        decode_sample(s)
+    assert str(e.value).startswith("key1: ") and "\n" not in str(e.value)
+
+
+def test_sky_size_mismatch_refused():
+    rgb, raw, _ = arrays_()
+    s = encode_sample("k", rgb, raw, meta())
+    ok, buf = cv2.imencode(".png", np.zeros((H + 1, W), np.uint8))
+    s["sky.png"] = buf.tobytes()
+    with pytest.raises(SampleError, match="sky.png"):
+        decode_sample(s)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(key="a.b"), "dots"),
+        (dict(key=""), "non-empty"),
+        (dict(depth=np.zeros((H, W), np.float32)), "uint16"),
+        (dict(depth=np.zeros((H, W + 1), np.uint16)), "but meta says"),
+        (dict(rgb=np.zeros((H + 1, W, 3), np.uint8)), "but meta says"),
+        (dict(rgb=np.zeros((H, W), np.uint8)), "uint8 HxWx3"),
+        (dict(meta=meta(fy=-1.0)), "fy must be a positive"),
+        (dict(meta=meta(cx=float("nan"))), "cx must be a positive"),
+        (dict(meta={k: v for k, v in meta().items() if k != "fx"}), "misses fx"),
+        (dict(sky=np.zeros((2, 2), bool)), "sky mask"),
+        (dict(rgb_format="bmp"), "rgb_format"),
+    ],
+)
+def test_encode_validates(kw, message):
+    rgb, raw, _ = arrays_()
+    args = dict(key="k", rgb=rgb, depth=raw, meta=meta(), sky=None, rgb_format="png")
+    args.update(kw)
+    with pytest.raises(SampleError, match=message):
+        encode_sample(args["key"], args["rgb"], args["depth"], args["meta"], sky=args["sky"],
+                      rgb_format=args["rgb_format"])
+
+
+def test_depth_to_raw():
+    d = np.array([[0.0, 0.01, 1.234, np.inf], [655.34, 0.001, 0.004, 0.006]])
+    raw = depth_to_raw(d, 0.01)
+    assert raw.dtype == np.uint16
+    assert raw.tolist() == [[0, 1, 123, 65535], [65534, 1, 1, 1]]  # tiny positive stays measured
+    assert depth_to_raw(np.array([[80.0]]), 1 / 256)[0, 0] == 20480
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [(np.nan, "NaN"), (-0.5, "negative"), (655.35, "does not fit"), (1000.0, "does not fit")],
+)
+def test_depth_to_raw_refuses(value, message):
+    with pytest.raises(SampleError, match=f"myfile.hdf5: .*{message}"):
+        depth_to_raw(np.array([[1.0, value]]), 0.01, name="myfile.hdf5")
+
+
+def test_make_key_sanitises():
+    assert make_key("hypersim", "ai_001.002", "cam_00/frame.0001") == "hypersim_ai_001-002_cam_00-frame-0001"
+    assert "." not in make_key("a", "b.c", 1)
+
+
+def test_validate_meta_ok_and_bad():
+    m = meta(schema=1)
+    validate_meta(m, "k")
+    with pytest.raises(SampleError, match="k: meta.json width"):
+        validate_meta(dict(m, width=0), "k")
+    with pytest.raises(SampleError, match="frame"):
+        validate_meta(dict(m, frame=None), "k")
+
+
+@settings(max_examples=25, deadline=None)
+@given(arrays(np.uint16, st.tuples(st.integers(1, 9), st.integers(1, 9))))
+def test_round_trip_property(raw):
+    h, w = raw.shape
+    rgb = np.zeros((h, w, 3), np.uint8)
+    m = meta(width=w, height=h)
+    d = decode_sample(encode_sample("k", rgb, raw, m))
+    np.testing.assert_array_equal(d["depth_raw"], raw)
+    np.testing.assert_array_equal(np.isinf(d["depth"]), raw == FAR_RAW)
+    np.testing.assert_array_equal(d["depth"] == 0, raw == 0)

@@ -1,0 +1,163 @@
+"""ShardWriter: naming, rolling, index, atomicity, refusing non-empty folders."""
+
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+
+from data_prep.schema import encode_sample
+from data_prep.writer import ShardWriter, read_index
+
+
+def sample(i, size=4):
+    rgb = np.full((size, size, 3), i % 256, np.uint8)
+    raw = np.full((size, size), i, np.uint16)
+    m = {"source": "t", "scene": "s", "frame": str(i), "width": size, "height": size,
+         "fx": 1.0, "fy": 1.0, "cx": 1.0, "cy": 1.0, "depth_scale": 0.01}
+    return encode_sample(f"t_s_{i}", rgb, raw, m)
+
+
+def blob(i, nbytes):
+    return {"__key__": f"k{i}", "bin": bytes([i % 256]) * nbytes}
+
+
+def tars(folder):
+    return sorted(p.name for p in folder.glob("*.tar"))
+
+
+def hidden(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_rolls_by_count_and_writes_index(tmp_path):
+    with ShardWriter(tmp_path, prefix="train", max_samples=3) as w:
+        for i in range(7):
+            w.write(sample(i))
+    assert tars(tmp_path) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    index = read_index(tmp_path)
+    assert index["schema"] == 1 and index["total"] == 7
+    assert [(s["name"], s["samples"]) for s in index["shards"]] == [
+        ("train-000000.tar", 3), ("train-000001.tar", 3), ("train-000002.tar", 1)]
+    for s in index["shards"]:
+        assert s["bytes"] == (tmp_path / s["name"]).stat().st_size
+    with tarfile.open(tmp_path / "train-000000.tar") as t:
+        names = t.getnames()
+    assert names[:4] == ["t_s_0.depth.png", "t_s_0.meta.json", "t_s_0.rgb.png", "t_s_1.depth.png"]
+    assert hidden(tmp_path) == []
+
+
+def test_rolls_by_bytes(tmp_path):
+    max_bytes = 80 * 1024  # 3 samples of 20 kB fit (tar pads to 10 kB records), 4 do not
+    with ShardWriter(tmp_path, max_samples=1000, max_bytes=max_bytes) as w:
+        for i in range(10):
+            w.write(blob(i, 20_000))
+        w.write(blob(99, 100_000))  # larger than a shard: gets one of its own
+    sizes = [(tmp_path / n).stat().st_size for n in tars(tmp_path)]
+    index = read_index(tmp_path)
+    assert index["total"] == 11
+    assert [s["samples"] for s in index["shards"]] == [3, 3, 3, 1, 1]
+    assert all(s <= max_bytes for s in sizes[:-1])
+
+
+def test_exception_leaves_no_final_shard_and_no_index(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with ShardWriter(out, max_samples=2) as w:
+            for i in range(5):
+                w.write(sample(i))
+            assert len(tars(out)) == 2 and len(hidden(out)) == 1  # two finished, one open
+            raise RuntimeError("crash mid-run")
+    assert tars(out) == [] and hidden(out) == [] and not (out / "index.json").exists()
+
+
+def test_keyboard_interrupt_cleans_up(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with ShardWriter(tmp_path, max_samples=10) as w:
+            w.write(sample(0))
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_duplicate_key_refused(tmp_path):
+    with pytest.raises(ValueError, match="duplicate sample key 't_s_1'"):
+        with ShardWriter(tmp_path, max_samples=1) as w:
+            w.write(sample(1))
+            w.write(sample(2))
+            w.write(sample(1))
+    assert tars(tmp_path) == []
+
+
+def test_key_with_dot_refused(tmp_path):
+    with pytest.raises(ValueError, match="dots"):
+        with ShardWriter(tmp_path) as w:
+            w.write({"__key__": "a.b", "x": b"1"})
+
+
+@pytest.mark.parametrize("existing", ["shard-000000.tar", "other.tar", "index.json"])
+def test_refuses_non_empty_folder(tmp_path, existing):
+    (tmp_path / existing).write_bytes(b"old")
+    with pytest.raises(FileExistsError) as e:
+        ShardWriter(tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path) in msg and existing in msg and "\n" not in msg
+    assert (tmp_path / existing).read_bytes() == b"old"  # nothing touched
+
+
+def test_overwrite_replaces(tmp_path):
+    with ShardWriter(tmp_path, max_samples=1) as w:
+        for i in range(3):
+            w.write(sample(i))
+    (tmp_path / ".shard-000007.tar.tmp").write_bytes(b"stale")  # from a killed run
+    with ShardWriter(tmp_path, overwrite=True) as w:
+        w.write(sample(9))
+    assert tars(tmp_path) == ["shard-000000.tar"] and hidden(tmp_path) == []
+    assert read_index(tmp_path)["total"] == 1
+
+
+def test_deterministic_bytes(tmp_path):
+    for name in ("a", "b"):
+        with ShardWriter(tmp_path / name, max_samples=2) as w:
+            for i in range(3):
+                w.write(sample(i))
+    for n in tars(tmp_path / "a"):
+        assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes()
+
+
+def test_shard_is_valid_tar_with_end_marker(tmp_path):
+    with ShardWriter(tmp_path) as w:
+        w.write(sample(0))
+    data = (tmp_path / "shard-000000.tar").read_bytes()
+    assert len(data) % 512 == 0 and data[-1024:] == bytes(1024)
+
+
+def test_read_index_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        read_index(tmp_path)
+    (tmp_path / "index.json").write_text("{oops")
+    with pytest.raises(ValueError, match="index.json: not valid JSON"):
+        read_index(tmp_path)
+    (tmp_path / "index.json").write_text(json.dumps(
+        {"schema": 1, "total": 5, "shards": [{"name": "shard-000000.tar", "samples": 4}]}))
+    with pytest.raises(ValueError, match="total 5"):
+        read_index(tmp_path)
+    (tmp_path / "index.json").write_text(json.dumps({"schema": 2, "total": 0, "shards": []}))
+    with pytest.raises(ValueError, match="schema is 2"):
+        read_index(tmp_path)
+
+
+def test_empty_run_writes_empty_index(tmp_path):
+    with ShardWriter(tmp_path) as w:
+        pass
+    assert read_index(tmp_path) == {"schema": 1, "total": 0, "shards": []}
+    assert tars(tmp_path) == []
+
+
+def test_temp_name_is_hidden_until_complete(tmp_path):
+    w = ShardWriter(tmp_path, max_samples=2)
+    w.write(sample(0))
+    assert tars(tmp_path) == [] and hidden(tmp_path) == [".shard-000000.tar.tmp"]
+    w.close()
+    assert tars(tmp_path) == ["shard-000000.tar"] and hidden(tmp_path) == []
+    assert os.path.exists(tmp_path / "index.json")
