@@ -101,6 +101,7 @@ class TrainerConfig:
     log_every_steps: int = 10
     ckpt_every_steps: int = 0  # 0 = at the end of each epoch and of the run
     progress: bool = True
+    max_nonfinite_steps: int = 5  # consecutive skipped (non-finite) steps before the run stops
 
 
 @dataclass
