@@ -165,16 +165,22 @@ def _parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise RecipeError(f"override '{text}' is not of the form key=value")
     key, raw = text.split("=", 1)
-    value = OmegaConf.create({"v": raw}) if raw == "" else OmegaConf.create(f"v: {raw}")
-    return key.strip(), OmegaConf.to_container(value)["v"]
+    try:
+        value = OmegaConf.create({"v": raw}) if raw == "" else OmegaConf.create(f"v: {raw}")
+        return key.strip(), OmegaConf.to_container(value)["v"]
+    except Exception as exc:  # yaml errors come in many types; all mean "not a value"
+        raise RecipeError(f"command line: cannot parse the value of '{text}' ({type(exc).__name__})") from None
 
 
 def _set_override(cfg: DictConfig, key: str, value: Any) -> None:
     parts = key.split(".")
     node = cfg
     for i, part in enumerate(parts[:-1]):
-        child = node[int(part)] if isinstance(node, ListConfig) else node._get_node(part) if part in node.keys() else None
-        if child is None:
+        if isinstance(node, ListConfig):
+            child = node[int(part)] if part.isdigit() and int(part) < len(node) else None
+        else:
+            child = node._get_node(part) if part in node.keys() else None
+        if not isinstance(child, (DictConfig, ListConfig)):
             _unknown(".".join(parts[: i + 1]), "command line")
         node = child
     last = parts[-1]
@@ -229,16 +235,24 @@ def load_recipe(files: list[str | Path], overrides: list[str] | tuple[str, ...] 
             cfg = OmegaConf.merge(cfg, data)
         except OmegaConfBaseException as exc:
             raise _one_line(exc, str(path)) from None
+        except (TypeError, ValueError) as exc:  # e.g. a mapping where the schema has a list
+            raise RecipeError(f"{path}: {str(exc).splitlines()[0]}") from None
     for text in overrides:
         key, value = _parse_override(text)
         try:
             _set_override(cfg, key, value)
         except OmegaConfBaseException as exc:
             raise _one_line(exc, "command line") from None
-    missing = sorted(re.sub(r"\[(\d+)\]", r".\1", k) for k in OmegaConf.missing_keys(cfg))
-    if missing:
-        raise RecipeError(f"missing required value '{missing[0]}' (set it in a recipe or as {missing[0]}=...)")
-    validate(cfg)
+        except (TypeError, ValueError, IndexError, KeyError) as exc:
+            raise RecipeError(f"command line: '{text}': {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    try:
+        OmegaConf.to_container(cfg, resolve=True)  # every ${...} interpolation must resolve
+        missing = sorted(re.sub(r"\[(\d+)\]", r".\1", k) for k in OmegaConf.missing_keys(cfg))
+        if missing:
+            raise RecipeError(f"missing required value '{missing[0]}' (set it in a recipe or as {missing[0]}=...)")
+        validate(cfg)
+    except OmegaConfBaseException as exc:
+        raise _one_line(exc, "recipe") from None
     OmegaConf.set_readonly(cfg, False)
     return cfg
 

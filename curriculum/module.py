@@ -50,7 +50,7 @@ class DepthModule(pl.LightningModule):
         self.stage_index = -1
         self.set_stage(0)
         self.val_metrics = MetricAccumulator(min_depth=1e-3, max_depth=EVAL_MAX_DEPTH)
-        self.max_nonfinite = int(recipe.get("max_nonfinite_steps", 5) if isinstance(recipe, dict) else 5)
+        self.max_nonfinite = int(recipe["trainer"].get("max_nonfinite_steps", 5) if isinstance(recipe, dict) else 5)
         self.skipped_steps = 0
         self.nonfinite_streak = 0
         self.bad_samples = 0
@@ -77,12 +77,16 @@ class DepthModule(pl.LightningModule):
     def forward(self, images: torch.Tensor):
         return self._forward_model(images)
 
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        # Read on the host: an int() of the transferred tensor would sync the device every step.
+        if isinstance(batch, dict) and "bad_samples" in batch:
+            batch["bad_samples_host"] = int(batch["bad_samples"].sum())
+        return batch
+
     def on_after_batch_transfer(self, batch, dataloader_idx):
         batch["image_uint8"] = batch["image"]
-        images = normalize_images(batch["image"])
-        if self.recipe["model"].get("channels_last"):
-            images = images.contiguous(memory_format=torch.channels_last)
-        batch["image"] = images
+        fmt = torch.channels_last if self.recipe["model"].get("channels_last") else torch.contiguous_format
+        batch["image"] = normalize_images(batch["image"]).contiguous(memory_format=fmt)
         return batch
 
     def training_step(self, batch, batch_idx):
@@ -93,7 +97,7 @@ class DepthModule(pl.LightningModule):
             pred, target, weight,
             silog_lambda=lcfg["silog_lambda"], grad_weight=lcfg["grad_weight"], nll_weight=lcfg["nll_weight"],
         )
-        self.bad_samples += int(batch.get("bad_samples", torch.tensor(0)).sum())
+        self.bad_samples += batch.get("bad_samples_host", 0)
         self.train_batches += 1
         bs = batch["image"].shape[0]
         log = {f"train/{k}": v.detach().float() for k, v in losses.items()}
@@ -116,16 +120,21 @@ class DepthModule(pl.LightningModule):
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
         """Skips the update when any gradient is non-finite.
 
-        Under DDP the gradients are already averaged over ranks, so a NaN on one rank is a NaN
-        on all and every rank skips the same step without extra communication.
+        Under DDP the ranks agree on the decision (one all-reduce of a flag): a loss that is
+        non-finite on one rank only can leave the averaged gradients finite, and a rank that
+        stepped alone would leave the replicas different for the rest of the run.
         """
 
         def closure():
             loss = optimizer_closure()
             grads = [p.grad for p in self.parameters() if p.grad is not None]
-            # One device sync per step: the norm of the per-tensor norms is finite iff all are.
-            total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+            # One device sync per step: the max of the per-tensor max-norms is finite iff all are.
+            total = torch.stack(torch._foreach_norm(grads, float("inf"))).max() if grads else torch.zeros(())
             finite = bool(torch.isfinite(total)) and (loss is None or bool(torch.isfinite(loss)))
+            if dist.is_available() and dist.is_initialized() and self.trainer.world_size > 1:
+                flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                finite = not bool(flag.item())
             if not finite:
                 for p in self.parameters():
                     p.grad = None  # AdamW leaves parameters without a gradient untouched
