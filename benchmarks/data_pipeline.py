@@ -1,0 +1,312 @@
+"""Data-pipeline throughput: our shard stream against the per-file reference loader.
+
+Both read the same vKITTI2-sized frames (default 1242x375: a jpg and a 16-bit png each), rendered
+once by ``data_prep.synthetic`` and cached, stored both as loose files (reference) and as
+WebDataset shards (ours, the very same jpg and png bytes plus sky.png and meta.json). For each
+worker count both loaders produce batches of 518x518 training crops:
+
+- ours: ``curriculum.data.TrainStream`` + ``train_loader`` as training runs them (decode, crop
+  first and resize only the crop, flip, uint8 batches; normalisation happens on the device);
+- reference: ``reference_loader.ReferenceDataset`` (whole-frame cubic resize, float64
+  normalisation, then crop; float32 batches).
+
+Reported per worker count: samples/s (wall), samples/s per core (worker count, 1 for in-process
+loading), samples per CPU-second (user + system time of the main process and all workers; the
+per-core figure that stays honest on a machine shared with other jobs) and the ratios of ours to
+the reference. OpenCV runs single-threaded in every process (``--cv2-threads``), so a worker is a
+core. Timing runs from creating the iterator to the last batch (worker start-up included, for
+both); the loaders run interleaved, best of ``--repeats``.
+
+    python benchmarks/data_pipeline.py [--frames 32] [--workers 0,1,2] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from reference_loader import reference_loader  # noqa: E402
+
+from curriculum.data import TrainSpec, TrainStream, train_loader  # noqa: E402
+from data_prep.schema import depth_to_raw, encode_sample, make_key  # noqa: E402
+from data_prep.writer import ShardWriter  # noqa: E402
+
+CACHE_VERSION = 1
+TARGET_RATIO = 5.0  # issue 7: ours per core >= 5x the reference per core
+DEPTH_SCALE = 0.01  # vKITTI2: centimetres, 65535 = far clip
+JPEG_QUALITY = 95
+PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 3]  # what data_prep.schema writes
+
+
+def default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "curriculum-depth" / "bench-frames"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------------------- frames
+
+
+def _render_frame(args: tuple[int, int, int, str]) -> None:
+    index, width, height, folder = args
+    from data_prep.synthetic import render
+
+    r = render(0, index, width, height)
+    raw = depth_to_raw(r["depth"], DEPTH_SCALE, name=f"frame {index}")
+    bgr = cv2.cvtColor(r["rgb"], cv2.COLOR_RGB2BGR)
+    ok1, jpg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    ok2, png = cv2.imencode(".png", raw, PNG_PARAMS)
+    ok3, sky = cv2.imencode(".png", np.where(r["sky"], np.uint8(255), np.uint8(0)), PNG_PARAMS)
+    if not (ok1 and ok2 and ok3):
+        raise RuntimeError(f"could not encode frame {index}")
+    stem = Path(folder) / f"frame_{index:05d}"
+    for suffix, data in (("_sky.png", sky), (".png", png), (".jpg", jpg)):  # jpg last: marks complete
+        tmp = stem.with_name(stem.name + suffix + ".tmp")
+        tmp.write_bytes(data.tobytes())
+        os.replace(tmp, stem.with_name(stem.name + suffix))
+    meta = {"fx": r["fx"], "fy": r["fy"], "cx": r["cx"], "cy": r["cy"]}
+    stem.with_name(stem.name + ".json").write_text(json.dumps(meta))
+
+
+def prepare_frames(cache: Path, frames: int, width: int, height: int, per_shard: int,
+                   procs: int | None = None, log=print) -> tuple[list[tuple[str, str]], list[str]]:
+    """Render missing frames into ``cache`` and (re)write shards; returns (file pairs, shard urls)."""
+    root = Path(cache) / f"v{CACHE_VERSION}-{width}x{height}"
+    files = root / "files"
+    files.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(frames) if not (files / f"frame_{i:05d}.jpg").is_file()]
+    if todo:
+        t0 = time.perf_counter()
+        procs = max(1, min(procs or os.cpu_count() or 1, len(todo)))
+        log(f"rendering {len(todo)} frames of {width}x{height} into {files} ({procs} processes) ...")
+        jobs = [(i, width, height, str(files)) for i in todo]
+        if procs == 1:
+            for j in jobs:
+                _render_frame(j)
+        else:
+            with mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None).Pool(procs) as pool:
+                pool.map(_render_frame, jobs, chunksize=1)
+        log(f"rendered in {time.perf_counter() - t0:.1f} s")
+    pairs = [(str(files / f"frame_{i:05d}.jpg"), str(files / f"frame_{i:05d}.png")) for i in range(frames)]
+
+    shard_dir = root / f"shards-{frames}x{per_shard}"
+    index = shard_dir / "index.json"
+    if not index.is_file():
+        with ShardWriter(shard_dir, prefix="bench", max_samples=per_shard, overwrite=True) as writer:
+            for i, (jpg_path, png_path) in enumerate(pairs):
+                jpg = Path(jpg_path).read_bytes()
+                rgb = cv2.cvtColor(cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+                raw = cv2.imread(png_path, cv2.IMREAD_UNCHANGED)
+                sky = cv2.imread(png_path[:-4] + "_sky.png", cv2.IMREAD_UNCHANGED) > 127
+                cam = json.loads(Path(png_path[:-4] + ".json").read_text())
+                meta = {"source": "bench", "scene": "vkitti2size", "frame": i, "width": width, "height": height,
+                        "depth_scale": DEPTH_SCALE, **cam}
+                writer.write(encode_sample(make_key("bench", "vkitti2size", i), rgb, raw, meta, sky=sky,
+                                           rgb_format="jpg", rgb_bytes=jpg))
+    urls = sorted(str(p) for p in shard_dir.glob("bench-*.tar"))
+    # Warm the page cache so that neither loader pays for the first read from disk.
+    for path in [p for pair in pairs for p in pair] + urls:
+        Path(path).read_bytes()
+    return pairs, urls
+
+
+# ---------------------------------------------------------------------------- measurement
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and of its reaped children (loader workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _time_batches(loader, batches: int, batch_size: int) -> tuple[int, float, float]:
+    """(samples, wall seconds, CPU seconds) of ``batches`` batches, worker start and stop included.
+
+    CPU time counts the main process and every worker; workers are joined before it is read, so
+    it stays meaningful on a machine shared with other jobs, where wall time is not.
+    """
+    c0, t0 = _cpu_seconds(), time.perf_counter()
+    seen = 0
+    it = iter(loader)
+    for _ in range(batches):
+        b = next(it)
+        seen += int(b["image"].shape[0])
+    dt = time.perf_counter() - t0
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()  # join the workers so that their CPU time is counted
+    cpu = _cpu_seconds() - c0
+    del it
+    if seen != batches * batch_size:
+        raise RuntimeError(f"expected {batches * batch_size} samples, got {seen}")
+    return seen, dt, cpu
+
+
+def measure_ours(urls: list[str], workers: int, batches: int, batch_size: int, crop: int, seed: int = 0):
+    spec = TrainSpec(batch_size=batch_size, batches_per_rank=batches, crop_height=crop, crop_width=crop,
+                     scale_jitter=0.0, hflip=True, color_jitter=0.0, shuffle_buffer=16)
+    stream = TrainStream(urls, spec, rank=0, world_size=1, seed=seed)
+    loader = train_loader(stream, lambda: 0, num_workers=workers)
+    return _time_batches(loader, batches, batch_size)
+
+
+def measure_reference(pairs, workers: int, batches: int, batch_size: int, crop: int, seed: int = 0):
+    loader = reference_loader(pairs, batch_size, workers, num_samples=batches * batch_size, size=crop, seed=seed)
+    return _time_batches(loader, batches, batch_size)
+
+
+def check_outputs(urls, pairs, crop: int) -> None:
+    """One batch of each loader has the expected shapes and types (what the numbers are for)."""
+    spec = TrainSpec(batch_size=2, batches_per_rank=1, crop_height=crop, crop_width=crop, shuffle_buffer=1)
+    ours = next(iter(train_loader(TrainStream(urls, spec, 0, 1, 0), lambda: 0, num_workers=0)))
+    assert ours["image"].dtype == torch.uint8 and tuple(ours["image"].shape) == (2, 3, crop, crop), ours["image"].shape
+    assert tuple(ours["depth"].shape) == (2, crop, crop)
+    ref = next(iter(reference_loader(pairs, 2, 0, num_samples=2, size=crop)))
+    assert ref["image"].dtype == torch.float32 and tuple(ref["image"].shape) == (2, 3, crop, crop), ref["image"].shape
+    assert tuple(ref["depth"].shape) == (2, crop, crop)
+
+
+def _parse_ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def default_workers() -> list[int]:
+    n = os.cpu_count() or 1
+    out = [0]
+    w = 1
+    while w <= n:
+        out.append(w)
+        w *= 2
+    if out[-1] != n:
+        out.append(n)
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'workers':>7} | {'ours s/s':>8} {'/core':>6} {'/cpu-s':>6} | {'ref s/s':>7} {'/core':>6} {'/cpu-s':>6} |"
+            f" {'ratio/core':>10} {'ratio/cpu-s':>11}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['workers']:>7} | {r['ours_samples_per_s']:>8.1f} {r['ours_per_core']:>6.1f} "
+            f"{r['ours_samples_per_cpu_s']:>6.1f} | {r['reference_samples_per_s']:>7.1f} "
+            f"{r['reference_per_core']:>6.1f} "
+            f"{r['reference_samples_per_cpu_s']:>6.1f} | {r['ratio']:>9.2f}x {r['ratio_cpu']:>10.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--frames", type=int, default=None, help="distinct frames (default max(32, 2 x max workers))")
+    ap.add_argument("--width", type=int, default=1242)
+    ap.add_argument("--height", type=int, default=375)
+    ap.add_argument("--crop", type=int, default=518)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--workers", type=_parse_ints, default=None,
+                    help="comma-separated worker counts (default 0,1,2,4,.. up to the CPU count)")
+    ap.add_argument("--batches", type=int, default=16,
+                    help="batches timed for our loader, per core (x max(1, workers))")
+    ap.add_argument("--ref-batches", type=int, default=6,
+                    help="batches timed for the reference loader, per core (x max(1, workers))")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per loader; the best counts")
+    ap.add_argument("--cv2-threads", type=int, default=1, help="OpenCV threads per process (default 1)")
+    ap.add_argument("--cache", type=Path, default=None, help=f"frame cache (default {default_cache()})")
+    ap.add_argument("--json", type=Path, default=ROOT / "runs" / "bench" / "data_pipeline.json",
+                    help="result file (default runs/bench/data_pipeline.json)")
+    args = ap.parse_args(argv)
+
+    workers = args.workers if args.workers is not None else default_workers()
+    if not workers or min(workers) < 0:
+        ap.error("--workers needs non-negative counts")
+    frames = args.frames or max(32, 2 * max(workers))
+    per_shard = max(1, min(16, frames // max(1, max(workers))))
+    cv2.setNumThreads(args.cv2_threads)  # inherited by forked loader workers
+    torch.set_num_threads(1)
+
+    pairs, urls = prepare_frames(args.cache or default_cache(), frames, args.width, args.height, per_shard)
+    check_outputs(urls, pairs, args.crop)
+    rows = []
+    for w in workers:
+        cores = max(1, w)
+        best = {"ours": (0.0, 0.0, None), "reference": (0.0, 0.0, None)}
+        for _ in range(args.repeats):  # interleaved, best of: other jobs on the machine only slow a run down
+            for name, fn, src, n in (("ours", measure_ours, urls, args.batches),
+                                     ("reference", measure_reference, pairs, args.ref_batches)):
+                samples, wall, cpu = fn(src, w, n * cores, args.batch, args.crop)
+                rate, per_cpu, _ = best[name]
+                best[name] = (max(rate, samples / wall), max(per_cpu, samples / max(cpu, 1e-9)), samples)
+        (ours, ours_cpu, n_ours), (ref, ref_cpu, n_ref) = best["ours"], best["reference"]
+        rows.append({
+            "workers": w, "cores": cores,
+            "ours_samples": n_ours, "ours_samples_per_s": ours, "ours_per_core": ours / cores,
+            "ours_samples_per_cpu_s": ours_cpu,
+            "reference_samples": n_ref, "reference_samples_per_s": ref, "reference_per_core": ref / cores,
+            "reference_samples_per_cpu_s": ref_cpu,
+            "ratio": ours / ref, "ratio_cpu": ours_cpu / ref_cpu,
+        })
+        print(f"  workers={w}: ours {ours:.1f} samples/s ({ours_cpu:.1f} per CPU-s), "
+              f"reference {ref:.1f} samples/s ({ref_cpu:.1f} per CPU-s)", flush=True)
+
+    table = format_table(rows)
+    best = max(rows, key=lambda r: r["ours_samples_per_s"])
+    summary = {
+        "ratio_per_cpu_s_min": min(r["ratio_cpu"] for r in rows),
+        "ratio_per_cpu_s_max": max(r["ratio_cpu"] for r in rows),
+        "target_ratio": TARGET_RATIO,
+        "best_ours_samples_per_s": best["ours_samples_per_s"],
+        "best_ours_workers": best["workers"],
+    }
+    result = {
+        "benchmark": "data_pipeline",
+        "date": _dt.date.today().isoformat(),
+        "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "versions": {"torch": torch.__version__, "opencv": cv2.__version__, "numpy": np.__version__},
+        "config": {"frames": frames, "frame_size": [args.width, args.height], "crop": args.crop,
+                   "batch": args.batch, "per_shard": per_shard, "shards": len(urls), "cv2_threads": args.cv2_threads,
+                   "jpeg_quality": JPEG_QUALITY, "workers": workers,
+                   "repeats": args.repeats},
+        "rows": rows,
+        "summary": summary,
+        "table": table,
+    }
+    print(f"\nData pipeline, {frames} frames {args.width}x{args.height} -> {args.crop}x{args.crop} crops, "
+          f"batch {args.batch}; {cpu_model()} ({os.cpu_count()} cores)")
+    print(table)
+    print(f"ours / reference per CPU-second: {summary['ratio_per_cpu_s_min']:.2f}x .. "
+          f"{summary['ratio_per_cpu_s_max']:.2f}x (target >= {TARGET_RATIO:.0f}x); "
+          f"best {best['ours_samples_per_s']:.0f} samples/s with {best['workers']} workers")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

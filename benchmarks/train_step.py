@@ -1,0 +1,351 @@
+"""Training-step throughput: img/s, TFLOP/s and peak memory of our step, per encoder and mode.
+
+The step is the one training runs, built from the same pieces: ``DepthModule`` from the GPU
+recipe of the encoder layered over ``recipes/finetune.yaml`` (so channels-last head, fused AdamW
+on CUDA with the encoder/head parameter groups, the compile switch and the 80 m mask policy are
+the recipe's), then per step: uint8 batch -> ``on_after_batch_transfer`` (normalisation on the
+device) -> model -> mask policy -> ``compute_loss`` -> backward -> non-finite gradient check ->
+AdamW step. Lightning's own bookkeeping (logging, progress bar) is not included.
+
+Modes:
+  fp32          eager, fp32 everywhere: the reference-equivalent configuration
+  bf16          eager, bf16 autocast (loss and final activation stay fp32), as ``bf16-mixed``
+  bf16-compile  as bf16 with the forward compiled (the recipe's ``model.compile``)
+
+Each timed step ends with a device synchronisation and throughput comes from the median step
+time, so bursts of other jobs on a shared machine do not skew it. FLOPs are counted once per
+encoder with ``torch.utils.flop_counter.FlopCounterMode`` on one image (forward + backward,
+matmuls, convolutions and attention; recomputation under activation checkpointing not counted),
+times the batch. On a machine without CUDA it runs the tiny encoder at
+a small size so CI keeps it working; compiling is skipped there unless asked for (inductor needs
+minutes on two cores).
+
+    python benchmarks/train_step.py                       # CPU: tiny; CUDA: vits, vitb, vitl at 518
+    python benchmarks/train_step.py --encoders vitl --batch 16 --modes bf16,bf16-compile
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from curriculum.config import load_recipe, to_plain
+from curriculum.losses import compute_loss
+from curriculum.module import DepthModule
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+MODES = ("fp32", "bf16", "bf16-compile")
+GPU_ENCODERS = ("vits", "vitb", "vitl")
+GRAD_CHECKS = ("module", "none")
+
+
+# ---------------------------------------------------------------------------- FLOPs
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# The CPU attention kernels have no entry in torch's FLOP table; the CUDA ones do.
+CUSTOM_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+}
+
+
+# ---------------------------------------------------------------------------- set-up
+
+
+def recipe_for(encoder: str, overrides: list[str] = ()) -> dict:
+    """finetune.yaml + gpu_<encoder>.yaml (the tiny encoder borrows gpu_vits.yaml's settings)."""
+    gpu = encoder if encoder in GPU_ENCODERS else "vits"
+    files = [RECIPES / "finetune.yaml", RECIPES / f"gpu_{gpu}.yaml"]
+    return to_plain(load_recipe(files, [f"model.encoder={encoder}", *overrides]))
+
+
+def make_batch(batch: int, height: int, width: int, device: torch.device, seed: int = 0) -> dict:
+    """A uint8 image batch and a depth map with sky (inf), a far band (> 80 m) and holes (0)."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randint(0, 256, (batch, 3, height, width), generator=g, dtype=torch.uint8)
+    rows = torch.linspace(120.0, 2.0, height)[None, :, None].expand(batch, height, width)
+    depth = (rows * (0.8 + 0.4 * torch.rand(batch, 1, 1, generator=g))).contiguous()
+    sky = torch.zeros(batch, height, width, dtype=torch.bool)
+    sky[:, : height // 5] = True
+    depth[sky] = math.inf
+    depth[:, -2:, : width // 8] = 0.0
+    return {
+        "image": image.to(device),
+        "depth": depth.to(device),
+        "sky": sky.to(device),
+        "no_measurement": (depth <= 0).to(device),
+        "bad_samples": torch.tensor(0),
+    }
+
+
+def _grads_finite(params, loss, how: str) -> bool:
+    """The non-finite check of ``DepthModule.optimizer_step`` (single rank): one device sync for
+    the gradients (norm of the per-tensor norms) and one for the loss."""
+    if how == "none":
+        return True
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+    return bool(torch.isfinite(total)) and bool(torch.isfinite(loss))
+
+
+class Step:
+    """One training step of a DepthModule with its optimizer, under a given autocast dtype."""
+
+    def __init__(self, module: DepthModule, autocast_dtype: torch.dtype | None, grad_check: str):
+        self.module = module
+        self.optimizer = module.configure_optimizers()["optimizer"]
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.autocast_dtype = autocast_dtype
+        self.grad_check = grad_check
+        self.lcfg = module.recipe["loss"]
+        self.skipped = 0
+
+    def loss(self, batch: dict, model=None) -> torch.Tensor:
+        b = self.module.on_after_batch_transfer(dict(batch), 0)
+        device_type = b["image"].device.type
+        enabled = self.autocast_dtype is not None
+        with torch.autocast(device_type=device_type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled):
+            pred = (model or self.module)(b["image"])
+            weight, target = self.module.policy(b["depth"], b["sky"], b["no_measurement"])
+            losses = compute_loss(pred, target, weight, silog_lambda=self.lcfg["silog_lambda"],
+                                  grad_weight=self.lcfg["grad_weight"], nll_weight=self.lcfg["nll_weight"])
+        return losses["loss"]
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(batch)
+        loss.backward()
+        if _grads_finite(self.params, loss, self.grad_check):
+            self.optimizer.step()
+        else:
+            self.skipped += 1
+        return loss.detach()
+
+
+def count_flops(module: DepthModule, batch: dict) -> int:
+    """Forward + backward FLOPs of one image (eager, fp32)."""
+    one = {k: (v[:1] if isinstance(v, torch.Tensor) and v.ndim > 0 else v) for k, v in batch.items()}
+    step = Step(module, None, "none")
+    checkpointing = module.model._grad_checkpointing
+    module.model.set_grad_checkpointing(False)  # model FLOPs: recomputation is not useful work
+    try:
+        with FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOPS) as counter:
+            step.loss(one, model=module.model).backward()
+    finally:
+        module.model.set_grad_checkpointing(checkpointing)
+    module.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_mode(encoder: str, mode: str, args, device: torch.device, flops_per_image: dict) -> dict:
+    overrides = [f"model.compile={'true' if mode.endswith('compile') else 'false'}",
+                 f"model.grad_checkpointing={'true' if args.grad_checkpointing else 'false'}"]
+    if args.channels_last is not None:
+        overrides.append(f"model.channels_last={'true' if args.channels_last else 'false'}")
+    recipe = recipe_for(encoder, overrides)
+    batch_size = args.batch or (recipe["data"]["batch_size"] if device.type == "cuda" else 2)
+    row = {"encoder": encoder, "mode": mode, "batch": batch_size, "size": [args.height, args.width],
+           "channels_last": bool(recipe["model"]["channels_last"]),
+           "grad_checkpointing": bool(recipe["model"]["grad_checkpointing"]),
+           "fused_adamw": bool(recipe["optim"]["fused"]) and device.type == "cuda", "grad_check": args.grad_check}
+    torch.manual_seed(args.seed)
+    module = DepthModule(recipe).to(device)
+    module.train()
+    batch = make_batch(batch_size, args.height, args.width, device, seed=args.seed)
+    if encoder not in flops_per_image:
+        flops_per_image[encoder] = count_flops(module, batch)
+    step = Step(module, torch.bfloat16 if mode.startswith("bf16") else None, args.grad_check)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+    t0 = time.perf_counter()
+    first_loss = float(step(batch))  # compiles in compile mode
+    _sync(device)
+    row["first_step_s"] = time.perf_counter() - t0
+    for _ in range(max(0, args.warmup - 1)):
+        step(batch)
+    _sync(device)
+    times = []
+    for _ in range(args.steps):  # each step timed on its own: the median shrugs off other jobs' bursts
+        t0 = time.perf_counter()
+        loss = step(batch)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    median = float(np.median(times))
+    row.update(
+        first_loss=first_loss,
+        last_loss=float(loss),
+        steps=args.steps,
+        step_s=median,
+        step_s_mean=float(np.mean(times)),
+        img_per_s=batch_size / median,
+        flops_per_image=flops_per_image[encoder],
+        tflops_per_s=flops_per_image[encoder] * batch_size / median / 1e12,
+        peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        skipped_steps=step.skipped,
+    )
+    del step, module, batch
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'encoder':<7} {'mode':<13} {'batch':>5} {'img/s':>8} {'TFLOP/s':>8} {'step ms':>8} "
+            f"{'peak GiB':>8} {'1st step s':>10}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r or "skipped" in r:
+            note = r.get("error") or r.get("skipped")
+            lines.append(f"{r['encoder']:<7} {r['mode']:<13} {r.get('batch', '-')!s:>5}  {note}")
+            continue
+        mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+        tf = r["tflops_per_s"]
+        tflops = f"{tf:>8.2f}" if tf >= 0.01 else f"{tf:>8.1e}"
+        lines.append(
+            f"{r['encoder']:<7} {r['mode']:<13} {r['batch']:>5} {r['img_per_s']:>8.2f} {tflops} "
+            f"{r['step_s'] * 1e3:>8.1f} {mem:>8} {r['first_step_s']:>10.1f}"
+        )
+    return "\n".join(lines)
+
+
+def _size(text: str) -> tuple[int, int]:
+    h, _, w = text.lower().partition("x")
+    return int(h), int(w or h)
+
+
+def _list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--encoders", type=_list, default=None, help="default: vits,vitb,vitl on CUDA, tiny on CPU")
+    ap.add_argument("--modes", type=_list, default=None,
+                    help=f"subset of {','.join(MODES)} (default: all on CUDA, fp32,bf16 on CPU)")
+    ap.add_argument("--size", type=_size, default=None, help="HxW or S (default 518 on CUDA, 140 on CPU)")
+    ap.add_argument("--batch", type=int, default=0, help="default: the GPU recipe's data.batch_size; 2 on CPU")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on CUDA, 5 on CPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on CUDA and CPU)")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in the encoder")
+    ap.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
+                    help="force the channels-last head on (default: the recipe's setting)")
+    ap.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    ap.add_argument("--grad-check", choices=GRAD_CHECKS, default="module",
+                    help="non-finite gradient check before the optimizer step: 'module' as DepthModule does it, "
+                         "or 'none' (to see what it costs)")
+    ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls in fp32 mode (off: the reference)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--json", type=Path, default=ROOT / "runs" / "bench" / "train_step.json",
+                    help="result file (default runs/bench/train_step.json)")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    encoders = args.encoders or (list(GPU_ENCODERS) if on_gpu else ["tiny"])
+    modes = args.modes or (list(MODES) if on_gpu else ["fp32", "bf16"])
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        ap.error(f"unknown mode(s) {bad}; choose from {list(MODES)}")
+    args.height, args.width = args.size or ((518, 518) if on_gpu else (140, 140))
+    args.steps = args.steps or (10 if on_gpu else 5)
+    args.warmup = args.warmup if args.warmup is not None else 3
+    args.warmup = max(1, args.warmup)
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
+
+    rows: list[dict] = []
+    flops: dict[str, int] = {}
+    for encoder in encoders:
+        for mode in modes:
+            print(f"  {encoder} {mode} ...", flush=True)
+            try:
+                row = run_mode(encoder, mode, args, device, flops)
+            except Exception as exc:  # one failing mode (OOM, compiler) must not lose the others
+                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                row = {"encoder": encoder, "mode": mode, "error": f"{type(exc).__name__}: {msg[:200]}"}
+                traceback.print_exc(limit=3)
+            rows.append(row)
+            if mode.endswith("compile"):
+                torch._dynamo.reset()  # drop the compiled graphs of a model that is gone
+            gc.collect()
+            if on_gpu:
+                torch.cuda.empty_cache()
+    if not on_gpu and args.modes is None:
+        rows.append({"encoder": ",".join(encoders), "mode": "bf16-compile",
+                     "skipped": "not run on CPU by default (inductor compile takes minutes here); --modes to ask"})
+
+    table = format_table(rows)
+    result = {
+        "benchmark": "train_step",
+        "date": _dt.date.today().isoformat(),
+        "machine": {
+            "device": torch.cuda.get_device_name(device) if on_gpu else f"CPU: {_cpu_model()}",
+            "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+        },
+        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "numpy": np.__version__},
+        "config": {"encoders": encoders, "modes": modes, "size": [args.height, args.width],
+                   "steps": args.steps, "warmup": args.warmup, "grad_check": args.grad_check,
+                   "tf32": bool(args.tf32), "grad_checkpointing": bool(args.grad_checkpointing),
+                   "fused_sdpa": _fused_attn()},
+        "rows": rows,
+        "table": table,
+    }
+    print(f"\nTraining step, {args.height}x{args.width}, {result['machine']['device']}")
+    print(table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def _fused_attn() -> bool:
+    try:
+        from timm.layers import use_fused_attn
+
+        return bool(use_fused_attn())
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The benchmark scripts keep working: tiny CPU runs of both, JSON fields and positive numbers."""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module(name)  # by its own name: worker processes unpickle its functions
+
+
+@pytest.fixture(scope="module")
+def train_step():
+    return _load("train_step")
+
+
+@pytest.fixture(scope="module")
+def data_pipeline():
+    return _load("data_pipeline")
+
+
+def test_train_step_main_cpu(train_step, tmp_path):
+    out = tmp_path / "train_step.json"
+    rc = train_step.main(["--encoders", "tiny", "--size", "28x42", "--batch", "2", "--steps", "1", "--warmup", "1",
+                          "--modes", "fp32,bf16", "--device", "cpu", "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "train_step" and result["machine"]["device"].startswith("CPU")
+    assert "img/s" in result["table"] and "TFLOP/s" in result["table"]
+    rows = result["rows"]
+    assert [(r["encoder"], r["mode"]) for r in rows] == [("tiny", "fp32"), ("tiny", "bf16")]
+    for r in rows:
+        assert "error" not in r, r
+        for key in ("img_per_s", "tflops_per_s", "step_s", "flops_per_image"):
+            assert r[key] > 0 and math.isfinite(r[key]), (key, r)
+        assert r["batch"] == 2 and r["size"] == [28, 42]
+        assert math.isfinite(r["first_loss"]) and math.isfinite(r["last_loss"])
+        assert r["skipped_steps"] == 0
+    # the same model and batch: fp32 and bf16 start from losses within bf16 noise
+    assert abs(rows[0]["first_loss"] - rows[1]["first_loss"]) < 2e-2 * rows[0]["first_loss"]
+    # attention FLOPs are counted on the CPU too (torch's table only knows the CUDA kernels)
+    assert rows[0]["flops_per_image"] == rows[1]["flops_per_image"]
+
+
+def test_train_step_grad_check_catches_nan_and_inf(train_step):
+    params = [torch.nn.Parameter(torch.ones(shape)) for shape in ((3,), (2, 2), (1,))]
+    params[2].grad = None
+    loss = torch.tensor(1.0)
+    for bad in (None, float("nan"), float("inf"), -float("inf")):
+        params[0].grad = torch.zeros(3)
+        params[1].grad = torch.full((2, 2), 1e3)
+        if bad is not None:
+            params[1].grad[1, 0] = bad
+        assert train_step._grads_finite(params, loss, "module") == (bad is None)
+        assert train_step._grads_finite(params, loss, "none")
+    params[1].grad = torch.zeros(2, 2)
+    assert not train_step._grads_finite(params, torch.tensor(float("nan")), "module")
+
+
+def test_reference_loader_mirrors_the_reference(data_pipeline, tmp_path):
+    import cv2
+
+    from reference_loader import ReferenceDataset, lower_bound_size
+
+    assert lower_bound_size(1242, 375, 518, 518) == (1722, 518)  # vKITTI2 frames
+    assert lower_bound_size(640, 480, 518, 518) == (686, 518)
+    rgb = np.random.default_rng(0).integers(0, 256, (38, 124, 3), dtype=np.uint8)
+    depth = np.full((38, 124), 9000, np.uint16)  # 90 m: beyond the 80 m mask
+    depth[20:] = 1234
+    cv2.imwrite(str(tmp_path / "a.jpg"), rgb)
+    cv2.imwrite(str(tmp_path / "a.png"), depth)
+    s = ReferenceDataset([(str(tmp_path / "a.jpg"), str(tmp_path / "a.png"))], size=42)[0]
+    assert s["image"].dtype == torch.float32 and tuple(s["image"].shape) == (3, 42, 42)
+    assert s["depth"].dtype == torch.float32 and np.isin(s["depth"].numpy(), np.float32([90.0, 12.34])).all()
+    torch.testing.assert_close(s["valid_mask"], s["depth"] <= 80)
+    # ImageNet-normalised; cubic resizing overshoots [0, 1] a little, as in the reference
+    assert -3.0 < float(s["image"].min()) < -1.5 and 2.0 < float(s["image"].max()) < 3.5
+
+
+def test_data_pipeline_main_cpu(data_pipeline, tmp_path):
+    out = tmp_path / "data_pipeline.json"
+    rc = data_pipeline.main(["--frames", "4", "--width", "124", "--height", "38", "--crop", "42", "--batch", "2",
+                             "--workers", "0,1", "--batches", "2", "--ref-batches", "1", "--repeats", "1",
+                             "--cache", str(tmp_path / "cache"), "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "data_pipeline"
+    assert result["config"]["frame_size"] == [124, 38] and result["config"]["shards"] >= 1
+    assert [r["workers"] for r in result["rows"]] == [0, 1]
+    for r in result["rows"]:
+        for key in ("ours_samples_per_s", "ours_per_core", "ours_samples_per_cpu_s", "reference_samples_per_s",
+                    "reference_per_core", "reference_samples_per_cpu_s", "ratio", "ratio_cpu"):
+            assert r[key] > 0 and math.isfinite(r[key]), (key, r)
+        assert r["ours_samples"] == 2 * 2 * r["cores"] and r["reference_samples"] == 2 * r["cores"]
+    assert "ratio" in result["table"]
+    # a second run reuses the cached frames and shards
+    files = sorted((tmp_path / "cache").rglob("*"))
+    assert data_pipeline.main(["--frames", "4", "--width", "124", "--height", "38", "--crop", "42", "--batch", "2",
+                               "--workers", "0", "--batches", "1", "--ref-batches", "1", "--repeats", "1",
+                               "--cache", str(tmp_path / "cache"), "--json", str(out)]) == 0
+    assert sorted((tmp_path / "cache").rglob("*")) == files
