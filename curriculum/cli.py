@@ -53,7 +53,76 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "eval": _eval}
+def _predict(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="curriculum predict",
+                                description="depth for an image or a folder of images: colour PNG, .npy, PLY")
+    p.add_argument("--checkpoint", required=True, help="this project's checkpoint or an official Depth-Anything-V2 "
+                   "metric checkpoint (then --max-depth is required)")
+    p.add_argument("--input", required=True, help="an image file or a folder of images")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--encoder", choices=["tiny", "vits", "vitb", "vitl"],
+                   help="official checkpoints: the encoder (default: inferred from the weights)")
+    p.add_argument("--max-depth", type=float, help="official checkpoints: the range they were trained with "
+                   "(80 outdoor, 20 indoor); this project's checkpoints carry it and refuse a different one")
+    p.add_argument("--input-size", type=int, help="shorter side of the network input, a multiple of 14 "
+                   "(default: the checkpoint's validation size; 518 for official checkpoints)")
+    p.add_argument("--save-npy", action="store_true", help="also write depth in metres as float32 .npy")
+    p.add_argument("--vmin", type=float, default=1.0, help="colour range bottom in metres (log scale)")
+    p.add_argument("--vmax", type=float, help="colour range top in metres (default: the model's max depth)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g = p.add_argument_group("point cloud")
+    g.add_argument("--pointcloud", action="store_true", help="write a binary PLY with colour per image")
+    g.add_argument("--fx", type=float, help="focal length in pixels of the input image (default: from --fov)")
+    g.add_argument("--fy", type=float, help="default: --fx")
+    g.add_argument("--cx", type=float, help="default: image centre")
+    g.add_argument("--cy", type=float, help="default: image centre")
+    g.add_argument("--fov", type=float, default=60.0, help="horizontal field of view in degrees when no --fx")
+    g.add_argument("--drop-beyond", type=float, metavar="M", help="drop points deeper than M metres")
+    g.add_argument("--drop-sky", action="store_true", help="drop points predicted at or beyond --sky-depth")
+    g.add_argument("--sky-depth", type=float, metavar="M", help="depth from which a prediction counts as sky "
+                   "(default: half the far target the checkpoint was taught; 0.98 x max depth otherwise)")
+    g.add_argument("--sky-mask", metavar="PNG_OR_DIR", help="drop pixels nonzero in this mask (a folder: <name>.png "
+                   "per image)")
+    g.add_argument("--drop-edges", type=float, nargs="?", const=0.05, metavar="REL",
+                   help="drop flying pixels whose relative depth jump to a neighbour exceeds REL (default 0.05)")
+    g.add_argument("--max-uncertainty", type=float, metavar="U",
+                   help="drop points whose predicted uncertainty exceeds U (models trained with uncertainty)")
+    args = p.parse_args(argv)
+    from curriculum.predict import PointCloudOptions, run_predict
+
+    filters = {"--drop-beyond": args.drop_beyond is not None, "--drop-sky": args.drop_sky,
+               "--sky-mask": args.sky_mask is not None, "--drop-edges": args.drop_edges is not None,
+               "--max-uncertainty": args.max_uncertainty is not None}
+    used = [k for k, v in filters.items() if v]
+    if used and not args.pointcloud:
+        raise ValueError(f"{used[0]} filters the point cloud: add --pointcloud")
+    if args.sky_depth is not None and not args.drop_sky:
+        raise ValueError("--sky-depth sets where --drop-sky starts: add --drop-sky")
+    pc = None
+    if args.pointcloud:
+        pc = PointCloudOptions(fx=args.fx, fy=args.fy, cx=args.cx, cy=args.cy, fov=args.fov,
+                               drop_beyond=args.drop_beyond, drop_sky=args.drop_sky, sky_mask=args.sky_mask,
+                               edge_threshold=args.drop_edges, max_uncertainty=args.max_uncertainty)
+    run_predict(args.checkpoint, args.input, args.out, encoder=args.encoder, max_depth=args.max_depth,
+                input_size=args.input_size, save_npy=args.save_npy, pointcloud=pc, sky_depth=args.sky_depth,
+                vmin=args.vmin, vmax=args.vmax, device=args.device)
+    return 0
+
+
+def _compare(argv: list[str]) -> int:
+    files = [a for a in argv if "=" not in a]
+    overrides = [a for a in argv if "=" in a]
+    if not files:
+        raise SystemExit("usage: curriculum compare COMPARE.yaml [MORE.yaml ...] [key=value ...] "
+                         "[train.<recipe key>=value ...]")
+    from curriculum.compare import load_compare, run_compare
+
+    result = run_compare(load_compare(files, overrides))
+    print(f"report: {result['report']}")
+    return 0
+
+
+COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "compare": _compare}
 
 
 def main(argv: list[str] | None = None) -> int:

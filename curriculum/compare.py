@@ -1,0 +1,676 @@
+"""`curriculum compare`: the baseline and the curriculum, same data, seed and step budget, one report.
+
+Arms (built here from the budget, so that only the mask-policy schedule differs between them):
+- A  baseline:   one `max_depth` stage (Depth-Anything-V2's 80 m mask) for the whole budget;
+- B  curriculum: `unclipped` for `stage1_fraction` of the budget, then the 80 m mask;
+- C  mixed:      as B, but stage 2 keeps far pixels and sky at `mixed_far_weight` (`mixed` policy).
+Every arm is one training run with all its stages (the curriculum callback switches), so step
+budget, learning-rate schedule, data order and initial weights are identical for a given seed.
+B and C switch at the same step.
+
+Each arm x seed trains into `<out_dir>/<arm>/seed<k>/`; a finished one (its `done.json` and final
+checkpoint exist) is not trained again, so an interrupted comparison continues where it stopped.
+All arms are evaluated with `curriculum.evaluate.evaluate` on the same validation shards, and
+`report.md` / `report.json` state what the numbers are, nothing more.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, List
+
+import numpy as np
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from curriculum.config import RECIPES_DIR, RecipeError, load_recipe, to_plain
+from curriculum.module import EVAL_MAX_DEPTH
+
+ARMS = {
+    "A": ("baseline", "80 m mask only (Depth-Anything-V2)"),
+    "B": ("curriculum", "unclipped, then 80 m mask"),
+    "C": ("mixed", "unclipped, then 80 m mask with far pixels and sky at a small weight"),
+}
+# Recipe keys the comparison sets itself; an override of them would break the like-for-like setup.
+OWNED_KEYS = ("stages", "run.seed", "run.out_dir", "init_from", "resume")
+NEAR_COLUMNS = (("near/d1", "d1 ↑"), ("near/abs_rel", "abs_rel ↓"), ("near/rmse", "rmse [m] ↓"))
+BIN_COLUMNS = (("near/0_20/abs_rel", "[0, 20) m"), ("near/20_40/abs_rel", "[20, 40) m"),
+               ("near/40_80/abs_rel", "[40, 80] m"), ("far/abs_rel", "far (> 80 m)"))
+PHANTOM_COLUMNS = (("phantom_rate", "overall ↓"), ("far/phantom_rate", "far (> 80 m) ↓"),
+                   ("sky/phantom_rate", "sky ↓"))
+PHANTOM_COLOUR = (230, 20, 20)
+SUMMARY_KEYS = tuple(k for k, _ in NEAR_COLUMNS + BIN_COLUMNS + PHANTOM_COLUMNS)
+
+
+@dataclass
+class CompareConfig:
+    name: str = "compare"
+    recipes: List[str] = field(default_factory=lambda: ["demo.yaml"])  # training recipes (recipes/ or paths)
+    overrides: List[str] = field(default_factory=list)  # key=value for every arm's recipe
+    out_dir: str = "runs/compare"
+    total_steps: int = 600  # optimizer steps of every arm
+    stage1_fraction: float = 0.5  # share of the budget on unclipped depth (arms B and C)
+    rewarm_steps: int = 0  # learning-rate re-warm-up at the switch (arms B and C)
+    max_depth: float = 80.0  # the stage-2 mask of every arm
+    far_target: float = 655.35  # where unclipped/mixed supervise sky and beyond-range pixels
+    mixed_far_weight: float = 0.1  # arm C's stage-2 weight of far pixels and sky
+    seeds: List[int] = field(default_factory=lambda: [0])
+    arms: List[str] = field(default_factory=lambda: ["A", "B", "C"])
+    val_shards: str = ""  # "" = the training recipe's data.val_shards
+    protocol: str = "synthetic"
+    eval_batch_size: int = 8
+    examples: int = 2  # validation frames shown side by side
+    near_tolerance: float = 0.05  # relative near abs_rel difference called "within" in the summary
+    topdown_range: float = 120.0  # metres shown in the top-down views
+    device: str = ""  # evaluation device; "" = cuda if available
+
+
+# ------------------------------------------------------------------------------------ config
+
+def _unknown(key: str, valid: list[str], source: str) -> RecipeError:
+    hint = difflib.get_close_matches(key, valid, n=1)
+    return RecipeError(f"{source}: unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+
+
+def _load_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise RecipeError(f"compare file not found: {path}")
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as exc:  # yaml errors span lines; keep the first
+        raise RecipeError(f"{path}: cannot parse: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a compare file must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _parse_value(text: str) -> Any:
+    return OmegaConf.to_container(OmegaConf.create(f"v: {text}"))["v"] if text != "" else ""
+
+
+def load_compare(files: list[str | Path], overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """Compose compare files and `key=value` overrides (strictly: unknown keys are one-line errors).
+
+    `train.<recipe key>=value` on the command line is appended to `overrides` (every arm).
+    """
+    valid = [f.name for f in fields(CompareConfig)]
+    cfg = OmegaConf.structured(CompareConfig)
+    for f in files:
+        path = Path(f)
+        data = _load_yaml(path)
+        for key in data:
+            if key not in valid:
+                raise _unknown(str(key), valid, str(path))
+        try:
+            cfg = OmegaConf.merge(cfg, data)
+        except OmegaConfBaseException as exc:
+            raise RecipeError(f"{path}: key '{getattr(exc, 'full_key', '')}': {str(exc).splitlines()[0]}") from None
+    extra = []
+    for text in overrides:
+        if "=" not in text:
+            raise RecipeError(f"override '{text}' is not of the form key=value")
+        key, raw = (s.strip() for s in text.split("=", 1))
+        if key.startswith("train."):
+            extra.append(f"{key[len('train.'):]}={raw}")
+            continue
+        if key not in valid:
+            raise _unknown(key, valid + ["train.<recipe key>"], "command line")
+        try:
+            cfg[key] = _parse_value(raw)
+        except OmegaConfBaseException as exc:
+            raise RecipeError(f"command line: key '{key}': {str(exc).splitlines()[0]}") from None
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain["overrides"] = list(plain["overrides"]) + extra
+    validate_compare(plain)
+    return plain
+
+
+def validate_compare(c: dict) -> None:
+    if c["total_steps"] < 2:
+        raise RecipeError(f"total_steps: must be at least 2 (two stages), got {c['total_steps']}")
+    if not 0.0 < c["stage1_fraction"] < 1.0:
+        raise RecipeError(f"stage1_fraction: must be strictly between 0 and 1, got {c['stage1_fraction']}")
+    s1 = stage1_steps(c)
+    if not 0 < s1 < c["total_steps"]:
+        raise RecipeError(f"stage1_fraction {c['stage1_fraction']} of {c['total_steps']} steps leaves a stage empty")
+    if not c["seeds"]:
+        raise RecipeError("seeds: give at least one seed")
+    if len(set(c["seeds"])) != len(c["seeds"]):
+        raise RecipeError(f"seeds: duplicate seed in {c['seeds']}")
+    if not c["arms"] or any(a not in ARMS for a in c["arms"]) or len(set(c["arms"])) != len(c["arms"]):
+        raise RecipeError(f"arms: a non-empty list of distinct arms from {list(ARMS)}, got {c['arms']}")
+    if not c["recipes"]:
+        raise RecipeError("recipes: give at least one training recipe (e.g. [demo.yaml])")
+    for key in ("max_depth", "far_target", "near_tolerance", "topdown_range"):
+        if not (math.isfinite(c[key]) and c[key] > 0):
+            raise RecipeError(f"{key}: must be a positive number, got {c[key]}")
+    if not (math.isfinite(c["mixed_far_weight"]) and c["mixed_far_weight"] >= 0):
+        raise RecipeError(f"mixed_far_weight: must be >= 0, got {c['mixed_far_weight']}")
+    for key in ("eval_batch_size",):
+        if c[key] <= 0:
+            raise RecipeError(f"{key}: must be positive, got {c[key]}")
+    for key in ("examples", "rewarm_steps"):
+        if c[key] < 0:
+            raise RecipeError(f"{key}: must be >= 0, got {c[key]}")
+    for text in c["overrides"]:
+        if "=" not in text:
+            raise RecipeError(f"overrides: '{text}' is not of the form key=value")
+        key = text.split("=", 1)[0].strip()
+        owned = next((k for k in OWNED_KEYS if key == k or key.startswith(k + ".")), None)
+        if owned:
+            raise RecipeError(f"overrides: '{key}' is set by the comparison for every arm (stages, seeds and "
+                              "output folders come from the compare file); remove it")
+
+
+def stage1_steps(c: dict) -> int:
+    return int(round(c["total_steps"] * c["stage1_fraction"]))
+
+
+def recipe_files(c: dict) -> list[Path]:
+    out = []
+    for name in c["recipes"]:
+        p = Path(name)
+        if not p.is_file() and (RECIPES_DIR / name).is_file():
+            p = RECIPES_DIR / name
+        if not p.is_file():
+            raise RecipeError(f"recipes: training recipe not found: {name} (looked in . and {RECIPES_DIR})")
+        out.append(p)
+    return out
+
+
+def arm_stages(c: dict, arm: str) -> list[dict]:
+    """The stage schedule of an arm: the only thing that differs between arms."""
+    total, s1 = int(c["total_steps"]), stage1_steps(c)
+    mask = {"name": "max_depth", "max_depth": float(c["max_depth"])}
+    if arm == "A":
+        return [{"name": "finetune", "steps": total, "rewarm_steps": 0, "policy": mask}]
+    pre = {"name": "pretrain", "steps": s1, "rewarm_steps": 0,
+           "policy": {"name": "unclipped", "far_target": float(c["far_target"])}}
+    if arm == "B":
+        second = mask
+    else:
+        second = {"name": "mixed", "max_depth": float(c["max_depth"]), "far_weight": float(c["mixed_far_weight"]),
+                  "far_target": float(c["far_target"])}
+    return [pre, {"name": "finetune", "steps": total - s1, "rewarm_steps": int(c["rewarm_steps"]), "policy": second}]
+
+
+def run_dir(c: dict, arm: str, seed: int) -> Path:
+    return Path(c["out_dir"]) / arm / f"seed{seed}"
+
+
+def arm_recipe(c: dict, arm: str, seed: int):
+    """The full training recipe of one arm and seed."""
+    folder = run_dir(c, arm, seed)
+    arm_part = {
+        "run": {"name": f"{c['name']}-{arm}-{ARMS[arm][0]}-s{seed}", "out_dir": str(folder), "seed": int(seed)},
+        "stages": arm_stages(c, arm),
+        # In-training validation once, at the end: the comparison evaluates every arm itself.
+        "trainer": {"val_every_steps": int(c["total_steps"])},
+        "logging": {"group": c["name"]},
+    }
+    # A temporary file: nothing is written under out_dir before every arm's recipe is valid.
+    with tempfile.TemporaryDirectory() as tmp:
+        arm_file = Path(tmp) / f"arm-{arm}-seed{seed}.yaml"
+        arm_file.write_text(OmegaConf.to_yaml(OmegaConf.create(arm_part)))
+        try:
+            cfg = load_recipe([*recipe_files(c), arm_file], list(c["overrides"]))
+        except RecipeError as exc:
+            raise RecipeError(f"arm {arm} training recipe: {exc}") from None
+    if c["val_shards"]:
+        cfg.data.val_shards = c["val_shards"]
+    return cfg
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        # Only keys both recipes know: a key the recipe schema gained or lost since that run was
+        # trained is not a difference in how it was trained.
+        for k in sorted(set(a) & set(b)):
+            d = _first_difference(a[k], b[k], f"{prefix}{k}.")
+            if d:
+                return d
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = _first_difference(x, y, f"{prefix}{i}.")
+            if d:
+                return d
+        return None
+    return None if a == b else f"{prefix.rstrip('.')}: {a!r} before vs {b!r} now"
+
+
+# ------------------------------------------------------------------------------------ running
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _train_one(c: dict, arm: str, seed: int, cfg, log) -> dict:
+    """Train one arm x seed unless a finished run of the same recipe is there already."""
+    from curriculum.train import train
+
+    folder = run_dir(c, arm, seed)
+    done_file = folder / "done.json"
+    final = folder / "checkpoints" / "last.ckpt"
+    recipe = to_plain(cfg)
+    if done_file.is_file() and final.is_file():
+        done = json.loads(done_file.read_text())
+        diff = _first_difference(done.get("recipe"), json.loads(json.dumps(recipe)))
+        if diff:
+            raise RecipeError(f"{folder} holds a finished run of a different recipe ({diff}); "
+                              "remove that folder or choose another out_dir")
+        log(f"[compare] {arm} seed {seed}: finished checkpoint exists ({final}), skipping training")
+        return {**done, "skipped": True}
+    start = time.perf_counter()
+    result = train(cfg)
+    seconds = time.perf_counter() - start
+    done = {"recipe": recipe, "checkpoint": str(final), "global_step": result["global_step"],
+            "switches": [list(s) for s in result["switches"]], "train_seconds": seconds}
+    if result["global_step"] != c["total_steps"]:
+        raise RuntimeError(f"{arm} seed {seed} stopped at step {result['global_step']} of {c['total_steps']}")
+    tmp = done_file.with_name(".done.json.tmp")
+    tmp.write_text(json.dumps(done, indent=1, default=float))
+    os.replace(tmp, done_file)
+    return {**done, "skipped": False}
+
+
+def _stats(values: list[float | None]) -> tuple[float | None, float | None]:
+    v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not v:
+        return None, None
+    mean = float(np.mean(v))
+    return mean, (float(np.std(v, ddof=1)) if len(v) > 1 else None)
+
+
+def run_compare(c: dict, log=print) -> dict:
+    """Train (or reuse) every arm x seed, evaluate them all, write report.md and report.json."""
+    from curriculum.data import expand_shards
+    from curriculum.evaluate import evaluate, write_json
+
+    t0 = time.perf_counter()
+    out = Path(c["out_dir"])
+    runs = [(seed, arm) for seed in c["seeds"] for arm in c["arms"]]
+    cfgs = {(seed, arm): arm_recipe(c, arm, seed) for seed, arm in runs}  # every recipe checked before training
+    first = to_plain(cfgs[runs[0]])
+    tcfg = first["trainer"]
+    if str(tcfg["devices"]) != "1" or int(tcfg["num_nodes"]) != 1:
+        # Each arm trains inside this process, one after the other; a multi-process launch would
+        # re-run the whole comparison in every rank.
+        raise RecipeError(f"trainer.devices={tcfg['devices']}, trainer.num_nodes={tcfg['num_nodes']}: the comparison "
+                          "trains every arm on one device (add train.trainer.devices=1)")
+    val_shards = c["val_shards"] or first["data"]["val_shards"]
+    expand_shards(val_shards)
+    expand_shards(first["data"]["train_shards"])
+    log(f"[compare] {len(c['arms'])} arms x {len(c['seeds'])} seeds, {c['total_steps']} steps each "
+        f"(switch at step {stage1_steps(c)} for B/C), out {out}")
+
+    trained_times: list[float] = []
+    results: dict[tuple[int, str], dict] = {}
+    for i, (seed, arm) in enumerate(runs):
+        elapsed = time.perf_counter() - t0
+        left = len(runs) - i
+        eta = f", training ETA {_fmt_time(left * float(np.mean(trained_times)))}" if trained_times else ""
+        log(f"[compare] run {i + 1}/{len(runs)}: arm {arm} ({ARMS[arm][0]}), seed {seed} -> {run_dir(c, arm, seed)}"
+            f"  (elapsed {_fmt_time(elapsed)}{eta})")
+        res = _train_one(c, arm, seed, cfgs[(seed, arm)], log)
+        if not res["skipped"]:
+            trained_times.append(res["train_seconds"])
+            log(f"[compare] arm {arm} seed {seed} trained in {_fmt_time(res['train_seconds'])}")
+        results[(seed, arm)] = res
+
+    log("[compare] evaluating every arm on the same validation shards")
+    evals: dict[tuple[int, str], dict] = {}
+    shards_mtime = max((os.stat(u).st_mtime_ns for u in expand_shards(val_shards) if os.path.exists(u)), default=0)
+    for seed, arm in runs:
+        ckpt = results[(seed, arm)]["checkpoint"]
+        settings = {"checkpoint_mtime_ns": os.stat(ckpt).st_mtime_ns, "shards": val_shards,
+                    "shards_mtime_ns": shards_mtime, "protocol": c["protocol"], "batch_size": c["eval_batch_size"]}
+        eval_file = run_dir(c, arm, seed) / "eval.json"
+        ev = json.loads(eval_file.read_text()) if eval_file.is_file() else {}
+        if ev.get("compare_settings") != settings:  # a reused run keeps its evaluation
+            ev = evaluate(ckpt, val_shards, c["protocol"], c["eval_batch_size"], device=c["device"] or None,
+                          progress=False)
+            ev["compare_settings"] = settings
+            write_json(ev, eval_file)
+            ev = json.loads(eval_file.read_text())
+        evals[(seed, arm)] = ev
+
+    arms: dict[str, dict] = {}
+    for arm in c["arms"]:
+        per_seed = [evals[(s, arm)]["metrics"] for s in c["seeds"]]
+        mean, std = {}, {}
+        for key in evals[(c["seeds"][0], arm)]["metrics"]:
+            mean[key], std[key] = _stats([m.get(key) for m in per_seed])
+        arms[arm] = {
+            "name": ARMS[arm][0], "description": ARMS[arm][1], "stages": arm_stages(c, arm),
+            "runs": [{"seed": s, "checkpoint": results[(s, arm)]["checkpoint"], "skipped": results[(s, arm)]["skipped"],
+                      "train_seconds": results[(s, arm)]["train_seconds"], "metrics": evals[(s, arm)]["metrics"]}
+                     for s in c["seeds"]],
+            "mean": mean, "std": std,
+        }
+    ev0 = evals[runs[0]]
+    report = {
+        "config": c,
+        "recipe_files": [str(p) for p in recipe_files(c)],
+        "protocol": c["protocol"],
+        "protocol_text": ev0["protocol_text"],
+        "val_shards": val_shards,
+        "train_shards": first["data"]["train_shards"],
+        "images": ev0["metrics"].get("images"),
+        "input_size": ev0["input_size"],
+        "model": ev0["model"],
+        "arms": arms,
+    }
+    report["summary"] = summarize(report)
+    figures = make_figures(c, report, cfgs, results, val_shards, out)
+    report["figures"] = {k: str(v) for k, v in figures.items()}
+    report["wall_seconds"] = time.perf_counter() - t0
+    write_json(report, out / "report.json")
+    md = render_markdown(report, figures, first)
+    tmp = out / ".report.md.tmp"
+    tmp.write_text(md)
+    os.replace(tmp, out / "report.md")
+    log(near_table(report))
+    log(f"[compare] done in {_fmt_time(report['wall_seconds'])}: {out / 'report.md'}")
+    return {"report": str(out / "report.md"), "json": str(out / "report.json"), "data": report}
+
+
+# ------------------------------------------------------------------------------------ numbers
+
+def _cell(arm: dict, key: str, seeds: int) -> str:
+    m, s = arm["mean"].get(key), arm["std"].get(key)
+    if m is None:
+        return "n/a"
+    return f"{m:.4f} ± {s:.4f}" if seeds > 1 and s is not None else f"{m:.4f}"
+
+
+def _table(report: dict, columns) -> str:
+    seeds = len(report["config"]["seeds"])
+    head = "| arm | " + " | ".join(label for _, label in columns) + " |"
+    rule = "|---|" + "---:|" * len(columns)
+    rows = [f"| {a} {d['name']} | " + " | ".join(_cell(d, k, seeds) for k, _ in columns) + " |"
+            for a, d in report["arms"].items()]
+    return "\n".join([head, rule, *rows])
+
+
+def near_table(report: dict) -> str:
+    return _table(report, NEAR_COLUMNS + PHANTOM_COLUMNS[:1])
+
+
+def _pct(x: float) -> str:
+    return f"{100.0 * x:.1f} %"
+
+
+def summarize(report: dict) -> list[str]:
+    """Sentences that only restate comparisons computed from the numbers."""
+    arms = report["arms"]
+    seeds = len(report["config"]["seeds"])
+    tol = report["config"]["near_tolerance"]
+    out = []
+
+    def mean(a, k):
+        return arms[a]["mean"].get(k)
+
+    def spread_note(a, b, k):
+        if seeds < 2:
+            return ""
+        sa, sb = arms[a]["std"].get(k), arms[b]["std"].get(k)
+        if sa is None or sb is None:
+            return ""
+        diff = abs(mean(a, k) - mean(b, k))
+        return (f" (the difference is {'larger' if diff > sa + sb else 'smaller'} than the two arms' seed standard "
+                f"deviations added, {sa + sb:.4f})")
+
+    key = "near/abs_rel"
+    have = [a for a in arms if mean(a, key) is not None]
+    if have:
+        best = min(have, key=lambda a: mean(a, key))
+        out.append(f"Lowest near-range abs_rel (≤ {EVAL_MAX_DEPTH:g} m): {best} {arms[best]['name']} "
+                   f"({mean(best, key):.4f}).")
+        if "A" in have:
+            for a in [x for x in have if x != "A"]:
+                d = mean(a, key) - mean("A", key)
+                rel = d / mean("A", key) if mean("A", key) else math.inf
+                verdict = (f"within the {_pct(tol)} tolerance of A" if abs(rel) <= tol else
+                           f"{'higher' if d > 0 else 'lower'} than A by more than the {_pct(tol)} tolerance")
+                out.append(f"{a} {arms[a]['name']} near abs_rel {mean(a, key):.4f} vs A {mean('A', key):.4f}: "
+                           f"{d:+.4f} ({rel:+.2%}), {verdict}{spread_note(a, 'A', key)}.")
+    for key, what in (("phantom_rate", "phantom rate"), ("sky/phantom_rate", "sky phantom rate"),
+                      ("far/phantom_rate", "far (finite > 80 m) phantom rate")):
+        have = [a for a in arms if mean(a, key) is not None]
+        if not have:
+            out.append(f"No validation pixel for the {what}: the validation set has none of those pixels.")
+            continue
+        best = min(have, key=lambda a: mean(a, key))
+        text = f"Lowest {what}: {best} {arms[best]['name']} ({_pct(mean(best, key))})"
+        if "A" in have and best != "A":
+            a0 = mean("A", key)
+            d = a0 - mean(best, key)
+            text += (f", {d * 100:.1f} percentage points below A ({_pct(a0)})"
+                     + (f", {d / a0:.0%} fewer phantom pixels" if a0 > 0 else "") + spread_note(best, "A", key))
+        elif best == "A" and len(have) > 1:
+            others = ", ".join(f"{a} {_pct(mean(a, key))}" for a in have if a != "A")
+            text += f"; the others: {others}"
+        out.append(text + ".")
+    if seeds < 2:
+        out.append("One seed only: no spread is available, so differences of this size may be seed noise.")
+    else:
+        out.append(f"Means over {seeds} seeds; ± is the sample standard deviation over seeds.")
+    return out
+
+
+# ------------------------------------------------------------------------------------ figures
+
+def read_samples(urls: list[str], n: int) -> list[dict]:
+    """The first n decoded samples of the shards, in shard order (as the validation stream reads them)."""
+    from data_prep.schema import decode_sample
+
+    out: list[dict] = []
+    for url in urls:
+        with tarfile.open(url) as tf:
+            current, sample = None, {}
+            for member in tf:
+                if not member.isfile():
+                    continue
+                base = os.path.basename(member.name)
+                key, _, ext = base.partition(".")
+                if key != current:
+                    if sample:
+                        out.append(decode_sample(sample))
+                        if len(out) >= n:
+                            return out
+                    current, sample = key, {"__key__": key}
+                sample[ext] = tf.extractfile(member).read()
+            if sample:
+                out.append(decode_sample(sample))
+                if len(out) >= n:
+                    return out
+    return out
+
+
+def _predict_sample(model, rgb: np.ndarray, height: int, width: int, device: str) -> np.ndarray:
+    """As evaluate() does: resize to the network size, predict, resize back bilinearly."""
+    import cv2
+    import torch
+    import torch.nn.functional as F
+
+    from curriculum.data import normalize_images
+
+    h, w = rgb.shape[:2]
+    x = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_CUBIC)
+    t = torch.from_numpy(x).permute(2, 0, 1)[None].to(device)
+    with torch.no_grad():
+        pred = model(normalize_images(t)).depth.float().cpu()
+    return F.interpolate(pred[:, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def make_figures(c: dict, report: dict, cfgs: dict, results: dict, val_shards: str, out: Path) -> dict:
+    import torch
+    from matplotlib.figure import Figure
+
+    from curriculum.checkpoint import load_model
+    from curriculum.data import expand_shards
+    from curriculum.pointcloud import filter_points, topdown_view
+    from curriculum.viz import bar_chart, colorize_depth, save_figure, side_by_side
+
+    figures: dict[str, Path] = {}
+    arms = report["arms"]
+    cats = [label for _, label in BIN_COLUMNS]
+    series = {f"{a} {d['name']}": [d["mean"].get(k) for k, _ in BIN_COLUMNS] for a, d in arms.items()}
+    seeds = len(c["seeds"])
+    figures["bins"] = bar_chart(cats, series, out / "abs_rel_per_bin.png", ylabel="abs_rel (lower is better)",
+                                title="abs_rel per depth bin" + (f" (mean over {seeds} seeds)" if seeds > 1 else ""))
+
+    n = max(1, int(c["examples"]))
+    samples = read_samples(expand_shards(val_shards), n)
+    if not samples:
+        return figures
+    device = c["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    seed = c["seeds"][0]
+    first = to_plain(cfgs[(seed, c["arms"][0])])
+    vmax = float(first["logging"]["depth_vmax"])
+    vmin = 1.0
+    preds: dict[str, list[np.ndarray]] = {}
+    for arm in arms:
+        model, meta = load_model(results[(seed, arm)]["checkpoint"])
+        model = model.to(device).eval()
+        data = meta["recipe"]["data"]
+        preds[arm] = [_predict_sample(model, s["rgb"], data["val_height"], data["val_width"], device) for s in samples]
+
+    def shown_gt(s):
+        gt = s["depth"].astype(np.float64).copy()
+        gt[np.isposinf(gt) | s["sky"]] = vmax  # sky / beyond range: the top colour
+        return gt
+
+    images, labels = [], []
+    for j, s in enumerate(samples):
+        images += [s["rgb"], colorize_depth(shown_gt(s), vmin, vmax)]
+        labels += [f"{s['key']}: rgb", "ground truth"]
+        for arm in arms:
+            images.append(colorize_depth(preds[arm][j], vmin, vmax))
+            labels.append(f"{arm} {arms[arm]['name']}")
+    figures["examples"] = side_by_side(
+        images, labels, out / "examples.png", ncols=2 + len(arms),
+        title=f"depth, log colour scale {vmin:g}..{vmax:g} m (same for every panel; grey = no measurement)")
+
+    s = samples[0]
+    meta = s["meta"]
+    intr = (float(meta["fx"]), float(meta["fy"]), float(meta["cx"]), float(meta["cy"]))
+    beyond = (np.isposinf(s["depth"]) | s["sky"] | (np.isfinite(s["depth"]) & (s["depth"] > EVAL_MAX_DEPTH)))
+    panels = [("ground truth", np.where(s["sky"], np.inf, s["depth"]), None)]
+    panels += [(f"{a} {arms[a]['name']}", preds[a][0], beyond) for a in arms]
+    fig = Figure(figsize=(5.0 * len(panels), 5.4), dpi=100, layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    phantoms = {}
+    for ax, (label, depth, far_mask) in zip(axes, panels):
+        rgb = s["rgb"].copy()
+        title = label
+        if far_mask is not None:
+            phantom = far_mask & np.isfinite(depth) & (depth <= EVAL_MAX_DEPTH)
+            rgb[phantom] = PHANTOM_COLOUR
+            phantoms[label] = int(phantom.sum())
+            title += f": {phantoms[label]} phantom points (red)"
+        points, colours, _ = filter_points(depth, rgb, intr)  # filters off: phantom points stay
+        topdown_view(points, colours, ax, max_range=float(c["topdown_range"]), title=title,
+                     line_at=EVAL_MAX_DEPTH)
+    fig.suptitle(f"top-down view of frame {s['key']} (seed {seed}), no point filter; phantom = ground truth sky or "
+                 f"beyond {EVAL_MAX_DEPTH:g} m, predicted within {EVAL_MAX_DEPTH:g} m")
+    figures["topdown"] = save_figure(fig, out / "topdown.png")
+    report["topdown_phantom_points"] = phantoms
+    report["example_keys"] = [x["key"] for x in samples]
+    return figures
+
+
+# ------------------------------------------------------------------------------------ markdown
+
+def render_markdown(report: dict, figures: dict, first_recipe: dict) -> str:
+    c = report["config"]
+    seeds = c["seeds"]
+    s1 = stage1_steps(c)
+    rel = {k: os.path.relpath(v, c["out_dir"]) for k, v in figures.items()}
+    d = first_recipe["data"]
+    m = first_recipe["model"]
+    o = first_recipe["optim"]
+    lines = [
+        f"# Baseline vs curriculum: {c['name']}",
+        "",
+        "Generated by `curriculum compare`; every number below is computed from the runs in this folder.",
+        "",
+        "## Protocol",
+        "",
+        f"- Training recipe: {', '.join(Path(p).name for p in report['recipe_files'])}"
+        + (f" with overrides `{' '.join(c['overrides'])}`" if c["overrides"] else "") + ", the same for every arm.",
+        f"- Model: {m['encoder']} encoder, {m['head']} head, range {m['min_depth']:g}..{m['max_depth']:g} m"
+        + (f", encoder initialised from {m['pretrained']}" if m.get("pretrained") else ", random initialisation") + ".",
+        f"- Data: train `{report['train_shards']}`, batch {d['batch_size']}, crops {d['crop_height']}x{d['crop_width']}; "
+        f"validation `{report['val_shards']}` ({int(report['images'] or 0)} images at network size "
+        f"{report['input_size'][0]}x{report['input_size'][1]}).",
+        f"- Budget: {c['total_steps']} optimizer steps per arm, lr {o['lr']:g} (head x{o['head_lr_mult']:g}), "
+        f"warm-up {o['warmup_steps']} steps, poly decay {o['poly_power']:g} over the whole run; "
+        f"seeds {', '.join(str(x) for x in seeds)} (a seed fixes initial weights and data order for every arm).",
+        "- Arms (only the mask-policy schedule differs):",
+    ]
+    for a, arm in report["arms"].items():
+        sched = " → ".join(
+            f"{st['policy']['name']}" + (f" (far weight {st['policy']['far_weight']:g})" if st['policy']['name'] == 'mixed' else "")
+            + f" for {st['steps']} steps" + (f", lr re-warm-up {st['rewarm_steps']}" if st.get("rewarm_steps") else "")
+            for st in arm["stages"])
+        lines.append(f"  - **{a} {arm['name']}**: {arm['description']}: {sched}.")
+    if len(c["arms"]) > 1 and any(a in c["arms"] for a in ("B", "C")):
+        lines.append(f"  - B and C switch at step {s1}; the 80 m mask is {c['max_depth']:g} m, the far target "
+                     f"{c['far_target']:g} m.")
+    lines += [
+        f"- Evaluation: {report['protocol_text']}.",
+        ("- Spread: " + (f"mean ± sample standard deviation over {len(seeds)} seeds." if len(seeds) > 1 else
+                         "one seed, so no spread is available; treat small differences as possibly seed noise.")),
+        "- Training time per run: " + "; ".join(
+            f"{a} " + ", ".join(f"seed {r['seed']} {_fmt_time(r['train_seconds'])}" + (" (reused)" if r["skipped"] else "")
+                                for r in arm["runs"]) for a, arm in report["arms"].items()) + ".",
+        "",
+        f"## Near range (≤ {EVAL_MAX_DEPTH:g} m)",
+        "",
+        _table(report, NEAR_COLUMNS),
+        "",
+        "## abs_rel per depth bin",
+        "",
+        _table(report, BIN_COLUMNS),
+        "",
+        *([f"![abs_rel per depth bin]({rel['bins']})", ""] if "bins" in rel else []),
+        "## Phantom rate",
+        "",
+        f"Share of validation pixels whose ground truth is sky or beyond {EVAL_MAX_DEPTH:g} m but whose prediction is "
+        f"within {EVAL_MAX_DEPTH:g} m (points that land in front of the camera in a point cloud), pooled over pixels.",
+        "",
+        _table(report, PHANTOM_COLUMNS),
+        "",
+        "## What the numbers say",
+        "",
+        *[f"- {s}" for s in report["summary"]],
+        "",
+        "## Example predictions",
+        "",
+    ]
+    if "examples" in rel:
+        lines += [f"Seed {seeds[0]}; columns: rgb, ground truth (sky and beyond range at the top colour), then each arm; "
+                  "one fixed colour range for every panel.", "", f"![example predictions]({rel['examples']})", ""]
+    else:
+        lines += ["No validation sample could be read for examples.", ""]
+    lines += ["## Top-down point clouds", ""]
+    if "topdown" in rel:
+        lines += [f"One validation frame, seed {seeds[0]}, point filters off so phantom points show (red: ground truth sky "
+                  f"or beyond {EVAL_MAX_DEPTH:g} m, predicted within it; other points in image colour); the dashed line "
+                  f"is {EVAL_MAX_DEPTH:g} m. Points beyond {c['topdown_range']:g} m are counted in each legend.",
+                  "", f"![top-down views]({rel['topdown']})", ""]
+    else:
+        lines += ["No validation sample could be read for the top-down views.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,335 @@
+"""`curriculum predict`: depth for images, a colour PNG with a colour bar, metres as .npy, a PLY.
+
+The network sees the image resized (aspect ratio kept) so that its shorter side is the input size
+and both sides are multiples of 14; the prediction is resized back to the image's own size, so
+every output has the input's size and the intrinsics of the original image apply.
+
+Two kinds of checkpoints load:
+- this project's checkpoints carry encoder, head and depth range; `max_depth` and `encoder`, if
+  given, must agree with them (a silent rescale would give wrong metres);
+- official Depth-Anything-V2 metric checkpoints (a bare state dict) record no range: the caller
+  gives `max_depth` (80 for Virtual KITTI 2 / outdoor, 20 for Hypersim / indoor) and optionally
+  `encoder` (otherwise inferred from the embedding width).
+
+Every input is opened before the model runs, so a bad file stops the run with one line naming it
+and nothing is half-written.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from curriculum.checkpoint import META_KEY, MODEL_FIELDS, CheckpointError, model_state, read_checkpoint
+from curriculum.data import normalize_images
+from curriculum.masks import DEFAULT_FAR_TARGET
+from curriculum.model import PATCH
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+OFFICIAL_INPUT_SIZE = 518  # Depth-Anything-V2's default inference size (shorter side)
+DEFAULT_FOV = 60.0  # horizontal field of view (degrees) when no intrinsics are given
+DEFAULT_EDGE_THRESHOLD = 0.05
+
+
+class PredictError(ValueError):
+    """A predict problem (input, checkpoint, flags), reported in one line."""
+
+
+@dataclass
+class Predictor:
+    """A model ready for inference plus what the outputs need to know about it."""
+
+    model: torch.nn.Module
+    source: str  # "checkpoint" (this project's) or "official"
+    encoder: str
+    min_depth: float
+    max_depth: float
+    input_size: int  # shorter side of the network input, a multiple of 14
+    sky_depth: float  # predictions at or beyond this are taken as sky by --drop-sky
+    has_uncertainty: bool
+    device: str = "cpu"
+    notes: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------ loading
+
+def _far_target(recipe: dict) -> float | None:
+    """The far target the recipe's stages taught the sky at (None if no stage supervised it)."""
+    targets = []
+    for stage in recipe.get("stages", []) or []:
+        policy = stage.get("policy", {}) or {}
+        if policy.get("name") in ("unclipped", "mixed") and float(policy.get("far_weight", 1.0)) > 0:
+            targets.append(float(policy.get("far_target", DEFAULT_FAR_TARGET)))
+    return max(targets) if targets else None
+
+
+def _state_dict_like(obj: dict) -> dict | None:
+    for wrapper in ("model", "state_dict"):
+        if isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    keys = [k.replace("module.", "", 1) if k.startswith("module.") else k for k in obj]
+    if any(k.startswith("pretrained.") for k in keys) and any(k.startswith("depth_head.") for k in keys):
+        return obj
+    return None
+
+
+def load_predictor(checkpoint: str | os.PathLike, encoder: str | None = None, max_depth: float | None = None,
+                   input_size: int | None = None, sky_depth: float | None = None,
+                   device: str | None = None) -> Predictor:
+    """Load one of this project's checkpoints or an official Depth-Anything-V2 metric checkpoint."""
+    from curriculum.model import build_model, load_official
+
+    path = Path(checkpoint)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ckpt = read_checkpoint(path)
+    notes: list[str] = []
+    if META_KEY in ckpt:
+        meta = ckpt[META_KEY]
+        if not isinstance(meta, dict) or "model" not in meta:
+            raise CheckpointError(f"{path}: malformed '{META_KEY}' metadata")
+        mm = meta["model"]
+        if max_depth is not None and float(max_depth) != float(mm["max_depth"]):
+            raise PredictError(f"--max-depth {max_depth:g} conflicts with the checkpoint's range {mm['max_depth']:g} m "
+                               f"({path}); this project's checkpoints carry their range: drop the flag")
+        if encoder is not None and encoder != mm["encoder"]:
+            raise PredictError(f"--encoder {encoder} conflicts with the checkpoint's encoder {mm['encoder']} ({path}); "
+                               "drop the flag")
+        model = build_model({k: mm[k] for k in MODEL_FIELDS})
+        missing, unexpected = model.load_state_dict(model_state(ckpt), strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{path}: weights do not fit the recorded model "
+                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        recipe = meta.get("recipe", {}) or {}
+        data = recipe.get("data", {}) or {}
+        default_size = min(int(data.get("val_height", OFFICIAL_INPUT_SIZE)), int(data.get("val_width", OFFICIAL_INPUT_SIZE)))
+        far = _far_target(recipe)
+        # A model taught to put the sky at the far target F: past F/2 it says "sky". One never
+        # taught the sky has no depth that means sky; only the top of its range does.
+        default_sky = far / 2.0 if far is not None else 0.98 * float(mm["max_depth"])
+        source, enc, lo, hi, unc = "checkpoint", mm["encoder"], float(mm["min_depth"]), float(mm["max_depth"]), bool(mm["uncertainty"])
+    else:
+        sd = _state_dict_like(ckpt)
+        if sd is None:
+            raise CheckpointError(f"{path}: neither a checkpoint of this project (no '{META_KEY}' metadata) nor an "
+                                  "official Depth-Anything-V2 state dict (pretrained.* and depth_head.* keys)")
+        if max_depth is None:
+            raise PredictError(f"{path} is an official Depth-Anything-V2 checkpoint, which records no depth range: "
+                               "give --max-depth (80 for outdoor / Virtual KITTI 2, 20 for indoor / Hypersim)")
+        try:
+            model = load_official(sd, encoder, float(max_depth))
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {str(exc).splitlines()[0]}") from None
+        if encoder is None:
+            notes.append(f"encoder inferred from the weights: {model.encoder_name}")
+        default_size = OFFICIAL_INPUT_SIZE
+        # sigmoid x max_depth saturates: the sky ends up just under max_depth.
+        default_sky = 0.98 * float(max_depth)
+        source, enc, lo, hi, unc = "official", model.encoder_name, model.min_depth, model.max_depth, False
+    size = int(input_size or default_size)
+    if size <= 0 or size % PATCH:
+        raise PredictError(f"--input-size must be a positive multiple of {PATCH}, got {size}")
+    return Predictor(model=model.to(device).eval(), source=source, encoder=enc, min_depth=lo, max_depth=hi,
+                     input_size=size, sky_depth=float(sky_depth if sky_depth is not None else default_sky),
+                     has_uncertainty=unc, device=device, notes=notes)
+
+
+# ------------------------------------------------------------------------------------- inputs
+
+def list_inputs(path: str | os.PathLike) -> list[Path]:
+    """One image file, or the images of a folder (not recursive), sorted by name."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise PredictError(f"no image ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")
+        return files
+    if not path.exists():
+        raise PredictError(f"input not found: {path}")
+    return [path]
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """uint8 (H, W, 3) RGB; one-line PredictError naming the file if it cannot be decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I", "F"):
+                raise PredictError(f"cannot read image {path}: {img.mode} is not an 8-bit colour image")
+            rgb = np.asarray(img.convert("RGB"))
+    except FileNotFoundError:
+        raise PredictError(f"input not found: {path}") from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, PredictError):
+            raise
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        raise PredictError(f"cannot read image {path}: {msg}") from None
+    return np.ascontiguousarray(rgb)
+
+
+def network_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """(h, w) with the shorter side `short_side`, the aspect ratio kept, both multiples of 14."""
+    scale = short_side / min(height, width)
+    return (max(PATCH, int(round(height * scale / PATCH)) * PATCH),
+            max(PATCH, int(round(width * scale / PATCH)) * PATCH))
+
+
+@torch.no_grad()
+def predict_image(predictor: Predictor, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
+    """Depth (H, W) float32 metres at the image's size, uncertainty (H, W) or None, network size."""
+    h, w = rgb.shape[:2]
+    nh, nw = network_size(h, w, predictor.input_size)
+    resized = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_CUBIC)  # as the validation stream does
+    x = torch.from_numpy(resized).permute(2, 0, 1)[None].to(predictor.device)
+    out = predictor.model(normalize_images(x))
+
+    def back(t: torch.Tensor) -> np.ndarray:
+        t = F.interpolate(t.float()[:, None], size=(h, w), mode="bilinear", align_corners=False)
+        return t[0, 0].cpu().numpy().astype(np.float32)
+
+    return back(out.depth), (back(out.uncertainty) if out.uncertainty is not None else None), (nh, nw)
+
+
+# ------------------------------------------------------------------------------------ driving
+
+@dataclass
+class PointCloudOptions:
+    fx: float | None = None
+    fy: float | None = None
+    cx: float | None = None
+    cy: float | None = None
+    fov: float = DEFAULT_FOV
+    drop_beyond: float | None = None
+    drop_sky: bool = False
+    sky_mask: str | None = None  # a PNG (one image) or a folder of <stem>.png
+    edge_threshold: float | None = None
+    max_uncertainty: float | None = None
+
+    def intrinsics(self, width: int, height: int) -> tuple[float, float, float, float]:
+        from curriculum.pointcloud import intrinsics_from_fov
+
+        if self.fx is None:
+            if any(v is not None for v in (self.fy, self.cx, self.cy)):
+                raise PredictError("--fy/--cx/--cy need --fx (or give none of them and use --fov)")
+            return intrinsics_from_fov(width, height, self.fov)
+        fy = self.fy if self.fy is not None else self.fx
+        cx = self.cx if self.cx is not None else (width - 1) / 2.0
+        cy = self.cy if self.cy is not None else (height - 1) / 2.0
+        return float(self.fx), float(fy), float(cx), float(cy)
+
+
+def _check_options(pc: PointCloudOptions | None, predictor: Predictor) -> None:
+    if pc is None:
+        return
+    for name, v in (("--fx", pc.fx), ("--fy", pc.fy)):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise PredictError(f"{name} must be a positive number, got {v}")
+    if not 0 < pc.fov < 180:
+        raise PredictError(f"--fov must be in (0, 180) degrees, got {pc.fov}")
+    if pc.drop_beyond is not None and not pc.drop_beyond > 0:
+        raise PredictError(f"--drop-beyond must be positive, got {pc.drop_beyond}")
+    if pc.edge_threshold is not None and not pc.edge_threshold > 0:
+        raise PredictError(f"--drop-edges must be positive, got {pc.edge_threshold}")
+    if pc.max_uncertainty is not None and not predictor.has_uncertainty:
+        raise PredictError("--max-uncertainty: this checkpoint predicts no uncertainty "
+                           "(train with model.uncertainty=true)")
+    if pc.sky_mask is not None and not Path(pc.sky_mask).exists():
+        raise PredictError(f"sky mask not found: {pc.sky_mask}")
+
+
+def _sky_mask_for(pc: PointCloudOptions, image: Path, n_inputs: int) -> Path | None:
+    if pc.sky_mask is None:
+        return None
+    mask = Path(pc.sky_mask)
+    if mask.is_dir():
+        candidate = mask / f"{image.stem}.png"
+        if not candidate.is_file():
+            raise PredictError(f"sky mask not found for {image.name}: {candidate}")
+        return candidate
+    if n_inputs > 1:
+        raise PredictError(f"--sky-mask {mask} is one file for {n_inputs} images; give a folder of <name>.png masks")
+    return mask
+
+
+def _output_stems(files: list[Path]) -> list[str]:
+    stems = [f.stem for f in files]
+    # a.png and a.jpg in one folder would overwrite each other's outputs
+    return [f.name.replace(".", "_") if stems.count(f.stem) > 1 else f.stem for f in files]
+
+
+def run_predict(checkpoint: str | os.PathLike, inputs: str | os.PathLike, out_dir: str | os.PathLike, *,
+                encoder: str | None = None, max_depth: float | None = None, input_size: int | None = None,
+                save_npy: bool = False, pointcloud: PointCloudOptions | None = None, sky_depth: float | None = None,
+                vmin: float = 1.0, vmax: float | None = None, device: str | None = None,
+                log=print) -> list[dict]:
+    """Predict every input image; returns one record per image (paths written, filter report)."""
+    from curriculum.pointcloud import filter_points, format_filter_report, load_mask, write_ply
+    from curriculum.viz import save_depth_png
+
+    files = list_inputs(inputs)
+    # Every input and mask is decoded once before any output is written (and again when used,
+    # so a large folder is never held in memory at once).
+    sizes = [read_image(f).shape[:2] for f in files]
+    predictor = load_predictor(checkpoint, encoder, max_depth, input_size, sky_depth, device)
+    _check_options(pointcloud, predictor)
+    masks = [_sky_mask_for(pointcloud, f, len(files)) if pointcloud else None for f in files]
+    for mask, size in zip(masks, sizes):
+        if mask is not None:
+            load_mask(mask, size)
+    vmax = float(vmax if vmax is not None else predictor.max_depth)
+    if not vmax > vmin > 0:
+        raise PredictError(f"colour range needs 0 < --vmin < --vmax, got {vmin:g}, {vmax:g}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"model: {predictor.source} {predictor.encoder}, range {predictor.min_depth:g}..{predictor.max_depth:g} m, "
+        f"input short side {predictor.input_size}" + "".join(f"; {n}" for n in predictor.notes))
+    records = []
+    for file, stem, mask in zip(files, _output_stems(files), masks):
+        rgb = read_image(file)
+        h, w = rgb.shape[:2]
+        depth, unc, (nh, nw) = predict_image(predictor, rgb)
+        rec: dict = {"input": str(file), "size": (h, w), "network_size": (nh, nw)}
+        rec["png"] = str(save_depth_png(depth, out / f"{stem}_depth.png", vmin, vmax, title=file.name))
+        if save_npy:
+            rec["npy"] = str(out / f"{stem}_depth.npy")
+            np.save(rec["npy"], depth)
+            if unc is not None:
+                rec["uncertainty_npy"] = str(out / f"{stem}_uncertainty.npy")
+                np.save(rec["uncertainty_npy"], unc)
+        log(f"{file}: {w}x{h} (network {nw}x{nh}), depth {np.nanmin(depth):.2f}..{np.nanmax(depth):.2f} m "
+            f"-> {rec['png']}" + (f", {rec['npy']}" if save_npy else ""))
+        if pointcloud is not None:
+            pc = pointcloud
+            intr = pc.intrinsics(w, h)
+            sky_mask = load_mask(mask, (h, w)) if mask is not None else None
+            points, colours, report = filter_points(
+                depth, rgb, intr,
+                max_depth=pc.drop_beyond,
+                sky_threshold=predictor.sky_depth if pc.drop_sky else None,
+                sky_mask=sky_mask,
+                edge_threshold=pc.edge_threshold,
+                uncertainty=unc if pc.max_uncertainty is not None else None,
+                max_uncertainty=pc.max_uncertainty,
+            )
+            rec["ply"] = str(write_ply(out / f"{stem}.ply", points, colours))
+            rec["filter_report"] = report
+            rec["intrinsics"] = intr
+            what = []
+            if pc.drop_sky:
+                what.append(f"sky = predicted >= {predictor.sky_depth:g} m")
+            if mask is not None:
+                what.append(f"sky mask {mask}")
+            log(f"point cloud {rec['ply']} (fx {intr[0]:.1f} fy {intr[1]:.1f} cx {intr[2]:.1f} cy {intr[3]:.1f}"
+                + "".join(f"; {t}" for t in what) + "):")
+            log(format_filter_report(report))
+        records.append(rec)
+    return records

@@ -1,0 +1,170 @@
+"""`curriculum compare`: strict config, arm schedules, a tiny end-to-end comparison and its report."""
+import json
+import re
+
+import pytest
+from PIL import Image
+
+from curriculum.cli import main as cli_main
+from curriculum.compare import arm_recipe, arm_stages, load_compare
+from curriculum.config import RECIPES_DIR, RecipeError, to_plain
+
+
+def _compare_file(tmp_path, tiny_shards, **extra):
+    train_dir, val_dir, _, _ = tiny_shards
+    lines = [
+        "name: tiny",
+        "recipes: [smoke.yaml]",
+        f"overrides: ['data.train_shards={train_dir}/*.tar', 'data.val_shards={val_dir}/*.tar']",
+        f"out_dir: {tmp_path / 'cmp'}",
+        "total_steps: 4",
+        "stage1_fraction: 0.5",
+        "seeds: [0]",
+        "examples: 1",
+        "eval_batch_size: 2",
+    ] + [f"{k}: {v}" for k, v in extra.items()]
+    path = tmp_path / "compare.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_shipped_compare_recipes_load(tmp_path):
+    for name in ("compare.yaml", "compare_gpu.yaml"):
+        c = load_compare([RECIPES_DIR / name], [f"out_dir={tmp_path / name}"])
+        assert c["arms"] == ["A", "B", "C"]
+        for arm in c["arms"]:
+            assert sum(s["steps"] for s in arm_stages(c, arm)) == c["total_steps"]
+            recipe = to_plain(arm_recipe(c, arm, c["seeds"][0]))  # a valid training recipe
+            assert recipe["trainer"]["devices"] == 1
+        assert not (tmp_path / name).exists()
+    gpu = to_plain(arm_recipe(load_compare([RECIPES_DIR / "compare_gpu.yaml"]), "A", 0))
+    assert gpu["model"]["encoder"] == "vits" and gpu["data"]["crop_height"] == 518
+    assert len(load_compare([RECIPES_DIR / "compare_gpu.yaml"])["seeds"]) == 3
+
+
+def test_unknown_keys_and_owned_overrides_are_one_line_errors(tmp_path, tiny_shards):
+    path = _compare_file(tmp_path, tiny_shards, total_step=5)
+    with pytest.raises(RecipeError, match=r"unknown key 'total_step' \(did you mean 'total_steps'\?\)"):
+        load_compare([path])
+    path = _compare_file(tmp_path, tiny_shards)
+    with pytest.raises(RecipeError, match=r"unknown key 'seed' \(did you mean 'seeds'\?\)"):
+        load_compare([path], ["seed=[1]"])
+    with pytest.raises(RecipeError, match="'stages.1.policy.far_weight' is set by the comparison"):
+        load_compare([path], ["train.stages.1.policy.far_weight=0.3"])
+    with pytest.raises(RecipeError, match="stage1_fraction"):
+        load_compare([path], ["stage1_fraction=1.0"])
+    # an unknown training-recipe key fails before any training, naming the key
+    c = load_compare([path], ["train.optim.learning_rate=0.1"])
+    with pytest.raises(RecipeError, match="optim.learning_rate"):
+        arm_recipe(c, "A", 0)
+
+
+def test_arms_differ_only_in_their_stage_schedule(tmp_path, tiny_shards):
+    c = load_compare([_compare_file(tmp_path, tiny_shards)], ["total_steps=10", "stage1_fraction=0.3",
+                                                              "mixed_far_weight=0.2", "train.optim.lr=0.002"])
+    recipes = {arm: to_plain(arm_recipe(c, arm, 0)) for arm in "ABC"}
+    a, b, cc = (recipes[x]["stages"] for x in "ABC")
+    assert [s["steps"] for s in a] == [10] and a[0]["policy"] == {"name": "max_depth", "max_depth": 80.0}
+    assert [s["steps"] for s in b] == [s["steps"] for s in cc] == [3, 7]  # same switch step
+    assert b[0]["policy"]["name"] == cc[0]["policy"]["name"] == "unclipped"
+    assert b[1]["policy"]["name"] == "max_depth"
+    assert cc[1]["policy"] == {"name": "mixed", "max_depth": 80.0, "far_weight": 0.2, "far_target": 655.35}
+    for arm, r in recipes.items():
+        r = dict(r)
+        assert r["optim"]["lr"] == 0.002 and r["run"]["seed"] == 0
+        assert r["run"]["out_dir"].endswith(f"cmp/{arm}/seed0")
+        r.pop("stages"), r.pop("run")
+        ref = dict(recipes["A"])
+        ref.pop("stages"), ref.pop("run")
+        assert r == ref, arm
+
+
+def test_tiny_compare_writes_the_full_report(tmp_path, tiny_shards, capsys):
+    path = _compare_file(tmp_path, tiny_shards)
+    rc = cli_main(["compare", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "run 1/3: arm A" in out and "run 3/3: arm C" in out and "training ETA" in out
+    folder = tmp_path / "cmp"
+    md = (folder / "report.md").read_text()
+    for heading in ("## Protocol", "## Near range (≤ 80 m)", "## abs_rel per depth bin", "## Phantom rate",
+                    "## What the numbers say", "## Example predictions", "## Top-down point clouds"):
+        assert heading in md, heading
+    for row in ("| A baseline |", "| B curriculum |", "| C mixed |"):
+        assert md.count(row) == 3, row  # near, per-bin and phantom tables
+    assert "one seed, so no spread is available" in md
+    assert "protocol synthetic" in md
+    for name in ("abs_rel_per_bin.png", "examples.png", "topdown.png"):
+        assert f"]({name})" in md
+        with Image.open(folder / name) as img:
+            img.load()
+            assert img.format == "PNG" and img.width > 200 and img.height > 100
+    report = json.loads((folder / "report.json").read_text())
+    assert set(report["arms"]) == {"A", "B", "C"}
+    assert [s["steps"] for s in report["arms"]["B"]["stages"]] == [2, 2]
+    assert report["example_keys"] and len(report["example_keys"]) == 1
+    # the table shows the numbers of report.json
+    mean = report["arms"]["B"]["mean"]
+    row = next(line for line in md.splitlines() if line.startswith("| B curriculum |") and "|" in line)
+    assert f"{mean['near/d1']:.4f}" in row and f"{mean['near/abs_rel']:.4f}" in row
+    # the summary names an arm with the lowest phantom rate, computed from the numbers
+    rates = {a: d["mean"]["phantom_rate"] for a, d in report["arms"].items()}
+    best = min(rates, key=rates.get)
+    assert any(s.startswith(f"Lowest phantom rate: {best} ") for s in report["summary"])
+
+    # the same numbers as evaluating the checkpoint on its own
+    from curriculum.evaluate import evaluate
+
+    train_dir, val_dir, _, _ = tiny_shards
+    for arm in ("A", "C"):
+        ckpt = folder / arm / "seed0" / "checkpoints" / "last.ckpt"
+        alone = evaluate(str(ckpt), f"{val_dir}/*.tar", "synthetic", batch_size=2, progress=False)
+        assert report["arms"][arm]["runs"][0]["metrics"] == json.loads(json.dumps(alone["metrics"]))
+        for key, value in alone["metrics"].items():
+            if value is not None:
+                assert report["arms"][arm]["mean"][key] == pytest.approx(value, rel=1e-12)
+
+    # a second run reuses every finished arm
+    mtime = (folder / "A" / "seed0" / "checkpoints" / "last.ckpt").stat().st_mtime
+    rc = cli_main(["compare", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.count("finished checkpoint exists") == 3
+    assert (folder / "A" / "seed0" / "checkpoints" / "last.ckpt").stat().st_mtime == mtime
+    again = json.loads((folder / "report.json").read_text())
+    assert again["arms"]["B"]["mean"] == report["arms"]["B"]["mean"]
+    # ... but not one of a different recipe
+    rc = cli_main(["compare", str(path), "total_steps=6"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "holds a finished run of a different recipe" in err and len(err.strip().splitlines()) == 1
+
+
+def test_summary_uses_the_spread_over_seeds():
+    from curriculum.compare import render_markdown, summarize
+
+    def arm(name, abs_rel, sd, phantom):
+        return {"name": name, "description": name, "stages": [{"name": "s", "steps": 4, "policy": {"name": "max_depth"}}],
+                "runs": [{"seed": 0, "train_seconds": 1.0, "skipped": False}],
+                "mean": {"near/abs_rel": abs_rel, "phantom_rate": phantom, "sky/phantom_rate": phantom,
+                         "far/phantom_rate": None, "near/d1": 0.9, "near/rmse": 3.0},
+                "std": {"near/abs_rel": sd, "phantom_rate": 0.01, "sky/phantom_rate": 0.01, "far/phantom_rate": None,
+                        "near/d1": 0.01, "near/rmse": 0.1}}
+
+    report = {"config": {"seeds": [0, 1, 2], "near_tolerance": 0.05, "arms": ["A", "B"], "out_dir": ".",
+                         "name": "t", "overrides": [], "total_steps": 4, "stage1_fraction": 0.5, "max_depth": 80.0, "far_target": 655.35,
+                         "topdown_range": 100.0},
+              "arms": {"A": arm("baseline", 0.100, 0.002, 0.90), "B": arm("curriculum", 0.103, 0.002, 0.30)}}
+    lines = summarize(report)
+    text = "\n".join(lines)
+    assert "B curriculum near abs_rel 0.1030 vs A 0.1000: +0.0030 (+3.00%), within the 5.0 % tolerance of A" in text
+    assert "Lowest phantom rate: B curriculum (30.0 %), 60.0 percentage points below A (90.0 %), 67% fewer" in text
+    assert "the difference is larger than the two arms' seed standard deviations added" in text
+    assert "Means over 3 seeds" in text
+    assert "No validation pixel for the far (finite > 80 m) phantom rate" in text
+    report.update(summary=lines, recipe_files=["demo.yaml"], protocol_text="protocol synthetic", train_shards="t",
+                  val_shards="v", images=4, input_size=[42, 84])
+    recipe = {"data": {"batch_size": 2, "crop_height": 42, "crop_width": 84},
+              "model": {"encoder": "tiny", "head": "log", "min_depth": 0.1, "max_depth": 1000.0, "pretrained": ""},
+              "optim": {"lr": 1e-3, "head_lr_mult": 10.0, "warmup_steps": 0, "poly_power": 0.9}}
+    md = render_markdown(report, {}, recipe)
+    assert "0.1000 ± 0.0020" in md and "mean ± sample standard deviation over 3 seeds" in md
+    assert re.search(r"\| B curriculum \| 0\.9000 ± 0\.0100 \| 0\.1030 ± 0\.0020", md)

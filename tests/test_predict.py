@@ -1,0 +1,410 @@
+"""`curriculum predict` (sizes, colour PNG, npy, PLY, every point-cloud filter, official checkpoints,
+bad inputs) and `curriculum eval` against hand-computed numbers."""
+import math
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import write_tiny_shards
+from curriculum.checkpoint import load_model
+from curriculum.cli import main as cli_main
+from curriculum.config import RECIPES_DIR, load_recipe
+from curriculum.data import normalize_images
+from curriculum.model import DepthModel, official_state_dict
+from curriculum.pointcloud import keep_not_edge, read_ply
+from curriculum.predict import network_size
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A real checkpoint of this project (tiny model with an uncertainty head, 2 training steps)."""
+    from curriculum.train import train
+
+    root = tmp_path_factory.mktemp("predict")
+    write_tiny_shards(root / "train", n_shards=2, per_shard=4, seed=0)
+    write_tiny_shards(root / "val", n_shards=1, per_shard=2, seed=1)
+    cfg = load_recipe([RECIPES_DIR / "smoke.yaml"], [
+        f"data.train_shards={root}/train/*.tar", f"data.val_shards={root}/val/*.tar", f"run.out_dir={root}/run",
+        "stages.0.steps=1", "stages.1.steps=1", "model.uncertainty=true"])
+    return Path(train(cfg)["checkpoint"])
+
+
+@pytest.fixture
+def images(tmp_path):
+    """Two images of different aspect ratios (landscape and portrait)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = {"a_wide.png": (60, 130), "b_tall.jpg": (90, 50)}
+    for name, (h, w) in sizes.items():
+        img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        img[: h // 3] = (135, 200, 250)
+        Image.fromarray(img).save(folder / name)
+    return folder, sizes
+
+
+def _kept(text: str) -> list[int]:
+    return [int(v) for v in re.findall(r"^kept\s+(\d+)", text, flags=re.M)]
+
+
+def _removed(text: str, name: str) -> list[int]:
+    return [int(v) for v in re.findall(rf"^{name}\s+(\d+)", text, flags=re.M)]
+
+
+def _predict(args, capsys) -> tuple[int, str, str]:
+    rc = cli_main(["predict", *[str(a) for a in args]])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_outputs_keep_the_input_size_and_match_the_model(trained, images, tmp_path, capsys):
+    folder, sizes = images
+    out = tmp_path / "out"
+    rc, text, err = _predict(["--checkpoint", trained, "--input", folder, "--out", out, "--save-npy"], capsys)
+    assert rc == 0, err
+    model, meta = load_model(trained)
+    short = min(meta["recipe"]["data"]["val_height"], meta["recipe"]["data"]["val_width"])
+    for name, (h, w) in sizes.items():
+        stem = Path(name).stem
+        depth = np.load(out / f"{stem}_depth.npy")
+        unc = np.load(out / f"{stem}_uncertainty.npy")
+        assert depth.shape == (h, w) and unc.shape == (h, w) and depth.dtype == np.float32
+        # the model's own output at the aspect-kept network size, resized back
+        nh, nw = network_size(h, w, short)
+        assert nh % 14 == 0 and nw % 14 == 0 and min(nh, nw) == short
+        assert abs(nw / nh - w / h) < 0.25 * w / h
+        rgb = np.asarray(Image.open(folder / name).convert("RGB"))
+        x = torch.from_numpy(cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_CUBIC)).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            pred = model(normalize_images(x)).depth
+        expected = F.interpolate(pred[:, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+        np.testing.assert_allclose(depth, expected, rtol=1e-5, atol=1e-5)
+        # colour PNG: the image (enlarged to be readable) plus a colour bar to its right
+        png = Image.open(out / f"{stem}_depth.png")
+        png.load()
+        scale = max(1.0, 400.0 / max(h, w))
+        assert png.width > w * scale + 40 and png.width / png.height > w / h
+        assert f"network {nw}x{nh}" in text
+    assert not list(out.glob("*.ply"))  # no point cloud unless asked
+
+
+def test_pointcloud_ply_holds_exactly_the_kept_points(trained, images, tmp_path, capsys):
+    folder, sizes = images
+    out = tmp_path / "pc"
+    rc, text, err = _predict(["--checkpoint", trained, "--input", folder / "a_wide.png", "--out", out,
+                              "--pointcloud", "--save-npy"], capsys)
+    assert rc == 0, err
+    h, w = sizes["a_wide.png"]
+    points, colours = read_ply(out / "a_wide.ply")
+    assert _kept(text) == [h * w] == [len(points)]
+    rgb = np.asarray(Image.open(folder / "a_wide.png").convert("RGB"))
+    assert np.array_equal(colours, rgb.reshape(-1, 3))
+    depth = np.load(out / "a_wide_depth.npy")
+    np.testing.assert_allclose(points[:, 2], depth.reshape(-1), rtol=1e-6)
+    # default field of view 60 degrees: fx = (w / 2) / tan(30 deg), centre pixel on the axis
+    fx = (w / 2) / math.tan(math.radians(30))
+    u = np.tile(np.arange(w), h)
+    np.testing.assert_allclose(points[:, 0], (u - (w - 1) / 2) * depth.reshape(-1) / fx, rtol=1e-4, atol=1e-4)
+
+
+def _depth_and_unc(trained, image, tmp_path, capsys):
+    out = tmp_path / "ref"
+    rc, _, err = _predict(["--checkpoint", trained, "--input", image, "--out", out, "--save-npy"], capsys)
+    assert rc == 0, err
+    return np.load(out / f"{image.stem}_depth.npy"), np.load(out / f"{image.stem}_uncertainty.npy")
+
+
+def test_each_filter_removes_what_it_says(trained, images, tmp_path, capsys):
+    folder, sizes = images
+    image = folder / "a_wide.png"
+    h, w = sizes["a_wide.png"]
+    depth, unc = _depth_and_unc(trained, image, tmp_path, capsys)
+    total = h * w
+
+    def run(*flags):
+        out = tmp_path / f"f{len(list(tmp_path.iterdir()))}"
+        rc, text, err = _predict(["--checkpoint", trained, "--input", image, "--out", out, "--pointcloud", *flags],
+                                 capsys)
+        assert rc == 0, err
+        n = len(read_ply(out / "a_wide.ply")[0])
+        assert _kept(text) == [n]
+        return text, n
+
+    # drop beyond a depth
+    cut = float(np.median(depth))
+    text, n = run("--drop-beyond", cut)
+    assert _removed(text, "max_depth") == [int((depth > cut).sum())] and n == int((depth <= cut).sum())
+    text, n = run("--drop-beyond", 0.01)  # below the model's minimum depth: nothing is left
+    assert n == 0 and _removed(text, "max_depth") == [total]
+    # sky predicted beyond a depth
+    text, n = run("--drop-sky", "--sky-depth", cut)
+    assert _removed(text, "sky") == [int((depth >= cut).sum())] and n == int((depth < cut).sum())
+    assert f"sky = predicted >= {cut:g} m" in text
+    # sky from a mask file: exactly its pixels
+    mask = np.zeros((h, w), np.uint8)
+    mask[5:17, 10:40] = 255
+    Image.fromarray(mask).save(tmp_path / "sky.png")
+    text, n = run("--sky-mask", tmp_path / "sky.png")
+    assert _removed(text, "sky") == [12 * 30] and n == total - 12 * 30
+    # flying pixels at depth edges
+    rel = 0.002
+    expected_edges = int((~keep_not_edge(depth, rel)).sum())
+    assert 0 < expected_edges < total
+    text, n = run("--drop-edges", rel)
+    assert _removed(text, "edge") == [expected_edges] and n == total - expected_edges
+    # predicted uncertainty
+    u_cut = float(np.median(unc))
+    text, n = run("--max-uncertainty", u_cut)
+    assert _removed(text, "uncertainty") == [int((unc > u_cut).sum())] and n == int((unc <= u_cut).sum())
+    # all together: each pixel counts against the first filter that drops it
+    text, n = run("--drop-beyond", cut, "--sky-mask", tmp_path / "sky.png", "--drop-edges", rel,
+                  "--max-uncertainty", u_cut)
+    sky = mask > 0
+    beyond = ~sky & (depth > cut)
+    edge = ~sky & ~beyond & ~keep_not_edge(depth, rel)
+    uncertain = ~sky & ~beyond & ~edge & (unc > u_cut)
+    assert _removed(text, "sky") == [int(sky.sum())]
+    assert _removed(text, "max_depth") == [int(beyond.sum())]
+    assert _removed(text, "edge") == [int(edge.sum())]
+    assert _removed(text, "uncertainty") == [int(uncertain.sum())]
+    assert n == total - int((sky | beyond | edge | uncertain).sum())
+
+
+def test_sky_masks_for_a_folder_and_bad_masks(trained, images, tmp_path, capsys):
+    folder, sizes = images
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for name, (h, w) in sizes.items():
+        m = np.zeros((h, w), np.uint8)
+        m[: h // 3] = 255
+        Image.fromarray(m).save(masks / f"{Path(name).stem}.png")
+    out = tmp_path / "m"
+    rc, text, err = _predict(["--checkpoint", trained, "--input", folder, "--out", out, "--pointcloud",
+                              "--sky-mask", masks], capsys)
+    assert rc == 0, err
+    expected = [(h // 3) * w for h, w in sizes.values()]
+    assert _removed(text, "sky") == expected
+    assert [len(read_ply(out / f"{Path(n).stem}.ply")[0]) for n in sizes] == _kept(text)
+    # one mask file for several images, a missing mask, a mask of the wrong size: one line, nothing written
+    for mask, needle in ((masks / "a_wide.png", "one file for 2 images"), (tmp_path / "nomask", "sky mask not found")):
+        rc, _, err = _predict(["--checkpoint", trained, "--input", folder, "--out", tmp_path / "n1", "--pointcloud",
+                               "--sky-mask", mask], capsys)
+        assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1
+    rc, _, err = _predict(["--checkpoint", trained, "--input", folder / "b_tall.jpg", "--out", tmp_path / "n2",
+                           "--pointcloud", "--sky-mask", masks / "a_wide.png"], capsys)
+    assert rc == 2 and "a_wide.png" in err and "expected 50x90" in err
+    assert not (tmp_path / "n1").exists() and not (tmp_path / "n2").exists()
+
+
+def test_explicit_intrinsics_are_used(trained, images, tmp_path, capsys):
+    folder, sizes = images
+    out = tmp_path / "k"
+    rc, text, err = _predict(["--checkpoint", trained, "--input", folder / "b_tall.jpg", "--out", out,
+                              "--pointcloud", "--save-npy", "--fx", 80, "--cx", 10, "--cy", 20], capsys)
+    assert rc == 0, err
+    depth = np.load(out / "b_tall_depth.npy")
+    points, _ = read_ply(out / "b_tall.ply")
+    h, w = sizes["b_tall.jpg"]
+    u, v = np.tile(np.arange(w), h), np.repeat(np.arange(h), w)
+    np.testing.assert_allclose(points[:, 0], (u - 10) * depth.reshape(-1) / 80, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(points[:, 1], (v - 20) * depth.reshape(-1) / 80, rtol=1e-4, atol=1e-4)
+    assert "fx 80.0 fy 80.0 cx 10.0 cy 20.0" in text
+
+
+def test_conflicting_max_depth_is_an_error(trained, images, tmp_path, capsys):
+    folder, _ = images
+    out = tmp_path / "x"
+    rc, _, err = _predict(["--checkpoint", trained, "--input", folder, "--out", out, "--max-depth", 80], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "conflicts with the checkpoint's range 1000 m" in err and str(trained) in err
+    assert not out.exists()
+    rc, _, err = _predict(["--checkpoint", trained, "--input", folder, "--out", out, "--max-depth", 1000], capsys)
+    assert rc == 0, err  # the same range is accepted
+    rc, _, err = _predict(["--checkpoint", trained, "--input", folder, "--out", out, "--encoder", "vits"], capsys)
+    assert rc == 2 and "conflicts with the checkpoint's encoder tiny" in err
+
+
+def test_filters_need_a_point_cloud_and_an_uncertainty_head(trained, images, tmp_path, capsys):
+    folder, _ = images
+    rc, _, err = _predict(["--checkpoint", trained, "--input", folder, "--out", tmp_path / "o", "--drop-sky"], capsys)
+    assert rc == 2 and "--drop-sky" in err and "--pointcloud" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def official(tmp_path):
+    """An official-layout Depth-Anything-V2 metric state dict (bare, as released) of a tiny model."""
+    torch.manual_seed(0)
+    model = DepthModel("tiny", "sigmoid", 1e-3, 80.0).eval()
+    path = tmp_path / "depth_anything_v2_metric_vkitti_tiny.pth"
+    torch.save(official_state_dict(model), path)
+    return path, model
+
+
+def test_official_checkpoint_with_encoder_and_max_depth(official, images, tmp_path, capsys):
+    path, model = official
+    folder, sizes = images
+    out = tmp_path / "off"
+    rc, text, err = _predict(["--checkpoint", path, "--input", folder / "a_wide.png", "--out", out, "--encoder", "tiny",
+                              "--max-depth", 80, "--input-size", 56, "--save-npy", "--pointcloud", "--drop-sky"],
+                             capsys)
+    assert rc == 0, err
+    assert "official tiny, range 0.001..80 m" in text
+    h, w = sizes["a_wide.png"]
+    depth = np.load(out / "a_wide_depth.npy")
+    nh, nw = network_size(h, w, 56)
+    rgb = np.asarray(Image.open(folder / "a_wide.png").convert("RGB"))
+    x = torch.from_numpy(cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_CUBIC)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        pred = model(normalize_images(x)).depth
+    expected = F.interpolate(pred[:, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+    np.testing.assert_allclose(depth, expected, rtol=1e-5, atol=1e-5)
+    assert depth.max() <= 80.0
+    # sky of a sigmoid x 80 head: at or beyond 0.98 x 80 m
+    assert "sky = predicted >= 78.4 m" in text
+    assert _removed(text, "sky") == [int((depth >= 78.4).sum())]
+    # without --encoder the size is inferred and said
+    rc, text, err = _predict(["--checkpoint", path, "--input", folder / "a_wide.png", "--out", tmp_path / "o2",
+                              "--max-depth", 80, "--input-size", 56], capsys)
+    assert rc == 0 and "encoder inferred from the weights: tiny" in text
+
+
+def test_official_checkpoint_needs_max_depth(official, images, tmp_path, capsys):
+    path, _ = official
+    folder, _ = images
+    rc, _, err = _predict(["--checkpoint", path, "--input", folder, "--out", tmp_path / "o"], capsys)
+    assert rc == 2 and "records no depth range" in err and "--max-depth" in err
+    assert len(err.strip().splitlines()) == 1
+    # an official checkpoint predicts no uncertainty
+    rc, _, err = _predict(["--checkpoint", path, "--input", folder, "--out", tmp_path / "o", "--max-depth", 80,
+                           "--pointcloud", "--max-uncertainty", 0.5], capsys)
+    assert rc == 2 and "predicts no uncertainty" in err
+
+
+def test_bad_inputs_are_one_line_errors_naming_the_file(trained, images, tmp_path, capsys):
+    folder, _ = images
+    out = tmp_path / "bad"
+    missing = tmp_path / "nope.png"
+    rc, _, err = _predict(["--checkpoint", trained, "--input", missing, "--out", out], capsys)
+    assert rc == 2 and str(missing) in err and len(err.strip().splitlines()) == 1
+    broken = folder / "c_broken.png"
+    broken.write_text("not an image")
+    rc, _, err = _predict(["--checkpoint", trained, "--input", folder, "--out", out], capsys)
+    assert rc == 2 and str(broken) in err and "cannot read image" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # every input is checked before anything is written
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, _, err = _predict(["--checkpoint", trained, "--input", empty, "--out", out], capsys)
+    assert rc == 2 and "no image" in err
+    rc, _, err = _predict(["--checkpoint", tmp_path / "missing.ckpt", "--input", folder / "a_wide.png",
+                           "--out", out], capsys)
+    assert rc == 2 and "missing.ckpt" in err
+    not_ckpt = tmp_path / "random.pt"
+    torch.save({"weights": torch.zeros(3)}, not_ckpt)
+    rc, _, err = _predict(["--checkpoint", not_ckpt, "--input", folder / "a_wide.png", "--out", out], capsys)
+    assert rc == 2 and "neither a checkpoint of this project" in err
+
+
+# ------------------------------------------------------------------------------- eval by hand
+
+H, W = 56, 112  # multiples of 14: the network sees the frame at its own size
+
+
+def _known_shards(folder: Path) -> None:
+    """Two frames with known depth: rows 0-13 sky, 14-27 at 100 m, then two near bands, one hole row."""
+    from data_prep.schema import encode_sample
+    from data_prep.writer import ShardWriter
+
+    bands = [(18.0, 30.0), (10.0, 50.0)]  # near bands (rows 28-41, rows 42-55) of frame 0 and frame 1
+    with ShardWriter(folder, max_samples=2) as writer:
+        for i, (d1, d2) in enumerate(bands):
+            raw = np.zeros((H, W), np.uint16)
+            sky = np.zeros((H, W), bool)
+            sky[:14] = True
+            raw[:14] = 65535
+            raw[14:28] = 10000  # 100 m
+            raw[28:42] = int(d1 * 100)
+            raw[42:56] = int(d2 * 100)
+            raw[41] = 0  # a row without measurement
+            rgb = np.full((H, W, 3), 100, np.uint8)
+            meta = {"source": "test", "scene": "known", "frame": i, "width": W, "height": H,
+                    "fx": 50.0, "fy": 50.0, "cx": W / 2, "cy": H / 2, "depth_scale": 0.01}
+            writer.write(encode_sample(f"test_known_{i:04d}", rgb, raw, meta, sky=sky))
+
+
+class _Pattern(torch.nn.Module):
+    """Predicts the same map for every image: 20 m, except 500 m in the right half of rows 0-27."""
+
+    def forward(self, x):
+        from curriculum.model import DepthPrediction
+
+        b, _, h, w = x.shape
+        depth = torch.full((b, h, w), 20.0)
+        depth[:, :28, w // 2:] = 500.0
+        return DepthPrediction(depth, None)
+
+
+def test_eval_matches_hand_computed_numbers(tmp_path, capsys):
+    from curriculum.evaluate import evaluate
+
+    _known_shards(tmp_path / "val")
+    meta = {"model": {"encoder": "pattern"}, "recipe": {"data": {"val_height": H, "val_width": W}}}
+    report = evaluate("pattern", f"{tmp_path}/val/*.tar", "synthetic", batch_size=2, model=_Pattern(), meta=meta,
+                      device="cpu", progress=False)
+    m = report["metrics"]
+    assert m["images"] == 2
+    # frame 0: 13 rows at 18 m (row 41 is a hole), 14 rows at 30 m, all predicted 20 m
+    n1, n2 = 13 * W, 14 * W
+    abs_rel_0 = (n1 * 2 / 18 + n2 * 10 / 30) / (n1 + n2)
+    d1_0 = n1 / (n1 + n2)  # 20/18 = 1.11 < 1.25; 30/20 = 1.5
+    rmse_0 = math.sqrt((n1 * 4 + n2 * 100) / (n1 + n2))
+    # frame 1: 13 rows at 10 m, 14 rows at 50 m
+    abs_rel_1 = (n1 * 10 / 10 + n2 * 30 / 50) / (n1 + n2)
+    d1_1 = 0.0  # ratios 2.0 and 2.5
+    rmse_1 = math.sqrt((n1 * 100 + n2 * 900) / (n1 + n2))
+    assert m["near/abs_rel"] == pytest.approx((abs_rel_0 + abs_rel_1) / 2, rel=1e-6)  # mean over images
+    assert m["near/d1"] == pytest.approx((d1_0 + d1_1) / 2, rel=1e-6)
+    assert m["near/rmse"] == pytest.approx((rmse_0 + rmse_1) / 2, rel=1e-6)
+    # bins: [0, 20) holds 18 m and 10 m (one image each), [20, 40) only 30 m, [40, 80] only 50 m
+    assert m["near/0_20/abs_rel"] == pytest.approx((2 / 18 + 1.0) / 2, rel=1e-6)
+    assert m["near/0_20/images"] == 2
+    assert m["near/20_40/abs_rel"] == pytest.approx(10 / 30, rel=1e-6) and m["near/20_40/images"] == 1
+    assert m["near/40_80/abs_rel"] == pytest.approx(30 / 50, rel=1e-6) and m["near/40_80/images"] == 1
+    # far (100 m, rows 14-27): left half predicted 20 m, right half 500 m
+    assert m["far/abs_rel"] == pytest.approx((80 / 100 + 400 / 100) / 2, rel=1e-6)
+    # phantom: half of the sky and half of the far pixels are predicted within 80 m
+    assert m["phantom_rate"] == pytest.approx(0.5) and m["sky/phantom_rate"] == pytest.approx(0.5)
+    assert m["far/phantom_rate"] == pytest.approx(0.5)
+    assert m["beyond_pixels"] == 2 * 28 * W
+
+
+def test_cli_eval_of_a_constant_depth_checkpoint(tmp_path, capsys):
+    """A real checkpoint file whose output is 20 m everywhere: zero weights in the last convolution."""
+    from curriculum.checkpoint import build_metadata
+
+    _known_shards(tmp_path / "val")
+    model = DepthModel("tiny", "log", 0.1, 1000.0)
+    last = model.depth_head.scratch.output_conv2[2]
+    torch.nn.init.zeros_(last.weight)
+    s = (math.log(20.0) - math.log(0.1)) / (math.log(1000.0) - math.log(0.1))
+    torch.nn.init.constant_(last.bias, math.log(s / (1 - s)))
+    recipe = {"data": {"val_height": H, "val_width": W}, "stages": []}
+    ckpt = {"curriculum": build_metadata(model.metadata(), {"name": "max_depth"}, "finetune", recipe),
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}
+    torch.save(ckpt, tmp_path / "const.ckpt")
+    rc = cli_main(["eval", "--checkpoint", str(tmp_path / "const.ckpt"), "--shards", f"{tmp_path}/val/*.tar",
+                   "--out", str(tmp_path / "e.json")])
+    assert rc == 0
+    import json
+
+    m = json.loads((tmp_path / "e.json").read_text())["metrics"]
+    n1, n2 = 13 * W, 14 * W
+    abs_rel = ((n1 * 2 / 18 + n2 * 10 / 30) / (n1 + n2) + (n1 * 1.0 + n2 * 0.6) / (n1 + n2)) / 2
+    assert m["near/abs_rel"] == pytest.approx(abs_rel, rel=1e-4)
+    assert m["phantom_rate"] == 1.0  # 20 m everywhere: every sky and far pixel lands within 80 m
+    assert "phantom rate" in capsys.readouterr().out
