@@ -133,11 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     from curriculum.checkpoint import CheckpointError
     from curriculum.config import RecipeError
     from curriculum.data import DataError
+    from curriculum.module import NonFiniteError
     from curriculum.train import SetupError
 
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (RecipeError, DataError, CheckpointError, SetupError, ValueError, FileNotFoundError) as exc:
+    except (RecipeError, DataError, CheckpointError, SetupError, NonFiniteError, ValueError,
+            FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -243,7 +243,8 @@ def load_recipe(files: list[str | Path], overrides: list[str] | tuple[str, ...] 
             _set_override(cfg, key, value)
         except OmegaConfBaseException as exc:
             raise _one_line(exc, "command line") from None
-        except (TypeError, ValueError, IndexError, KeyError) as exc:
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError) as exc:
+            # e.g. a key path through a value that an earlier override turned into a scalar
             raise RecipeError(f"command line: '{text}': {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     try:
         OmegaConf.to_container(cfg, resolve=True)  # every ${...} interpolation must resolve

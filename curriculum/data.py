@@ -23,6 +23,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import signal
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -392,6 +393,11 @@ class _PositionedLoader(DataLoader):
 def _worker_init(_: int) -> None:
     # One core per worker: OpenCV's own thread pool in every worker would oversubscribe the CPUs.
     cv2.setNumThreads(1)
+    # A SIGTERM/SIGINT/SIGUSR1 sent to the whole process group (SLURM time limit, scancel, Ctrl-C) is for
+    # the training process, which checkpoints and then ends its workers; a worker dying first
+    # would fail the run without a checkpoint.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def train_loader(stream: TrainStream, position_fn: Callable[[], int], num_workers: int) -> DataLoader:

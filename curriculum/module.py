@@ -50,7 +50,7 @@ class DepthModule(pl.LightningModule):
         self.stage_index = -1
         self.set_stage(0)
         self.val_metrics = MetricAccumulator(min_depth=1e-3, max_depth=EVAL_MAX_DEPTH)
-        self.max_nonfinite = int(recipe["trainer"].get("max_nonfinite_steps", 5) if isinstance(recipe, dict) else 5)
+        self.max_nonfinite = int(recipe["trainer"]["max_nonfinite_steps"])
         self.skipped_steps = 0
         self.nonfinite_streak = 0
         self.bad_samples = 0

@@ -14,10 +14,11 @@ from omegaconf import DictConfig
 
 from curriculum.callbacks import CurriculumCallback, StepProgressBar
 from curriculum.checkpoint import (
-    AtomicCheckpointIO, check_same_model, file_sha256, metadata, model_state, read_checkpoint,
+    check_same_model, file_sha256, metadata, model_state, read_checkpoint,
 )
 from curriculum.config import to_plain, total_steps
 from curriculum.datamodule import DepthDataModule
+from curriculum.faults import ReportingCheckpointIO, SignalCheckpoint
 from curriculum.module import MODEL_KEYS, DepthModule
 
 
@@ -70,6 +71,7 @@ def build_trainer(recipe: dict, out_dir: Path, loggers: list) -> pl.Trainer:
         CurriculumCallback([dict(s) for s in recipe["stages"]]),
         ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), filename="last", every_n_train_steps=ckpt_every,
                         save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=False),
+        SignalCheckpoint(out_dir / "checkpoints" / "last.ckpt"),
     ]
     if tcfg["progress"]:
         callbacks.append(StepProgressBar(refresh_steps=max(1, min(10, steps // 100))))
@@ -86,7 +88,7 @@ def build_trainer(recipe: dict, out_dir: Path, loggers: list) -> pl.Trainer:
         precision=tcfg["precision"], max_steps=steps, max_epochs=-1,
         val_check_interval=val_every if val_every else None, check_val_every_n_epoch=None if val_every else 1,
         log_every_n_steps=tcfg["log_every_steps"], callbacks=callbacks, logger=loggers,
-        plugins=[AtomicCheckpointIO()], default_root_dir=str(out_dir), num_sanity_val_steps=0,
+        plugins=[ReportingCheckpointIO()], default_root_dir=str(out_dir), num_sanity_val_steps=0,
         enable_progress_bar=tcfg["progress"], enable_model_summary=False,
         gradient_clip_val=recipe["optim"]["grad_clip"] or None,
     )

@@ -1,0 +1,193 @@
+"""Faults during a run: stop signals that end in a checkpoint, checkpoint writes that fail in one line.
+
+Signals (SIGTERM, SIGINT, SIGUSR1) only set a flag; the run acts on it at the next training-batch
+boundary, where every rank agrees (an all-reduce MAX of the flag) so that all ranks save and stop
+after the same optimizer step, whichever rank the signal reached and when. The checkpoint then is
+an ordinary mid-epoch `last.ckpt`: `resume=<it>` continues the run exactly where it stopped (the
+data stream skips the batches already trained on; see curriculum/data.py).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import zipfile
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+
+from curriculum.checkpoint import AtomicCheckpointIO, CheckpointError
+
+# Priority when ranks received different signals: a requeue request wins over a plain stop.
+_PRIORITY = {signal.SIGINT: 1, signal.SIGTERM: 2, signal.SIGUSR1: 3}
+_BY_PRIORITY = {v: k for k, v in _PRIORITY.items()}
+
+
+class RunInterrupted(SystemExit):
+    """A run stopped by a signal after saving a checkpoint. Exit status 128 + signal number."""
+
+    def __init__(self, message: str, signum: int, step: int, checkpoint: str, requeued: bool = False):
+        super().__init__(128 + int(signum))
+        self.message = message
+        self.signum = int(signum)
+        self.step = int(step)
+        self.checkpoint = checkpoint
+        self.requeued = requeued
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _distributed(trainer: pl.Trainer) -> bool:
+    return dist.is_available() and dist.is_initialized() and trainer.world_size > 1
+
+
+def _noop() -> None:
+    return None
+
+
+class SignalCheckpoint(pl.Callback):
+    """Saves `checkpoint` and stops the run on SIGTERM, SIGINT or SIGUSR1 (SLURM: save, requeue).
+
+    The handlers are installed when fitting starts, before loader workers are forked (a worker
+    that inherits them only sets its own, unused flag), and the previous handlers come back
+    when fitting ends. Lightning's own SIGTERM handling is held off meanwhile: it forwards the
+    signal to the other local ranks and exits without a checkpoint. A second SIGINT while a stop
+    is pending stops at once (KeyboardInterrupt), for a step that never ends.
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike, requeue_command: str = "scontrol requeue"):
+        self.checkpoint = Path(checkpoint)
+        self.requeue_command = requeue_command
+        self.pending = 0  # priority of the strongest signal received, 0 = none
+        self.received: list[int] = []
+        self._previous: dict[int, object] = {}
+        self._connector = None
+
+    # ------------------------------------------------------------------ handlers
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.pending:
+            raise KeyboardInterrupt
+        self.received.append(int(signum))
+        self.pending = max(self.pending, _PRIORITY.get(signum, 0))
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit" or not _in_main_thread():
+            return
+        self.pending = 0
+        self.received = []
+        for signum in _PRIORITY:
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._handle)
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None:
+            connector.register_signal_handlers = _noop
+            self._connector = connector
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            self._restore()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Lightning skips the teardown hooks when fitting ends in an exception.
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._connector is not None:
+            self._connector.__dict__.pop("register_signal_handlers", None)
+            self._connector = None
+        if _in_main_thread():
+            for signum, previous in self._previous.items():
+                if signal.getsignal(signum) == self._handle:
+                    signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    # ------------------------------------------------------------------ acting on a signal
+    def _agreed(self, trainer) -> int:
+        """The signal every rank acts on (0 = none); a collective, so every rank calls it each step."""
+        code = self.pending
+        if _distributed(trainer):
+            flag = torch.tensor([code], dtype=torch.int32, device=trainer.strategy.root_device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            code = int(flag.item())
+        return code
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._maybe_stop(trainer, "")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # A signal after the last step's boundary (epoch-end validation): keep the final state.
+        self._maybe_stop(trainer, " (training steps done; final validation skipped)")
+
+    def _maybe_stop(self, trainer, note: str) -> None:
+        code = self._agreed(trainer)
+        if not code:
+            return
+        signum = _BY_PRIORITY[code]
+        name = signal.Signals(signum).name
+        trainer.save_checkpoint(self.checkpoint)
+        requeued = False
+        if signum == signal.SIGUSR1 and os.environ.get("SLURM_JOB_ID") and trainer.is_global_zero:
+            requeued = self._requeue()
+        step = int(trainer.global_step)
+        message = (f"interrupted at step {step} by {name}{note}; checkpoint saved to {self.checkpoint}; "
+                   f"resume with resume={self.checkpoint}" + ("; SLURM job requeued" if requeued else ""))
+        if trainer.is_global_zero:
+            print(message, file=sys.stderr, flush=True)
+        raise RunInterrupted(message, signum, step, str(self.checkpoint), requeued)
+
+    def _requeue(self) -> bool:
+        array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        job = f"{array_job}_{task}" if array_job and task else os.environ["SLURM_JOB_ID"]
+        cmd = [*shlex.split(self.requeue_command), job]
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            print(f"requeue of SLURM job {job} failed: {exc}", file=sys.stderr, flush=True)
+            return False
+        if result.returncode != 0:
+            detail = (result.stderr or result.stdout).strip().splitlines()
+            print(f"requeue of SLURM job {job} failed (exit {result.returncode}"
+                  f"{': ' + detail[0] if detail else ''})", file=sys.stderr, flush=True)
+            return False
+        return True
+
+
+class ReportingCheckpointIO(AtomicCheckpointIO):
+    """Atomic writes whose OS errors (a full disk, a vanished folder) end the run in one line, and
+    resume reads that refuse a missing, corrupt or truncated file in one line.
+
+    After a failed write the temporary file is already gone and the previous checkpoint under
+    the final name is untouched.
+    """
+
+    def load_checkpoint(self, path, *args, **kwargs):
+        if "://" not in str(path) and not Path(path).is_file():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first[:200]})") from None
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        try:
+            super().save_checkpoint(checkpoint, path, storage_options)
+        except OSError as exc:
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            if exc.errno == errno.ENOSPC:
+                reason = "no space left on device"
+            raise CheckpointError(
+                f"cannot write checkpoint {path}: {reason}; the previous checkpoint (if any) is kept"
+            ) from None
