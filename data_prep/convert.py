@@ -197,6 +197,10 @@ def run(
     args: argparse.Namespace,
 ) -> int:
     """Convert ``frames`` with ``load`` into shards in ``args.out``; returns the exit status."""
+    # Ctrl-C must reach us even when started with SIGINT ignored (e.g. a background job of a
+    # non-interactive shell): the clean-up of partial shards hangs on KeyboardInterrupt.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     skip_bad = getattr(args, "skip_bad", False)
     limit = getattr(args, "limit", None)
     if limit is not None:
