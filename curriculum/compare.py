@@ -15,7 +15,6 @@ All arms are evaluated with `curriculum.evaluate.evaluate` on the same validatio
 """
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -30,7 +29,7 @@ import numpy as np
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from curriculum.config import RECIPES_DIR, RecipeError, load_recipe, to_plain
+from curriculum.config import RECIPES_DIR, RecipeError, load_recipe, load_yaml_mapping, to_plain, unknown_key
 from curriculum.module import EVAL_MAX_DEPTH
 
 ARMS = {
@@ -74,25 +73,6 @@ class CompareConfig:
 
 # ------------------------------------------------------------------------------------ config
 
-def _unknown(key: str, valid: list[str], source: str) -> RecipeError:
-    hint = difflib.get_close_matches(key, valid, n=1)
-    return RecipeError(f"{source}: unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
-
-
-def _load_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise RecipeError(f"compare file not found: {path}")
-    try:
-        data = OmegaConf.to_container(OmegaConf.load(path))
-    except Exception as exc:  # yaml errors span lines; keep the first
-        raise RecipeError(f"{path}: cannot parse: {str(exc).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a compare file must be a mapping of keys, got {type(data).__name__}")
-    return data
-
-
 def _parse_value(text: str) -> Any:
     return OmegaConf.to_container(OmegaConf.create(f"v: {text}"))["v"] if text != "" else ""
 
@@ -106,10 +86,10 @@ def load_compare(files: list[str | Path], overrides: list[str] | tuple[str, ...]
     cfg = OmegaConf.structured(CompareConfig)
     for f in files:
         path = Path(f)
-        data = _load_yaml(path)
+        data = load_yaml_mapping(path, what="compare")
         for key in data:
             if key not in valid:
-                raise _unknown(str(key), valid, str(path))
+                raise unknown_key(str(key), valid, str(path))
         try:
             cfg = OmegaConf.merge(cfg, data)
         except OmegaConfBaseException as exc:
@@ -123,7 +103,7 @@ def load_compare(files: list[str | Path], overrides: list[str] | tuple[str, ...]
             extra.append(f"{key[len('train.'):]}={raw}")
             continue
         if key not in valid:
-            raise _unknown(key, valid + ["train.<recipe key>"], "command line")
+            raise unknown_key(key, valid + ["train.<recipe key>"], "command line")
         try:
             cfg[key] = _parse_value(raw)
         except OmegaConfBaseException as exc:

@@ -146,9 +146,7 @@ def _check_keys(user: Any, schema: DictConfig, source: str, prefix: str = "") ->
     for key, value in user.items():
         path = f"{prefix}{key}"
         if key not in schema.keys():
-            valid = _valid_keys(OmegaConf.structured(Recipe))
-            hint = difflib.get_close_matches(path, valid, n=1)
-            raise RecipeError(f"{source}: unknown key '{path}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+            raise unknown_key(path, _valid_keys(OmegaConf.structured(Recipe)), source)
         child = schema._get_node(key)
         if isinstance(child, DictConfig) and not _is_free_dict(child):
             _check_keys(value, child, source, path + ".")
@@ -194,15 +192,20 @@ def _set_override(cfg: DictConfig, key: str, value: Any) -> None:
     node[last] = value
 
 
-def _unknown(key: str, source: str) -> None:
-    valid = _valid_keys(OmegaConf.structured(Recipe))
+def unknown_key(key: str, valid: list[str], source: str) -> RecipeError:
+    """One line naming an unknown key and the closest valid one."""
     hint = difflib.get_close_matches(key, valid, n=1)
-    raise RecipeError(f"{source}: unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+    return RecipeError(f"{source}: unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
 
 
-def _load_yaml(path: Path) -> dict:
+def _unknown(key: str, source: str) -> None:
+    raise unknown_key(key, _valid_keys(OmegaConf.structured(Recipe)), source)
+
+
+def load_yaml_mapping(path: Path, what: str = "recipe") -> dict:
+    """A yaml file that must hold a mapping; every problem is one RecipeError line naming the file."""
     if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
+        raise RecipeError(f"{what} file not found: {path}")
     try:
         data = OmegaConf.to_container(OmegaConf.load(path))
     except Exception as exc:  # yaml syntax errors carry multi-line context; keep the first line
@@ -210,7 +213,7 @@ def _load_yaml(path: Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+        raise RecipeError(f"{path}: a {what} file must be a mapping of keys, got {type(data).__name__}")
     return data
 
 
@@ -229,7 +232,7 @@ def load_recipe(files: list[str | Path], overrides: list[str] | tuple[str, ...] 
         if path.resolve() in seen:
             continue
         seen.add(path.resolve())
-        data = _load_yaml(path)
+        data = load_yaml_mapping(path)
         _check_keys(data, cfg, str(path))
         try:
             cfg = OmegaConf.merge(cfg, data)
