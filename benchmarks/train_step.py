@@ -147,13 +147,15 @@ def count_flops(module: DepthModule, batch: dict) -> int:
     """Forward + backward FLOPs of one image (eager, fp32)."""
     one = {k: (v[:1] if isinstance(v, torch.Tensor) and v.ndim > 0 else v) for k, v in batch.items()}
     step = Step(module, None, "none")
-    checkpointing = module.model._grad_checkpointing
+    checkpointing, matmul_resize = module.model._grad_checkpointing, module.model.matmul_resize
     module.model.set_grad_checkpointing(False)  # model FLOPs: recomputation is not useful work
+    module.model.matmul_resize = False  # the model's FLOPs, not those of the dense resize matrices
     try:
         with FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOPS) as counter:
             step.loss(one, model=module.model).backward()
     finally:
         module.model.set_grad_checkpointing(checkpointing)
+        module.model.matmul_resize = matmul_resize
     module.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
 
@@ -174,8 +176,14 @@ def run_mode(encoder: str, mode: str, args, device: torch.device, flops_per_imag
            "channels_last": bool(recipe["model"]["channels_last"]),
            "grad_checkpointing": bool(recipe["model"]["grad_checkpointing"]),
            "fused_adamw": bool(recipe["optim"]["fused"]) and device.type == "cuda", "grad_check": args.grad_check}
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = bool(recipe["trainer"]["cudnn_benchmark"]) and not args.no_cudnn_benchmark
+    row["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
     torch.manual_seed(args.seed)
     module = DepthModule(recipe).to(device)
+    if args.interpolate:
+        module.model.matmul_resize = False
+    row["resize"] = "matmul" if (device.type == "cuda" and not args.interpolate) else "interpolate"
     module.train()
     batch = make_batch(batch_size, args.height, args.width, device, seed=args.seed)
     if encoder not in flops_per_image:
@@ -211,13 +219,33 @@ def run_mode(encoder: str, mode: str, args, device: torch.device, flops_per_imag
         peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         skipped_steps=step.skipped,
     )
+    if (encoder, mode) in args.profile:
+        row["profile"] = profile_steps(step, batch, device, args.profile_steps)
     del step, module, batch
     return row
 
 
+def profile_steps(step: Step, batch: dict, device: torch.device, steps: int) -> str:
+    """The top operators/kernels of a few steps by device time (self), as a text table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(batch)
+        _sync(device)
+    events = prof.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
+        try:
+            return events.table(sort_by=key, row_limit=40, max_name_column_width=90)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return events.table(row_limit=40)
+
+
 def format_table(rows: list[dict]) -> str:
     head = (f"{'encoder':<7} {'mode':<13} {'batch':>5} {'img/s':>8} {'TFLOP/s':>8} {'step ms':>8} "
-            f"{'peak GiB':>8} {'1st step s':>10}")
+            f"{'peak GiB':>8} {'1st step s':>10} {'resize':>11}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r or "skipped" in r:
@@ -229,7 +257,7 @@ def format_table(rows: list[dict]) -> str:
         tflops = f"{tf:>8.2f}" if tf >= 0.01 else f"{tf:>8.1e}"
         lines.append(
             f"{r['encoder']:<7} {r['mode']:<13} {r['batch']:>5} {r['img_per_s']:>8.2f} {tflops} "
-            f"{r['step_s'] * 1e3:>8.1f} {mem:>8} {r['first_step_s']:>10.1f}"
+            f"{r['step_s'] * 1e3:>8.1f} {mem:>8} {r['first_step_s']:>10.1f} {r.get('resize', '-'):>11}"
         )
     return "\n".join(lines)
 
@@ -270,7 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grad-check", choices=GRAD_CHECKS, default="module",
                     help="non-finite gradient check before the optimizer step: 'module' as DepthModule does it, "
                          "or 'none' (to see what it costs)")
+    ap.add_argument("--interpolate", action="store_true",
+                    help="upsample with F.interpolate on CUDA too (default there: matrix products, curriculum.layers)")
+    ap.add_argument("--no-cudnn-benchmark", action="store_true",
+                    help="leave cuDNN's algorithm search off (default: the recipe's trainer.cudnn_benchmark)")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls in fp32 mode (off: the reference)")
+    ap.add_argument("--profile", type=_list, default=[],
+                    help="encoder:mode pairs to profile after timing (e.g. vitl:bf16-compile); tables go to --profile-out")
+    ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--profile-out", type=Path, default=None, help="default: next to --json, .profile.txt")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--json", type=Path, default=ROOT / "runs" / "bench" / "train_step.json",
@@ -290,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup = max(1, args.warmup)
     if args.tf32:
         torch.set_float32_matmul_precision("high")
+    try:
+        args.profile = {tuple(p.split(":", 1)) for p in args.profile}
+    except ValueError:
+        ap.error("--profile takes encoder:mode pairs")
+    if any(len(p) != 2 for p in args.profile):
+        ap.error("--profile takes encoder:mode pairs")
 
     rows: list[dict] = []
     flops: dict[str, int] = {}
@@ -303,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"encoder": encoder, "mode": mode, "error": f"{type(exc).__name__}: {msg[:200]}"}
                 traceback.print_exc(limit=3)
             rows.append(row)
+            if "img_per_s" in row:
+                print(f"    {row['img_per_s']:.1f} img/s, {row['tflops_per_s']:.3g} TFLOP/s, first step "
+                      f"{row['first_step_s']:.1f} s, loss {row['first_loss']:.5f}", flush=True)
+            write_result(args, device, encoders, modes, rows)  # a later crash or timeout keeps these rows
             if mode.endswith("compile"):
                 torch._dynamo.reset()  # drop the compiled graphs of a model that is gone
             gc.collect()
@@ -312,6 +358,16 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"encoder": ",".join(encoders), "mode": "bf16-compile",
                      "skipped": "not run on CPU by default (inductor compile takes minutes here); --modes to ask"})
 
+    result = write_result(args, device, encoders, modes, rows)
+    print(f"\nTraining step, {args.height}x{args.width}, {result['machine']['device']}")
+    print(result["table"])
+    if args.json:
+        print(f"wrote {args.json}")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def write_result(args, device: torch.device, encoders: list[str], modes: list[str], rows: list[dict]) -> dict:
+    on_gpu = device.type == "cuda"
     table = format_table(rows)
     result = {
         "benchmark": "train_step",
@@ -325,17 +381,21 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"encoders": encoders, "modes": modes, "size": [args.height, args.width],
                    "steps": args.steps, "warmup": args.warmup, "grad_check": args.grad_check,
                    "tf32": bool(args.tf32), "grad_checkpointing": bool(args.grad_checkpointing),
+                   "interpolate": bool(args.interpolate), "no_cudnn_benchmark": bool(args.no_cudnn_benchmark),
                    "fused_sdpa": _fused_attn()},
-        "rows": rows,
+        "rows": [{k: v for k, v in r.items() if k != "profile"} for r in rows],
         "table": table,
     }
-    print(f"\nTraining step, {args.height}x{args.width}, {result['machine']['device']}")
-    print(table)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
-    return 1 if any("error" in r for r in rows) else 0
+    profiles = [r for r in rows if "profile" in r]
+    if profiles and (args.profile_out or args.json):
+        out = args.profile_out or args.json.with_suffix(".profile.txt")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(f"== {r['encoder']} {r['mode']} batch {r['batch']}, {args.profile_steps} steps\n"
+                               f"{r['profile']}\n\n" for r in profiles))
+    return result
 
 
 def _fused_attn() -> bool:

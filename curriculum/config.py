@@ -102,6 +102,7 @@ class TrainerConfig:
     ckpt_every_steps: int = 0  # 0 = at the end of each epoch and of the run
     progress: bool = True
     max_nonfinite_steps: int = 5  # consecutive skipped (non-finite) steps before the run stops
+    cudnn_benchmark: bool = False  # let cuDNN time its convolution algorithms (fixed crop sizes)
 
 
 @dataclass

@@ -38,6 +38,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from curriculum.layers import resize_bilinear
+
 logger = logging.getLogger(__name__)
 
 PATCH = 14
@@ -116,14 +118,14 @@ class FeatureFusionBlock(nn.Module):
         self.resConfUnit1 = ResidualConvUnit(features)
         self.resConfUnit2 = ResidualConvUnit(features)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, size=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, size=None,
+                matmul_resize: bool = False) -> torch.Tensor:
         if skip is not None:
             x = x + self.resConfUnit1(skip)
         x = self.resConfUnit2(x)
-        if size is None:
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
-        else:
-            x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+        # size None: the official scale_factor=2, which with align_corners is exactly (2h, 2w)
+        size = (2 * x.shape[-2], 2 * x.shape[-1]) if size is None else tuple(size)
+        x = resize_bilinear(x, size, matmul=matmul_resize)
         return self.out_conv(x)
 
 
@@ -164,20 +166,26 @@ class DPTHead(nn.Module):
     def unused_parameters(self) -> list[nn.Parameter]:
         return list(self.scratch.refinenet4.resConfUnit1.parameters())
 
-    def features(self, tokens: list[torch.Tensor], patch_h: int, patch_w: int) -> torch.Tensor:
-        """Patch tokens (B, N, C) of the four layers -> output_conv1 features at full resolution."""
+    def features(self, tokens: list[torch.Tensor], patch_h: int, patch_w: int,
+                 matmul_resize: bool = False) -> torch.Tensor:
+        """Patch tokens (B, N, C) of the four layers -> output_conv1 features at full resolution.
+
+        ``matmul_resize``: bilinear upsampling as matrix products (``curriculum.layers``), same
+        values to rounding, several times faster to train on a GPU.
+        """
         maps = []
         for i, x in enumerate(tokens):
             x = x.permute(0, 2, 1).reshape(x.shape[0], x.shape[-1], patch_h, patch_w)
             maps.append(self.resize_layers[i](self.projects[i](x)))
         s = self.scratch
         l1, l2, l3, l4 = (getattr(s, f"layer{i}_rn")(m) for i, m in enumerate(maps, start=1))
-        p4 = s.refinenet4(l4, size=l3.shape[2:])
-        p3 = s.refinenet3(p4, l3, size=l2.shape[2:])
-        p2 = s.refinenet2(p3, l2, size=l1.shape[2:])
-        p1 = s.refinenet1(p2, l1)
+        mm = matmul_resize
+        p4 = s.refinenet4(l4, size=l3.shape[2:], matmul_resize=mm)
+        p3 = s.refinenet3(p4, l3, size=l2.shape[2:], matmul_resize=mm)
+        p2 = s.refinenet2(p3, l2, size=l1.shape[2:], matmul_resize=mm)
+        p1 = s.refinenet1(p2, l1, matmul_resize=mm)
         out = s.output_conv1(p1)
-        return F.interpolate(out, (patch_h * PATCH, patch_w * PATCH), mode="bilinear", align_corners=True)
+        return resize_bilinear(out, (patch_h * PATCH, patch_w * PATCH), matmul=mm)
 
 
 class UncertaintyHead(nn.Module):
@@ -245,6 +253,8 @@ class DepthModel(nn.Module):
         self.depth_head = DPTHead(self.pretrained.embed_dim, self.spec.features, self.spec.out_channels)
         self.uncertainty_head = UncertaintyHead(self.spec.features // 2) if uncertainty else None
         self._grad_checkpointing = False
+        # None: matrix-product upsampling on CUDA, F.interpolate elsewhere (see curriculum.layers)
+        self.matmul_resize: bool | None = None
 
     # -- introspection ------------------------------------------------------------------------
 
@@ -315,7 +325,8 @@ class DepthModel(nn.Module):
         if h % PATCH or w % PATCH:
             raise ValueError(f"image size {h}x{w} is not a multiple of {PATCH}")
         ph, pw = h // PATCH, w // PATCH
-        feats = self.depth_head.features(self._intermediate_tokens(x, ph, pw), ph, pw)
+        matmul_resize = x.is_cuda if self.matmul_resize is None else bool(self.matmul_resize)
+        feats = self.depth_head.features(self._intermediate_tokens(x, ph, pw), ph, pw, matmul_resize)
         oc2 = self.depth_head.scratch.output_conv2
         hidden = oc2[1](oc2[0](feats))
         unc_hidden = None

@@ -88,6 +88,20 @@ def test_channels_last_head_same_loss_and_grads(reference):
     _assert_grads_close(got_grads, grads, rtol=1e-4, atol=1e-6)
 
 
+def test_matmul_resize_same_loss_and_grads(reference):
+    """The head's upsampling as matrix products (the CUDA default) against F.interpolate."""
+    model, batch, loss, grads = reference
+    mm = copy.deepcopy(model)
+    mm.matmul_resize = True
+    mm.depth_head.to(memory_format=torch.channels_last)
+    got, _, got_grads = _loss_and_grads(mm, batch)
+    torch.testing.assert_close(got, loss, rtol=1e-5, atol=1e-7)
+    _assert_grads_close(got_grads, grads, rtol=1e-4, atol=1e-6)
+    got_bf16, pred, _ = _loss_and_grads(mm, batch, autocast=True)
+    assert pred.depth.dtype == torch.float32
+    assert abs(float(got_bf16) - float(loss)) / float(loss) < 2e-2
+
+
 def test_grad_checkpointing_identical_loss_and_grads(reference, monkeypatch):
     import curriculum.model as model_module
 

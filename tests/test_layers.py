@@ -1,0 +1,67 @@
+"""Matrix-product bilinear resizing equals F.interpolate(align_corners=True)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from curriculum.layers import interp_matrix, resize_bilinear
+
+
+@given(n_in=st.integers(1, 40), n_out=st.integers(1, 80))
+@settings(max_examples=60, deadline=None)
+def test_interp_matrix_is_f_interpolate_of_the_identity(n_in, n_out):
+    m = interp_matrix(n_in, n_out)
+    assert m.shape == (n_out, n_in)
+    torch.testing.assert_close(m.sum(1), torch.ones(n_out), rtol=0, atol=1e-6)
+    eye = torch.eye(n_in)[None]  # (1, n_in, n_in): each column an impulse
+    want = F.interpolate(eye, size=n_out, mode="linear", align_corners=True)[0]  # (n_in, n_out)
+    torch.testing.assert_close(m, want.t(), rtol=0, atol=1e-6)
+
+
+def test_interp_matrix_rejects_empty_sizes():
+    with pytest.raises(ValueError, match="sizes must be positive"):
+        interp_matrix(0, 4)
+
+
+# the DPT head's resizes (2x, 2x, to the input size), a downscale and degenerate sizes
+SIZES = [((5, 7), (10, 14)), ((8, 8), (14, 14)), ((16, 16), (28, 28)), ((9, 6), (4, 3)), ((1, 5), (3, 1))]
+
+
+@pytest.mark.parametrize("src,dst", SIZES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_resize_bilinear_matches_interpolate_values_and_grads(src, dst, channels_last):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *src)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xa = x.clone().requires_grad_(True)
+    xb = x.clone().requires_grad_(True)
+    want = F.interpolate(xa, dst, mode="bilinear", align_corners=True)
+    got = resize_bilinear(xb, dst, matmul=True)
+    assert got.shape == want.shape == (2, 3, *dst)
+    fmt = torch.channels_last if channels_last and dst != (1, 1) else torch.contiguous_format
+    assert got.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(want)
+    want.backward(g)
+    got.backward(g)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_resize_bilinear_without_matmul_is_f_interpolate_itself():
+    x = torch.randn(1, 2, 6, 6)
+    want = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+    assert torch.equal(resize_bilinear(x, (12, 12), matmul=False), want)
+
+
+def test_resize_bilinear_under_bf16_autocast_within_bf16_noise():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 12, 12)
+    want = F.interpolate(x, (21, 21), mode="bilinear", align_corners=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = resize_bilinear(x.to(torch.bfloat16), (21, 21), matmul=True)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
