@@ -6,7 +6,8 @@ WebDataset shards (ours, the very same jpg and png bytes plus sky.png and meta.j
 worker count both loaders produce batches of 518x518 training crops:
 
 - ours: ``curriculum.data.TrainStream`` + ``train_loader`` as training runs them (decode, crop
-  first and resize only the crop, flip, uint8 batches; normalisation happens on the device);
+  first and resize only the crop, flip; uint8 images and raw 16-bit depth in the batch:
+  normalisation and metres happen on the device);
 - reference: ``reference_loader.ReferenceDataset`` (whole-frame cubic resize, float64
   normalisation, then crop; float32 batches).
 
@@ -42,14 +43,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_loader import reference_loader  # noqa: E402
 
 from curriculum.data import TrainSpec, TrainStream, train_loader  # noqa: E402
-from data_prep.schema import depth_to_raw, encode_sample, make_key  # noqa: E402
+from data_prep.schema import PNG_PARAMS, depth_to_raw, encode_sample, make_key  # noqa: E402
 from data_prep.writer import ShardWriter  # noqa: E402
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: PNG filters of data_prep.schema.PNG_PARAMS
 TARGET_RATIO = 5.0  # issue 7: ours per core >= 5x the reference per core
 DEPTH_SCALE = 0.01  # vKITTI2: centimetres, 65535 = far clip
 JPEG_QUALITY = 95
-PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 3]  # what data_prep.schema writes
+
 
 
 def default_cache() -> Path:
@@ -79,8 +80,8 @@ def _render_frame(args: tuple[int, int, int, str]) -> None:
     raw = depth_to_raw(r["depth"], DEPTH_SCALE, name=f"frame {index}")
     bgr = cv2.cvtColor(r["rgb"], cv2.COLOR_RGB2BGR)
     ok1, jpg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-    ok2, png = cv2.imencode(".png", raw, PNG_PARAMS)
-    ok3, sky = cv2.imencode(".png", np.where(r["sky"], np.uint8(255), np.uint8(0)), PNG_PARAMS)
+    ok2, png = cv2.imencode(".png", raw, PNG_PARAMS["depth"])  # the loose files: as our shards store them
+    ok3, sky = cv2.imencode(".png", np.where(r["sky"], np.uint8(255), np.uint8(0)), PNG_PARAMS["sky"])
     if not (ok1 and ok2 and ok3):
         raise RuntimeError(f"could not encode frame {index}")
     stem = Path(folder) / f"frame_{index:05d}"
@@ -184,7 +185,7 @@ def check_outputs(urls, pairs, crop: int) -> None:
     spec = TrainSpec(batch_size=2, batches_per_rank=1, crop_height=crop, crop_width=crop, shuffle_buffer=1)
     ours = next(iter(train_loader(TrainStream(urls, spec, 0, 1, 0), lambda: 0, num_workers=0)))
     assert ours["image"].dtype == torch.uint8 and tuple(ours["image"].shape) == (2, 3, crop, crop), ours["image"].shape
-    assert tuple(ours["depth"].shape) == (2, crop, crop)
+    assert ours["depth_raw"].dtype == torch.int16 and tuple(ours["depth_raw"].shape) == (2, crop, crop)
     ref = next(iter(reference_loader(pairs, 2, 0, num_samples=2, size=crop)))
     assert ref["image"].dtype == torch.float32 and tuple(ref["image"].shape) == (2, 3, crop, crop), ref["image"].shape
     assert tuple(ref["depth"].shape) == (2, crop, crop)

@@ -3,9 +3,9 @@
 The step is the one training runs, built from the same pieces: ``DepthModule`` from the GPU
 recipe of the encoder layered over ``recipes/finetune.yaml`` (so channels-last head, fused AdamW
 on CUDA with the encoder/head parameter groups, the compile switch and the 80 m mask policy are
-the recipe's), then per step: uint8 batch -> ``on_after_batch_transfer`` (normalisation on the
-device) -> model -> mask policy -> ``compute_loss`` -> backward -> non-finite gradient check ->
-AdamW step. Lightning's own bookkeeping (logging, progress bar) is not included.
+the recipe's), then per step: uint8 batch with raw depth -> ``on_after_batch_transfer``
+(normalisation and metres on the device) -> model -> mask policy -> ``compute_loss`` -> backward
+-> non-finite gradient check -> AdamW step. Lightning's own bookkeeping (logging, progress bar) is not included.
 
 Modes:
   fp32          eager, fp32 everywhere: the reference-equivalent configuration
@@ -81,20 +81,22 @@ def recipe_for(encoder: str, overrides: list[str] = ()) -> dict:
 
 
 def make_batch(batch: int, height: int, width: int, device: torch.device, seed: int = 0) -> dict:
-    """A uint8 image batch and a depth map with sky (inf), a far band (> 80 m) and holes (0)."""
+    """A batch as the loader delivers it: uint8 images and raw 16-bit depth (centimetres, as int16
+    bits) with sky (65535), a far band (> 80 m) and holes (0); metres are made in the step."""
     g = torch.Generator().manual_seed(seed)
     image = torch.randint(0, 256, (batch, 3, height, width), generator=g, dtype=torch.uint8)
     rows = torch.linspace(120.0, 2.0, height)[None, :, None].expand(batch, height, width)
     depth = (rows * (0.8 + 0.4 * torch.rand(batch, 1, 1, generator=g))).contiguous()
+    raw = torch.round(depth / 0.01).to(torch.int32)
     sky = torch.zeros(batch, height, width, dtype=torch.bool)
     sky[:, : height // 5] = True
-    depth[sky] = math.inf
-    depth[:, -2:, : width // 8] = 0.0
+    raw[sky] = 65535
+    raw[:, -2:, : width // 8] = 0
     return {
         "image": image.to(device),
-        "depth": depth.to(device),
+        "depth_raw": raw.to(torch.int16).to(device),  # the low 16 bits: uint16 as int16
+        "depth_scale": torch.full((batch,), 0.01).to(device),
         "sky": sky.to(device),
-        "no_measurement": (depth <= 0).to(device),
         "bad_samples": torch.tensor(0),
     }
 

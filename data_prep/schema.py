@@ -135,8 +135,22 @@ def raw_to_depth(depth_raw: np.ndarray, depth_scale: float) -> np.ndarray:
     return depth
 
 
+# PNG row filters chosen for the training side's decode time: on dense 16-bit depth the fast
+# filters (none/sub/up) decode about 20 % faster than the default adaptive set (which picks Paeth)
+# at the same size, and on sparse (KITTI) depth they are the same; an unfiltered sky mask decodes
+# in about 60 % of the time at the same size. Older OpenCV without the flag writes its default.
+_PNG_FILTER = getattr(cv2, "IMWRITE_PNG_FILTER", None)
+PNG_PARAMS = {
+    "depth": [cv2.IMWRITE_PNG_COMPRESSION, 3]
+    + ([_PNG_FILTER, cv2.IMWRITE_PNG_FAST_FILTERS] if _PNG_FILTER is not None else []),
+    "sky": [cv2.IMWRITE_PNG_COMPRESSION, 3]
+    + ([_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE] if _PNG_FILTER is not None else []),
+    "rgb": [cv2.IMWRITE_PNG_COMPRESSION, 3],
+}
+
+
 def _encode_png(img: np.ndarray, what: str, key: str) -> bytes:
-    ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    ok, buf = cv2.imencode(".png", img, PNG_PARAMS[what])
     if not ok:
         raise SampleError(f"{key}: could not encode {what} as PNG")
     return buf.tobytes()
@@ -206,20 +220,26 @@ def _get(sample: dict, name: str) -> Any:
     return v
 
 
-def _decode_image(data: Any, key: str, what: str) -> np.ndarray:
+# JPEG straight to RGB order (OpenCV >= 4.10): no BGR -> RGB pass over the whole frame.
+_JPEG_RGB_FLAG = getattr(cv2, "IMREAD_COLOR_RGB", None)
+
+
+def _decode_image(data: Any, key: str, what: str, flag: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
     if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
         raise SampleError(f"{key}: {what} is empty or not bytes")
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
     if img is None:
         raise SampleError(f"{key}: {what} cannot be decoded")
     return img
 
 
-def decode_sample(sample: dict) -> dict:
+def decode_sample(sample: dict, metres: bool = True) -> dict:
     """Inverse of ``encode_sample`` on a raw webdataset dict (bytes values).
 
     Returns ``{"key", "rgb" (uint8 HxWx3 RGB), "depth_raw" (uint16 HxW), "depth" (float32 m,
     0 = no measurement, +inf at 65535), "sky" (bool HxW), "meta"}``; raises SampleError.
+    ``metres=False`` leaves out "depth": a training crop converts only its own pixels
+    (``raw_to_depth`` commutes with cropping, flipping and nearest-neighbour resizing).
     """
     key = sample.get("__key__", "?")
     if not isinstance(key, str):
@@ -243,10 +263,13 @@ def decode_sample(sample: dict) -> dict:
     if depth_b is None:
         raise SampleError(f"{key}: missing depth.png")
 
-    img = _decode_image(rgb_b, key, rgb_name)
+    jpeg_rgb = rgb_name == "rgb.jpg" and _JPEG_RGB_FLAG is not None
+    img = _decode_image(rgb_b, key, rgb_name, _JPEG_RGB_FLAG if jpeg_rgb else cv2.IMREAD_UNCHANGED)
     if img.dtype != np.uint8:
         raise SampleError(f"{key}: {rgb_name} is {img.dtype}, expected 8-bit")
-    if img.ndim == 2:
+    if jpeg_rgb:
+        rgb = img  # already 3-channel RGB, grey JPEGs included
+    elif img.ndim == 2:
         rgb = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
     elif img.shape[2] == 3:
         rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
@@ -278,11 +301,7 @@ def decode_sample(sample: dict) -> dict:
             raise SampleError(f"{key}: sky.png is {s.shape[1]}x{s.shape[0]} but meta says {w}x{h}")
         sky = s > 127
 
-    return {
-        "key": key,
-        "rgb": rgb,
-        "depth_raw": depth_raw,
-        "depth": raw_to_depth(depth_raw, meta["depth_scale"]),
-        "sky": sky,
-        "meta": meta,
-    }
+    out = {"key": key, "rgb": rgb, "depth_raw": depth_raw, "sky": sky, "meta": meta}
+    if metres:
+        out["depth"] = raw_to_depth(depth_raw, meta["depth_scale"])
+    return out

@@ -8,9 +8,10 @@ from torch.utils.data import DataLoader
 
 from conftest import write_tiny_shards
 from curriculum.data import (
-    DataError, TrainSpec, TrainStream, ValStream, check_readers, count_samples, crop_resize, expand_shards,
-    normalize_images, train_loader,
+    DataError, TrainSpec, TrainStream, ValStream, batch_to_metres, check_readers, count_samples, crop_resize,
+    depth_to_metres, expand_shards, normalize_images, train_loader,
 )
+from data_prep.schema import FAR_RAW, raw_to_depth
 
 
 def _spec(**kw):
@@ -41,6 +42,8 @@ def test_far_value_survives_to_the_batch(tiny_shards):
     _, _, train, _ = tiny_shards
     stream = TrainStream(train, _spec(batches_per_rank=2, crop_height=56, crop_width=112, hflip=False), 0, 1, 0)
     batch = next(iter(stream))
+    assert batch["depth_raw"].dtype == torch.int16 and "depth" not in batch  # metres are made on the device
+    batch = batch_to_metres(batch)
     depth = batch["depth"]
     assert depth.dtype == torch.float32 and torch.isinf(depth).any()
     assert torch.equal(torch.isinf(depth), batch["sky"])  # the sky band is the 65535 band
@@ -49,6 +52,21 @@ def test_far_value_survives_to_the_batch(tiny_shards):
     assert torch.allclose(raw * 0.01, finite, atol=1e-6, rtol=0)
     assert batch["no_measurement"].any()  # the 0 hole survives as no measurement
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (2, 3, 56, 112)
+
+
+def test_device_metres_are_the_host_conversion_bit_for_bit():
+    """Raw depth crosses as int16 bits; metres made from it equal raw_to_depth exactly, over the
+    whole uint16 range (values above 32767 included) and for each sample's own scale."""
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 65536, size=(3, 9, 11), dtype=np.uint16)
+    raw[0, 0, :4] = [0, 1, 32767, 32768]
+    raw[1, 0, :3] = [65534, FAR_RAW, 0]
+    scales = [0.01, 1 / 256, 0.001]
+    depth, no_measurement = depth_to_metres(torch.from_numpy(raw.view(np.int16)), torch.tensor(scales))
+    want = np.stack([raw_to_depth(r, sc) for r, sc in zip(raw, scales)])
+    assert depth.dtype == torch.float32
+    assert np.array_equal(depth.numpy(), want)  # +inf at 65535 included
+    assert torch.equal(no_measurement, torch.from_numpy(raw == 0))
 
 
 def test_every_rank_same_batch_count_and_disjoint(tiny_shards):
@@ -90,7 +108,7 @@ def test_resume_sees_the_same_remaining_batches(tiny_shards, workers):
     assert len(full) == 8 and len(resumed) == 5
     for a, b in zip(full[3:], resumed):
         assert a["key"] == b["key"]
-        assert torch.equal(a["image"], b["image"]) and torch.equal(a["depth"], b["depth"])
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["depth_raw"], b["depth_raw"])
 
 
 @pytest.mark.parametrize("world,workers", [(2, 0), (3, 0), (2, 2)])

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from curriculum.losses import compute_loss, gradient_matching_loss, laplace_nll, silog_loss
@@ -189,6 +189,8 @@ positive = st.floats(min_value=0.01, max_value=500.0, allow_nan=False, allow_inf
 )
 def test_silog_lambda_one_invariant_to_global_scale(rows, scale):
     pred, target, weight = (torch.tensor(c, dtype=torch.float32) for c in zip(*rows))
+    # a total weight below the loss's denominator floor (e.g. 2e-16) is "no supervision", not a scale test
+    assume(float(weight.sum()) > 1e-6)
     a = silog_loss(pred, target, weight, lam=1.0).item()
     b = silog_loss(pred * scale, target, weight, lam=1.0).item()
     assert math.isfinite(a) and math.isfinite(b)
