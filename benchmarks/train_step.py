@@ -183,9 +183,9 @@ def run_mode(encoder: str, mode: str, args, device: torch.device, flops_per_imag
     row["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
     torch.manual_seed(args.seed)
     module = DepthModule(recipe).to(device)
-    if args.interpolate:
-        module.model.matmul_resize = False
-    row["resize"] = "matmul" if (device.type == "cuda" and not args.interpolate) else "interpolate"
+    module.model.matmul_resize = {"auto": None, "matmul": True, "interpolate": False}[args.resize]
+    auto_matmul = device.type == "cuda" and mode.endswith("compile")  # DepthModel's own choice
+    row["resize"] = "matmul" if args.resize == "matmul" or (args.resize == "auto" and auto_matmul) else "interpolate"
     module.train()
     batch = make_batch(batch_size, args.height, args.width, device, seed=args.seed)
     if encoder not in flops_per_image:
@@ -300,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grad-check", choices=GRAD_CHECKS, default="module",
                     help="non-finite gradient check before the optimizer step: 'module' as DepthModule does it, "
                          "or 'none' (to see what it costs)")
-    ap.add_argument("--interpolate", action="store_true",
-                    help="upsample with F.interpolate on CUDA too (default there: matrix products, curriculum.layers)")
+    ap.add_argument("--resize", choices=("auto", "matmul", "interpolate"), default="auto",
+                    help="the head's upsampling: auto = the model's choice (matrix products when compiled for "
+                         "CUDA, curriculum.layers), or force one")
     ap.add_argument("--no-cudnn-benchmark", action="store_true",
                     help="leave cuDNN's algorithm search off (default: the recipe's trainer.cudnn_benchmark)")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls in fp32 mode (off: the reference)")
@@ -383,7 +384,7 @@ def write_result(args, device: torch.device, encoders: list[str], modes: list[st
         "config": {"encoders": encoders, "modes": modes, "size": [args.height, args.width],
                    "steps": args.steps, "warmup": args.warmup, "grad_check": args.grad_check,
                    "tf32": bool(args.tf32), "grad_checkpointing": bool(args.grad_checkpointing),
-                   "interpolate": bool(args.interpolate), "no_cudnn_benchmark": bool(args.no_cudnn_benchmark),
+                   "resize": args.resize, "no_cudnn_benchmark": bool(args.no_cudnn_benchmark),
                    "fused_sdpa": _fused_attn()},
         "rows": [{k: v for k, v in r.items() if k != "profile"} for r in rows],
         "table": table,

@@ -171,7 +171,7 @@ class DPTHead(nn.Module):
         """Patch tokens (B, N, C) of the four layers -> output_conv1 features at full resolution.
 
         ``matmul_resize``: bilinear upsampling as matrix products (``curriculum.layers``), same
-        values to rounding, several times faster to train on a GPU.
+        values to rounding, faster to train when compiled for a GPU.
         """
         maps = []
         for i, x in enumerate(tokens):
@@ -253,7 +253,8 @@ class DepthModel(nn.Module):
         self.depth_head = DPTHead(self.pretrained.embed_dim, self.spec.features, self.spec.out_channels)
         self.uncertainty_head = UncertaintyHead(self.spec.features // 2) if uncertainty else None
         self._grad_checkpointing = False
-        # None: matrix-product upsampling on CUDA, F.interpolate elsewhere (see curriculum.layers)
+        # None: matrix-product upsampling when compiled for CUDA, F.interpolate otherwise (see
+        # curriculum.layers); True/False force one.
         self.matmul_resize: bool | None = None
 
     # -- introspection ------------------------------------------------------------------------
@@ -325,7 +326,11 @@ class DepthModel(nn.Module):
         if h % PATCH or w % PATCH:
             raise ValueError(f"image size {h}x{w} is not a multiple of {PATCH}")
         ph, pw = h // PATCH, w // PATCH
-        matmul_resize = x.is_cuda if self.matmul_resize is None else bool(self.matmul_resize)
+        matmul_resize = self.matmul_resize
+        if matmul_resize is None:
+            # Measured on an H200 (benchmarks/RESULTS.md): compiled, the matrix products win by a
+            # third of a vits step; eager, their layout copies cost more than the atomics they save.
+            matmul_resize = x.is_cuda and torch.compiler.is_compiling()
         feats = self.depth_head.features(self._intermediate_tokens(x, ph, pw), ph, pw, matmul_resize)
         oc2 = self.depth_head.scratch.output_conv2
         hidden = oc2[1](oc2[0](feats))

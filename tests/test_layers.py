@@ -65,3 +65,27 @@ def test_resize_bilinear_under_bf16_autocast_within_bf16_noise():
         got = resize_bilinear(x.to(torch.bfloat16), (21, 21), matmul=True)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_depth_model_picks_the_resize_path(monkeypatch):
+    """Eager (and any CPU run) keeps F.interpolate; matmul_resize=True forces the matrix products."""
+    import curriculum.model as model_module
+    from curriculum.model import build_model
+
+    seen = []
+    real = model_module.resize_bilinear
+
+    def recording(x, size, matmul=True):
+        seen.append(matmul)
+        return real(x, size, matmul=matmul)
+
+    monkeypatch.setattr(model_module, "resize_bilinear", recording)
+    model = build_model({"encoder": "tiny", "head": "log", "min_depth": 0.1, "max_depth": 1000.0}).eval()
+    x = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        model(x)
+        assert seen and not any(seen)
+        seen.clear()
+        model.matmul_resize = True
+        model(x)
+    assert seen and all(seen)
