@@ -43,6 +43,10 @@ class DataConfig:
     scale_jitter: float = 0.0  # extra random zoom in [1, 1 + scale_jitter]
     hflip: bool = True
     color_jitter: float = 0.0  # brightness/contrast/saturation amplitude, image only
+    # Resize the crops on the training device instead of in the loader workers: a worker then
+    # ships half the bytes and skips the resize. Depth and sky come out identical, the image
+    # within one grey level; colour jitter is applied to the crop before resizing.
+    device_resize: bool = False
     shuffle_buffer: int = 256
     epoch_samples: int = 0  # samples per epoch over all ranks; 0 = the shard index total
     max_bad_samples: int = 100  # per worker; beyond it the run stops naming the shard

@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.gopen import gopen
@@ -95,17 +96,39 @@ def count_samples(urls: list[str]) -> int | None:
 # ---------------------------------------------------------------------------- transforms
 
 
+def crop_window(h: int, w: int, out_h: int, out_w: int, rng: np.random.Generator, scale_jitter=0.0, hflip=True):
+    """(y0, x0, ch, cw, flip) of a random crop of a lower-bound resize, in source pixels.
+
+    The crop of the frame that, resized to (out_h, out_w), equals cropping the frame resized so
+    that it covers (out_h, out_w) (times a random zoom in [1, 1 + scale_jitter]).
+    """
+    scale = max(out_h / h, out_w / w) * (1.0 + rng.uniform(0.0, scale_jitter) if scale_jitter > 0 else 1.0)
+    ch, cw = min(h, max(1, round(out_h / scale))), min(w, max(1, round(out_w / scale)))
+    y0 = int(rng.integers(0, h - ch + 1))
+    x0 = int(rng.integers(0, w - cw + 1))
+    flip = bool(hflip and rng.random() < 0.5)
+    return y0, x0, ch, cw, flip
+
+
+def crop_flip(rgb, depth, sky, window):
+    """Cut the window out of the three maps and flip them as it says (no resizing)."""
+    y0, x0, ch, cw, flip = window
+    rgb, depth, sky = rgb[y0 : y0 + ch, x0 : x0 + cw], depth[y0 : y0 + ch, x0 : x0 + cw], sky[y0 : y0 + ch, x0 : x0 + cw]
+    if flip:
+        # cv2.flip writes contiguous output in one pass; copying a reversed view is several times slower
+        rgb, depth = cv2.flip(rgb, 1), cv2.flip(depth, 1)
+        sky = cv2.flip(sky.view(np.uint8), 1).view(bool)
+    return np.ascontiguousarray(rgb), np.ascontiguousarray(depth), np.ascontiguousarray(sky)
+
+
 def crop_resize(rgb, depth, sky, out_h, out_w, rng: np.random.Generator, scale_jitter=0.0, hflip=True):
     """Random crop of a lower-bound resize, done crop-first: only the crop is resized.
 
     Equivalent to resizing the frame so it covers (out_h, out_w), then cropping; depth and sky
     use nearest neighbour so no depth is interpolated across an edge.
     """
-    h, w = depth.shape
-    scale = max(out_h / h, out_w / w) * (1.0 + rng.uniform(0.0, scale_jitter) if scale_jitter > 0 else 1.0)
-    ch, cw = min(h, max(1, round(out_h / scale))), min(w, max(1, round(out_w / scale)))
-    y0 = int(rng.integers(0, h - ch + 1))
-    x0 = int(rng.integers(0, w - cw + 1))
+    window = crop_window(*depth.shape, out_h, out_w, rng, scale_jitter, hflip)
+    y0, x0, ch, cw, flip = window
     rgb = rgb[y0 : y0 + ch, x0 : x0 + cw]
     depth = depth[y0 : y0 + ch, x0 : x0 + cw]
     sky = sky[y0 : y0 + ch, x0 : x0 + cw]
@@ -113,11 +136,7 @@ def crop_resize(rgb, depth, sky, out_h, out_w, rng: np.random.Generator, scale_j
         rgb = cv2.resize(rgb, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
         depth = cv2.resize(depth, (out_w, out_h), interpolation=cv2.INTER_NEAREST)
         sky = cv2.resize(sky.view(np.uint8), (out_w, out_h), interpolation=cv2.INTER_NEAREST).astype(bool)
-    if hflip and rng.random() < 0.5:
-        # cv2.flip writes contiguous output in one pass; copying a reversed view is several times slower
-        rgb, depth = cv2.flip(rgb, 1), cv2.flip(depth, 1)
-        sky = cv2.flip(sky.view(np.uint8), 1).view(bool)
-    return np.ascontiguousarray(rgb), np.ascontiguousarray(depth), np.ascontiguousarray(sky)
+    return crop_flip(rgb, depth, sky, (0, 0, out_h, out_w, flip))
 
 
 def color_jitter(rgb: np.ndarray, amount: float, rng: np.random.Generator) -> np.ndarray:
@@ -161,6 +180,77 @@ def collate_train(samples: list[dict]) -> dict:
         "sky": _stack([s["sky"] for s in samples]),
         "key": [s["key"] for s in samples],
     }
+
+
+def collate_train_crops(samples: list[dict]) -> dict:
+    """Like ``collate_train`` for unresized, unflipped crops (``device_resize``): each crop is
+    padded to the batch's largest, its size and flip travel in ``crop_size`` and ``flip``, and
+    ``resize_crops`` finishes the job on the device. Crops of one frame size all have the same
+    size, so a batch is usually unpadded."""
+    sizes = [tuple(s["depth_raw"].shape) for s in samples]
+    hp, wp = max(h for h, _ in sizes), max(w for _, w in sizes)
+
+    def padded(key: str, view=None) -> torch.Tensor:
+        arrays = [s[key] if view is None else s[key].view(view) for s in samples]
+        if any(a.shape[:2] != (hp, wp) for a in arrays):
+            arrays = [np.pad(a, [(0, hp - a.shape[0]), (0, wp - a.shape[1])] + [(0, 0)] * (a.ndim - 2)) for a in arrays]
+        return _stack(arrays)
+
+    return {
+        "image": padded("rgb").permute(0, 3, 1, 2),
+        "depth_raw": padded("depth_raw", np.int16),
+        "depth_scale": torch.tensor([s["meta"]["depth_scale"] for s in samples], dtype=torch.float32),
+        "sky": padded("sky"),
+        "crop_size": sizes,  # plain ints: stays on the host, no device sync to read it
+        "flip": [s["flip"] for s in samples],
+        "key": [s["key"] for s in samples],
+    }
+
+
+def nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """Source index of each output pixel as OpenCV's INTER_NEAREST computes it (in float64), so
+    a device-side gather picks exactly the pixels ``cv2.resize`` picks."""
+    return np.minimum(np.floor(np.arange(n_out) * (1.0 / (n_out / n_in))).astype(np.int64), n_in - 1)
+
+
+def resize_crops(batch: dict, out_h: int, out_w: int) -> dict:
+    """Resize (then flip) a ``device_resize`` batch's crops to (out_h, out_w) on their device, in place.
+
+    Image: bilinear (OpenCV's INTER_LINEAR up to its fixed-point rounding, at most 1 level apart),
+    rounded back to uint8. Depth (metres, after ``batch_to_metres``), the no-measurement mask and
+    sky: nearest neighbour with OpenCV's indices, so they equal the worker-side resize exactly.
+    """
+    sizes = batch.pop("crop_size", None)
+    if sizes is None:
+        return batch
+    sizes = [(int(h), int(w)) for h, w in sizes]  # the loader may hand tuples back as lists
+    flips = [bool(f) for f in batch.pop("flip")]
+    image, maps = batch["image"], {k: batch[k] for k in ("depth", "no_measurement", "sky")}
+    dev = image.device
+
+    def one(i0: int, i1: int, h: int, w: int):
+        img = image[i0:i1, :, :h, :w]
+        if (h, w) != (out_h, out_w):
+            img = F.interpolate(img.float(), (out_h, out_w), mode="bilinear", align_corners=False, antialias=False)
+            img = img.round_().clamp_(0, 255).to(torch.uint8)
+        iy = torch.from_numpy(nearest_index(h, out_h)).to(dev)
+        ix = torch.from_numpy(nearest_index(w, out_w)).to(dev)
+        return img, {k: v[i0:i1].index_select(1, iy).index_select(2, ix) for k, v in maps.items()}
+
+    if len(set(sizes)) == 1:  # the usual case: one batched resize
+        img, out = one(0, len(sizes), *sizes[0])
+    else:
+        parts = [one(i, i + 1, h, w) for i, (h, w) in enumerate(sizes)]
+        img = torch.cat([p[0] for p in parts])
+        out = {k: torch.cat([p[1][k] for p in parts]) for k in maps}
+    out["image"] = img
+    flipped = [i for i, f in enumerate(flips) if f]
+    if flipped:  # horizontal flip after the resize, as the worker path does it
+        idx = torch.tensor(flipped, device=dev)
+        for k, v in out.items():
+            out[k] = v.index_copy(0, idx, v.index_select(0, idx).flip(-1))
+    batch.update(out)
+    return batch
 
 
 def depth_to_metres(depth_raw: torch.Tensor, depth_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,6 +371,7 @@ class TrainSpec:
     color_jitter: float = 0.0
     shuffle_buffer: int = 256
     max_bad_samples: int = 100
+    device_resize: bool = False  # ship unresized crops; resize_crops finishes them on the device
 
 
 class TrainStream(IterableDataset):
@@ -344,14 +435,21 @@ class TrainStream(IterableDataset):
                 bad(raw.get("__url__", "?"), str(exc))
                 continue
             # the raw uint16 depth travels as it is: metres are computed on the device
-            rgb, depth_raw, sky = crop_resize(
-                s["rgb"], s["depth_raw"], s["sky"], spec.crop_height, spec.crop_width, rng,
-                spec.scale_jitter, spec.hflip,
-            )
+            if spec.device_resize:
+                window = crop_window(*s["depth_raw"].shape, spec.crop_height, spec.crop_width, rng,
+                                     spec.scale_jitter, spec.hflip)
+                # flipped on the device after resizing: nearest neighbour and flipping do not commute
+                rgb, depth_raw, sky = crop_flip(s["rgb"], s["depth_raw"], s["sky"], window[:4] + (False,))
+                s["flip"] = window[4]
+            else:
+                rgb, depth_raw, sky = crop_resize(
+                    s["rgb"], s["depth_raw"], s["sky"], spec.crop_height, spec.crop_width, rng,
+                    spec.scale_jitter, spec.hflip,
+                )
             s.update(rgb=color_jitter(rgb, spec.color_jitter, rng), depth_raw=depth_raw, sky=sky)
             batch.append(s)
             if len(batch) == spec.batch_size:
-                out = collate_train(batch)
+                out = collate_train_crops(batch) if spec.device_resize else collate_train(batch)
                 out["bad_samples"] = torch.tensor(bad.take())
                 yield out
                 batch = []

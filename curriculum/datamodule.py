@@ -43,6 +43,7 @@ class DepthDataModule(pl.LightningDataModule):
                 crop_height=self.cfg["crop_height"], crop_width=self.cfg["crop_width"],
                 scale_jitter=self.cfg["scale_jitter"], hflip=self.cfg["hflip"], color_jitter=self.cfg["color_jitter"],
                 shuffle_buffer=self.cfg["shuffle_buffer"], max_bad_samples=self.cfg["max_bad_samples"],
+                device_resize=self.cfg["device_resize"],
             )
             self.train_stream = TrainStream(self.train_urls, spec, rank, world, self.seed)
         self.val_stream = ValStream(

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from curriculum.checkpoint import META_KEY, build_metadata
-from curriculum.data import batch_to_metres, normalize_images
+from curriculum.data import batch_to_metres, normalize_images, resize_crops
 from curriculum.losses import compute_loss
 from curriculum.masks import build_policy, policy_to_dict
 from curriculum.metrics import MetricAccumulator
@@ -85,6 +85,7 @@ class DepthModule(pl.LightningModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         batch_to_metres(batch)
+        resize_crops(batch, self.recipe["data"]["crop_height"], self.recipe["data"]["crop_width"])
         batch["image_uint8"] = batch["image"]
         fmt = torch.channels_last if self.recipe["model"].get("channels_last") else torch.contiguous_format
         batch["image"] = normalize_images(batch["image"]).contiguous(memory_format=fmt)

@@ -1,15 +1,18 @@
 import io
 import tarfile
 
+import cv2
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
 from conftest import write_tiny_shards
 from curriculum.data import (
     DataError, TrainSpec, TrainStream, ValStream, batch_to_metres, check_readers, count_samples, crop_resize,
-    depth_to_metres, expand_shards, normalize_images, train_loader,
+    depth_to_metres, expand_shards, nearest_index, normalize_images, resize_crops, train_loader,
 )
 from data_prep.schema import FAR_RAW, raw_to_depth
 
@@ -182,3 +185,31 @@ def test_normalize_images():
     y = normalize_images(x)
     assert y.dtype == torch.float32
     assert torch.allclose(y[0, :, 0, 0], (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
+
+
+@given(st.integers(1, 600), st.integers(1, 600))
+@settings(max_examples=80, deadline=None)
+def test_nearest_index_is_opencv_inter_nearest(n_in, n_out):
+    src = np.arange(n_in, dtype=np.float32)[None, :].repeat(2, axis=0)
+    want = cv2.resize(src, (n_out, 2), interpolation=cv2.INTER_NEAREST)[0]
+    assert np.array_equal(src[0][nearest_index(n_in, n_out)], want)
+
+
+@pytest.mark.parametrize("scale_jitter", [0.0, 0.4])  # 0.4: crops of several sizes in a batch (padded)
+def test_device_resize_matches_the_worker_resize(tiny_shards, scale_jitter):
+    """Unresized crops finished by resize_crops: the same keys and windows as the worker path,
+    depth / sky / no-measurement identical, the image within one grey level."""
+    _, _, train, _ = tiny_shards
+    kw = dict(batches_per_rank=4, crop_height=42, crop_width=70, scale_jitter=scale_jitter, hflip=True)
+    worker = [batch_to_metres(b) for b in TrainStream(train, _spec(**kw), 0, 1, 7)]
+    device = list(TrainStream(train, _spec(device_resize=True, **kw), 0, 1, 7))
+    assert all("crop_size" in b for b in device)
+    if scale_jitter:
+        assert any(len(set(b["crop_size"])) > 1 for b in device)
+    for w, d in zip(worker, device):
+        d = resize_crops(batch_to_metres(d), 42, 70)
+        assert w["key"] == d["key"] and "crop_size" not in d
+        assert d["image"].dtype == torch.uint8 and d["image"].shape == w["image"].shape == (2, 3, 42, 70)
+        assert (d["image"].int() - w["image"].int()).abs().max() <= 1
+        for k in ("depth", "sky", "no_measurement"):
+            assert d[k].shape == w[k].shape and torch.equal(d[k], w[k]), k

@@ -42,6 +42,15 @@ def test_curriculum_switches_policy_at_the_exact_step(tiny_shards, tmp_path):
     assert any(k.startswith("val/near/") for k in val_rows[-1]) and "val/phantom_rate" in val_rows[-1]
 
 
+def test_device_resize_trains(tiny_shards, tmp_path):
+    """data.device_resize: crops of several sizes cross unresized and DepthModule finishes them."""
+    result = train(_recipe(tiny_shards, tmp_path / "run", "stages.0.steps=2", "stages.1.steps=1",
+                           "data.device_resize=true", "data.scale_jitter=0.4", "data.num_workers=1"))
+    assert result["global_step"] == 3
+    losses = [float(r["train/loss"]) for r in _metrics(tmp_path / "run") if r.get("train/loss")]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
 def test_stage_two_starts_from_stage_one_weights_with_fresh_optimizer(tiny_shards, tmp_path):
     pre = train(_recipe(tiny_shards, tmp_path / "pre", "stages.0.steps=3", files=("smoke.yaml", "pretrain.yaml")))
     pre_ckpt = read_checkpoint(pre["checkpoint"])
