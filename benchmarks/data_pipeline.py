@@ -6,7 +6,7 @@ WebDataset shards (ours, the very same jpg and png bytes plus sky.png and meta.j
 worker count both loaders produce batches of 518x518 training crops:
 
 - ours: ``curriculum.data.TrainStream`` + ``train_loader`` as training runs them (decode, crop
-  first and resize only the crop, flip; uint8 images and raw 16-bit depth in the batch:
+  first and resize only the crop, bicubic as the reference, flip; uint8 images and raw 16-bit depth in the batch:
   normalisation and metres happen on the device). On a GPU machine each batch is also moved to
   the GPU and finished there (metres; with ``--device-resize``, the default there, resizing the
   crops), synchronised, inside the timing. Without a GPU that device-side work is not timed,

@@ -133,7 +133,7 @@ def crop_resize(rgb, depth, sky, out_h, out_w, rng: np.random.Generator, scale_j
     depth = depth[y0 : y0 + ch, x0 : x0 + cw]
     sky = sky[y0 : y0 + ch, x0 : x0 + cw]
     if (ch, cw) != (out_h, out_w):
-        rgb = cv2.resize(rgb, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+        rgb = cv2.resize(rgb, (out_w, out_h), interpolation=cv2.INTER_CUBIC)  # as Depth-Anything-V2
         depth = cv2.resize(depth, (out_w, out_h), interpolation=cv2.INTER_NEAREST)
         sky = cv2.resize(sky.view(np.uint8), (out_w, out_h), interpolation=cv2.INTER_NEAREST).astype(bool)
     return crop_flip(rgb, depth, sky, (0, 0, out_h, out_w, flip))
@@ -216,7 +216,7 @@ def nearest_index(n_in: int, n_out: int) -> np.ndarray:
 def resize_crops(batch: dict, out_h: int, out_w: int) -> dict:
     """Resize (then flip) a ``device_resize`` batch's crops to (out_h, out_w) on their device, in place.
 
-    Image: bilinear (OpenCV's INTER_LINEAR up to its fixed-point rounding, at most 1 level apart),
+    Image: bicubic (OpenCV's INTER_CUBIC up to its fixed-point rounding, at most 1 level apart),
     rounded back to uint8. Depth (metres, after ``batch_to_metres``), the no-measurement mask and
     sky: nearest neighbour with OpenCV's indices, so they equal the worker-side resize exactly.
     """
@@ -231,7 +231,7 @@ def resize_crops(batch: dict, out_h: int, out_w: int) -> dict:
     def one(i0: int, i1: int, h: int, w: int):
         img = image[i0:i1, :, :h, :w]
         if (h, w) != (out_h, out_w):
-            img = F.interpolate(img.float(), (out_h, out_w), mode="bilinear", align_corners=False, antialias=False)
+            img = F.interpolate(img.float(), (out_h, out_w), mode="bicubic", align_corners=False)
             img = img.round_().clamp_(0, 255).to(torch.uint8)
         iy = torch.from_numpy(nearest_index(h, out_h)).to(dev)
         ix = torch.from_numpy(nearest_index(w, out_w)).to(dev)
