@@ -244,11 +244,10 @@ def resize_crops(batch: dict, out_h: int, out_w: int) -> dict:
         img = torch.cat([p[0] for p in parts])
         out = {k: torch.cat([p[1][k] for p in parts]) for k in maps}
     out["image"] = img
-    flipped = [i for i, f in enumerate(flips) if f]
-    if flipped:  # horizontal flip after the resize, as the worker path does it
-        idx = torch.tensor(flipped, device=dev)
+    if any(flips):  # horizontal flip after the resize, as the worker path does it
+        flip = torch.tensor(flips, device=dev)
         for k, v in out.items():
-            out[k] = v.index_copy(0, idx, v.index_select(0, idx).flip(-1))
+            out[k] = torch.where(flip.view(-1, *([1] * (v.dim() - 1))), v.flip(-1), v)
     batch.update(out)
     return batch
 

@@ -328,8 +328,8 @@ class DepthModel(nn.Module):
         ph, pw = h // PATCH, w // PATCH
         matmul_resize = self.matmul_resize
         if matmul_resize is None:
-            # Measured on an H200 (benchmarks/RESULTS.md): compiled, the matrix products win by a
-            # third of a vits step; eager, their layout copies cost more than the atomics they save.
+            # Measured on an H200 (benchmarks/RESULTS.md): compiled, the matrix products make a vits
+            # step a quarter shorter; eager, their layout copies cost more than the atomics they save.
             matmul_resize = x.is_cuda and torch.compiler.is_compiling()
         feats = self.depth_head.features(self._intermediate_tokens(x, ph, pw), ph, pw, matmul_resize)
         oc2 = self.depth_head.scratch.output_conv2
