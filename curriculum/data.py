@@ -18,6 +18,7 @@ Design, against the traps of webdataset under DDP (see PITFALLS.md 1-9):
 """
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import multiprocessing as mp
@@ -213,6 +214,11 @@ def nearest_index(n_in: int, n_out: int) -> np.ndarray:
     return np.minimum(np.floor(np.arange(n_out) * (1.0 / (n_out / n_in))).astype(np.int64), n_in - 1)
 
 
+@functools.lru_cache(maxsize=64)
+def _nearest_index_on(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(nearest_index(n_in, n_out)).to(device)  # a handful of crop sizes per run
+
+
 def resize_crops(batch: dict, out_h: int, out_w: int) -> dict:
     """Resize (then flip) a ``device_resize`` batch's crops to (out_h, out_w) on their device, in place.
 
@@ -233,8 +239,7 @@ def resize_crops(batch: dict, out_h: int, out_w: int) -> dict:
         if (h, w) != (out_h, out_w):
             img = F.interpolate(img.float(), (out_h, out_w), mode="bicubic", align_corners=False)
             img = img.round_().clamp_(0, 255).to(torch.uint8)
-        iy = torch.from_numpy(nearest_index(h, out_h)).to(dev)
-        ix = torch.from_numpy(nearest_index(w, out_w)).to(dev)
+        iy, ix = _nearest_index_on(h, out_h, dev), _nearest_index_on(w, out_w, dev)
         return img, {k: v[i0:i1].index_select(1, iy).index_select(2, ix) for k, v in maps.items()}
 
     if len(set(sizes)) == 1:  # the usual case: one batched resize
