@@ -167,10 +167,12 @@ def _stack(arrays: list[np.ndarray]) -> torch.Tensor:
 
 
 def collate_train(samples: list[dict]) -> dict:
-    """uint8 images and raw uint16 depth (as int16 bits) with each sample's depth scale.
+    """uint8 images, raw uint16 depth (as int16 bits) with each sample's depth scale, and the sky
+    mask packed eight pixels to a byte.
 
-    Metres and the no-measurement mask are made on the device by ``batch_to_metres``: a batch
-    crosses from a worker in a third fewer bytes than with float32 depth and a second mask.
+    Metres, the no-measurement mask and the bool sky are made on the device by
+    ``batch_to_metres``: 5.1 bytes per pixel cross from a worker instead of 9 with float32 depth
+    and two bool masks.
     """
     return {
         # NCHW view of NHWC memory (channels-last): no transpose copy on the CPU; the device-side
@@ -178,9 +180,22 @@ def collate_train(samples: list[dict]) -> dict:
         "image": _stack([s["rgb"] for s in samples]).permute(0, 3, 1, 2),
         "depth_raw": _stack([s["depth_raw"].view(np.int16) for s in samples]),  # torch lacks uint16 ops
         "depth_scale": torch.tensor([s["meta"]["depth_scale"] for s in samples], dtype=torch.float32),
-        "sky": _stack([s["sky"] for s in samples]),
+        "sky_bits": _stack([pack_mask(s["sky"]) for s in samples]),
         "key": [s["key"] for s in samples],
     }
+
+
+def pack_mask(mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool -> (H, ceil(W / 8)) uint8, bit i of byte j = pixel 8 j + i: a mask crosses
+    from a loader worker in an eighth of the bytes."""
+    return np.packbits(mask, axis=-1, bitorder="little")
+
+
+def unpack_mask(bits: torch.Tensor, width: int) -> torch.Tensor:
+    """Inverse of ``pack_mask`` for a (..., ceil(W / 8)) uint8 tensor, on its device."""
+    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
+    out = (bits.unsqueeze(-1) >> shifts).bitwise_and_(1).bool()
+    return out.flatten(-2)[..., :width]
 
 
 def collate_train_crops(samples: list[dict]) -> dict:
@@ -192,20 +207,24 @@ def collate_train_crops(samples: list[dict]) -> dict:
     hp, wp = max(h for h, _ in sizes), max(w for _, w in sizes)
 
     def padded(key: str, view=None) -> torch.Tensor:
-        arrays = [s[key] if view is None else s[key].view(view) for s in samples]
-        if any(a.shape[:2] != (hp, wp) for a in arrays):
-            arrays = [np.pad(a, [(0, hp - a.shape[0]), (0, wp - a.shape[1])] + [(0, 0)] * (a.ndim - 2)) for a in arrays]
-        return _stack(arrays)
+        return _stack(_pad_all([s[key] if view is None else s[key].view(view) for s in samples], hp, wp))
 
     return {
         "image": padded("rgb").permute(0, 3, 1, 2),
         "depth_raw": padded("depth_raw", np.int16),
         "depth_scale": torch.tensor([s["meta"]["depth_scale"] for s in samples], dtype=torch.float32),
-        "sky": padded("sky"),
+        "sky_bits": _stack([pack_mask(m) for m in _pad_all([s["sky"] for s in samples], hp, wp)]),
         "crop_size": sizes,  # plain ints: stays on the host, no device sync to read it
         "flip": [s["flip"] for s in samples],
         "key": [s["key"] for s in samples],
     }
+
+
+def _pad_all(arrays: list[np.ndarray], hp: int, wp: int) -> list[np.ndarray]:
+    """Zero-pad (H, W, ...) arrays at the bottom and right to (hp, wp, ...)."""
+    if all(a.shape[:2] == (hp, wp) for a in arrays):
+        return arrays
+    return [np.pad(a, [(0, hp - a.shape[0]), (0, wp - a.shape[1])] + [(0, 0)] * (a.ndim - 2)) for a in arrays]
 
 
 def nearest_index(n_in: int, n_out: int) -> np.ndarray:
@@ -268,9 +287,12 @@ def depth_to_metres(depth_raw: torch.Tensor, depth_scale: torch.Tensor) -> tuple
 
 
 def batch_to_metres(batch: dict) -> dict:
-    """Replace a training batch's raw depth by metres and the no-measurement mask (in place)."""
+    """Replace a training batch's raw depth by metres and the no-measurement mask, and its
+    packed sky by a bool mask (in place)."""
     if "depth_raw" in batch:
         batch["depth"], batch["no_measurement"] = depth_to_metres(batch.pop("depth_raw"), batch.pop("depth_scale"))
+    if "sky_bits" in batch:
+        batch["sky"] = unpack_mask(batch.pop("sky_bits"), batch["depth"].shape[-1])
     return batch
 
 

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 from conftest import write_tiny_shards
 from curriculum.data import (
     DataError, TrainSpec, TrainStream, ValStream, batch_to_metres, check_readers, count_samples, crop_resize,
-    depth_to_metres, expand_shards, nearest_index, normalize_images, resize_crops, train_loader,
+    depth_to_metres, expand_shards, nearest_index, normalize_images, pack_mask, resize_crops, train_loader,
+    unpack_mask,
 )
 from data_prep.schema import FAR_RAW, raw_to_depth
 
@@ -46,6 +47,7 @@ def test_far_value_survives_to_the_batch(tiny_shards):
     stream = TrainStream(train, _spec(batches_per_rank=2, crop_height=56, crop_width=112, hflip=False), 0, 1, 0)
     batch = next(iter(stream))
     assert batch["depth_raw"].dtype == torch.int16 and "depth" not in batch  # metres are made on the device
+    assert batch["sky_bits"].dtype == torch.uint8 and batch["sky_bits"].shape == (2, 56, 14)  # 112 px / 8
     batch = batch_to_metres(batch)
     depth = batch["depth"]
     assert depth.dtype == torch.float32 and torch.isinf(depth).any()
@@ -213,3 +215,12 @@ def test_device_resize_matches_the_worker_resize(tiny_shards, scale_jitter):
         assert (d["image"].int() - w["image"].int()).abs().max() <= 1
         for k in ("depth", "sky", "no_measurement"):
             assert d[k].shape == w[k].shape and torch.equal(d[k], w[k]), k
+
+
+@given(st.integers(1, 7), st.integers(1, 40), st.integers(0, 2**32 - 1))
+@settings(max_examples=50, deadline=None)
+def test_packed_masks_unpack_to_the_same_mask(h, w, seed):
+    mask = np.random.default_rng(seed).random((3, h, w)) < 0.5
+    bits = torch.from_numpy(np.stack([pack_mask(m) for m in mask]))
+    assert bits.dtype == torch.uint8 and bits.shape == (3, h, (w + 7) // 8)
+    assert torch.equal(unpack_mask(bits, w), torch.from_numpy(mask))
