@@ -110,3 +110,26 @@ def test_data_pipeline_main_cpu(data_pipeline, tmp_path):
                                "--workers", "0", "--batches", "1", "--ref-batches", "1", "--repeats", "1",
                                "--cache", str(tmp_path / "cache"), "--json", str(out)]) == 0
     assert sorted((tmp_path / "cache").rglob("*")) == files
+
+
+def test_train_step_profile_and_resize_switch(train_step, tmp_path):
+    out = tmp_path / "ts.json"
+    rc = train_step.main(["--encoders", "tiny", "--size", "28x42", "--batch", "1", "--steps", "1", "--warmup", "1",
+                          "--modes", "fp32", "--device", "cpu", "--resize", "matmul", "--profile", "tiny:fp32",
+                          "--profile-steps", "1", "--json", str(out)])
+    assert rc == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["resize"] == "matmul" and "profile" not in row  # the table goes to its own file
+    profile = (tmp_path / "ts.profile.txt").read_text()
+    assert profile.startswith("== tiny fp32 batch 1") and "aten::" in profile
+
+
+def test_data_pipeline_device_resize_on_cpu(data_pipeline, tmp_path):
+    out = tmp_path / "dp.json"
+    rc = data_pipeline.main(["--frames", "4", "--width", "124", "--height", "38", "--crop", "42", "--batch", "2",
+                             "--workers", "0", "--batches", "2", "--ref-batches", "1", "--repeats", "1",
+                             "--device-resize", "on", "--cache", str(tmp_path / "cache"), "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["device_resize"] is True and result["config"]["device"] == "cpu"
+    assert result["rows"][0]["ours_samples"] == 4
