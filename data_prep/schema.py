@@ -20,6 +20,7 @@ import re
 from typing import Any
 
 import cv2
+import imagecodecs
 import numpy as np
 
 SCHEMA_VERSION = 1
@@ -233,6 +234,17 @@ def _decode_image(data: Any, key: str, what: str, flag: int = cv2.IMREAD_UNCHANG
     return img
 
 
+def _decode_mask_png(data: Any, key: str, what: str) -> np.ndarray:
+    """depth.png / sky.png (single channel): imagecodecs' libpng + zlib-ng decodes them in about
+    85 % of OpenCV's time, to the same values (PNG is lossless)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
+        raise SampleError(f"{key}: {what} is empty or not bytes")
+    try:
+        return imagecodecs.png_decode(bytes(data) if isinstance(data, memoryview) else data)
+    except Exception as exc:  # PngError and friends: a bad file, never a reason to stop
+        raise SampleError(f"{key}: {what} cannot be decoded ({type(exc).__name__})") from None
+
+
 def decode_sample(sample: dict, metres: bool = True) -> dict:
     """Inverse of ``encode_sample`` on a raw webdataset dict (bytes values).
 
@@ -280,7 +292,7 @@ def decode_sample(sample: dict, metres: bool = True) -> dict:
     if rgb.shape[:2] != (h, w):
         raise SampleError(f"{key}: {rgb_name} is {rgb.shape[1]}x{rgb.shape[0]} but meta says {w}x{h}")
 
-    depth_raw = _decode_image(depth_b, key, "depth.png")
+    depth_raw = _decode_mask_png(depth_b, key, "depth.png")
     if depth_raw.dtype != np.uint16:
         raise SampleError(f"{key}: depth.png is {depth_raw.dtype}, expected 16-bit (uint16)")
     if depth_raw.ndim != 2:
@@ -294,7 +306,7 @@ def decode_sample(sample: dict, metres: bool = True) -> dict:
     if sky_b is None:
         sky = np.zeros((h, w), dtype=bool)
     else:
-        s = _decode_image(sky_b, key, "sky.png")
+        s = _decode_mask_png(sky_b, key, "sky.png")
         if s.dtype != np.uint8 or s.ndim != 2:
             raise SampleError(f"{key}: sky.png must be 8-bit single-channel, got {s.dtype} {s.shape}")
         if s.shape != (h, w):
