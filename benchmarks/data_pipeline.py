@@ -45,9 +45,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from machine import cpu_model  # noqa: E402
 from reference_loader import reference_loader  # noqa: E402
 
-from curriculum.data import TrainSpec, TrainStream, batch_to_metres, resize_crops, train_loader  # noqa: E402
+from curriculum.data import TrainSpec, TrainStream, finish_train_batch, train_loader  # noqa: E402
 from data_prep.schema import PNG_PARAMS, depth_to_raw, encode_sample, make_key  # noqa: E402
 from data_prep.writer import ShardWriter  # noqa: E402
 
@@ -61,17 +62,6 @@ JPEG_QUALITY = 95
 def default_cache() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "curriculum-depth" / "bench-frames"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------- frames
@@ -149,8 +139,9 @@ def _cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _time_batches(loader, batches: int, batch_size: int) -> tuple[int, float, float]:
-    """(samples, wall seconds, CPU seconds) of ``batches`` batches, worker start and stop included.
+def _time_batches(loader, batches: int, batch_size: int, finish=None) -> tuple[int, float, float]:
+    """(samples, wall seconds, CPU seconds) of ``batches`` batches, worker start and stop included;
+    ``finish(batch)``, if given, runs on each batch inside the timing.
 
     CPU time counts the main process and every worker; workers are joined before it is read, so
     it stays meaningful on a machine shared with other jobs, where wall time is not.
@@ -160,9 +151,11 @@ def _time_batches(loader, batches: int, batch_size: int) -> tuple[int, float, fl
     it = iter(loader)
     for _ in range(batches):
         b = next(it)
+        if finish is not None:
+            b = finish(b)
         seen += int(b["image"].shape[0])
     dt = time.perf_counter() - t0
-    shutdown = getattr(it, "_shutdown_workers", None) or getattr(loader, "_shutdown_workers", None)
+    shutdown = getattr(it, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()  # join the workers so that their CPU time is counted
     cpu = _cpu_seconds() - c0
@@ -172,23 +165,18 @@ def _time_batches(loader, batches: int, batch_size: int) -> tuple[int, float, fl
     return seen, dt, cpu
 
 
-class _Finished:
-    """Our loader followed by what DepthModule does to each batch on arrival (transfer, metres,
-    resizing the crops with ``device_resize``), synchronised on CUDA, so that work is timed too."""
+def _finish_on(device: torch.device, crop: int):
+    """What DepthModule does to each batch on arrival (transfer, metres, resizing the crops with
+    ``device_resize``), synchronised on CUDA."""
 
-    def __init__(self, loader, device: torch.device, crop: int):
-        self.loader, self.device, self.crop = loader, device, crop
+    def finish(batch: dict) -> dict:
+        batch = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        finish_train_batch(batch, crop, crop)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return batch
 
-    def __iter__(self):
-        it = iter(self.loader)
-        self._shutdown_workers = getattr(it, "_shutdown_workers", None)
-        for batch in it:
-            batch = {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                     for k, v in batch.items()}
-            resize_crops(batch_to_metres(batch), self.crop, self.crop)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            yield batch
+    return finish
 
 
 def measure_ours(urls: list[str], workers: int, batches: int, batch_size: int, crop: int, seed: int = 0,
@@ -197,11 +185,10 @@ def measure_ours(urls: list[str], workers: int, batches: int, batch_size: int, c
                      scale_jitter=0.0, hflip=True, color_jitter=0.0, shuffle_buffer=16, device_resize=device_resize)
     stream = TrainStream(urls, spec, rank=0, world_size=1, seed=seed)
     loader = train_loader(stream, lambda: 0, num_workers=workers)
-    if device.type == "cuda" or device_resize:
-        # On a GPU machine the device-side finish is timed (it costs GPU, not CPU, time); without
-        # one it is left out, as the normalisation is, unless device_resize moves CPU work there.
-        loader = _Finished(loader, device, crop)
-    return _time_batches(loader, batches, batch_size)
+    # On a GPU machine the device-side finish is timed (it costs GPU, not CPU, time); without one
+    # it is left out, as the normalisation is, unless device_resize moves CPU work there.
+    finish = _finish_on(device, crop) if device.type == "cuda" or device_resize else None
+    return _time_batches(loader, batches, batch_size, finish)
 
 
 def measure_reference(pairs, workers: int, batches: int, batch_size: int, crop: int, seed: int = 0):

@@ -29,7 +29,6 @@ import argparse
 import datetime as _dt
 import gc
 import json
-import math
 import os
 import platform
 import sys
@@ -41,11 +40,14 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from curriculum.config import load_recipe, to_plain
-from curriculum.losses import compute_loss
-from curriculum.module import DepthModule
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import cpu_model  # noqa: E402
+
+from curriculum.config import load_recipe, to_plain  # noqa: E402
+from curriculum.losses import compute_loss  # noqa: E402
+from curriculum.module import DepthModule  # noqa: E402
 RECIPES = ROOT / "recipes"
 MODES = ("fp32", "bf16", "bf16-compile")
 GPU_ENCODERS = ("vits", "vitb", "vitl")
@@ -273,17 +275,6 @@ def _list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--encoders", type=_list, default=None, help="default: vits,vitb,vitl on CUDA, tiny on CPU")
@@ -376,8 +367,8 @@ def write_result(args, device: torch.device, encoders: list[str], modes: list[st
         "benchmark": "train_step",
         "date": _dt.date.today().isoformat(),
         "machine": {
-            "device": torch.cuda.get_device_name(device) if on_gpu else f"CPU: {_cpu_model()}",
-            "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(device) if on_gpu else f"CPU: {cpu_model()}",
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(),
         },
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "numpy": np.__version__},
