@@ -199,25 +199,18 @@ def unpack_mask(bits: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def collate_train_crops(samples: list[dict]) -> dict:
-    """Like ``collate_train`` for unresized, unflipped crops (``device_resize``): each crop is
-    padded to the batch's largest, its size and flip travel in ``crop_size`` and ``flip``, and
+    """``collate_train`` for unresized, unflipped crops (``device_resize``): each crop is padded
+    to the batch's largest, its size and flip travel in ``crop_size`` and ``flip``, and
     ``resize_crops`` finishes the job on the device. Crops of one frame size all have the same
     size, so a batch is usually unpadded."""
     sizes = [tuple(s["depth_raw"].shape) for s in samples]
     hp, wp = max(h for h, _ in sizes), max(w for _, w in sizes)
-
-    def padded(key: str, view=None) -> torch.Tensor:
-        return _stack(_pad_all([s[key] if view is None else s[key].view(view) for s in samples], hp, wp))
-
-    return {
-        "image": padded("rgb").permute(0, 3, 1, 2),
-        "depth_raw": padded("depth_raw", np.int16),
-        "depth_scale": torch.tensor([s["meta"]["depth_scale"] for s in samples], dtype=torch.float32),
-        "sky_bits": _stack([pack_mask(m) for m in _pad_all([s["sky"] for s in samples], hp, wp)]),
-        "crop_size": sizes,  # plain ints: stays on the host, no device sync to read it
-        "flip": [s["flip"] for s in samples],
-        "key": [s["key"] for s in samples],
-    }
+    maps = {k: _pad_all([s[k] for s in samples], hp, wp) for k in ("rgb", "depth_raw", "sky")}
+    padded = [{**s, **{k: maps[k][i] for k in maps}} for i, s in enumerate(samples)]
+    out = collate_train(padded)
+    out["crop_size"] = sizes  # plain ints: stays on the host, no device sync to read it
+    out["flip"] = [s["flip"] for s in samples]
+    return out
 
 
 def _pad_all(arrays: list[np.ndarray], hp: int, wp: int) -> list[np.ndarray]:
@@ -284,6 +277,12 @@ def depth_to_metres(depth_raw: torch.Tensor, depth_scale: torch.Tensor) -> tuple
     depth = raw.to(torch.float32) * depth_scale.to(device=raw.device, dtype=torch.float32).view(-1, 1, 1)
     depth = depth.masked_fill(raw == FAR_RAW, float("inf"))
     return depth, raw == 0
+
+
+def finish_train_batch(batch: dict, out_h: int, out_w: int) -> dict:
+    """What a training batch needs on its device before the model: metres, masks and, with
+    ``device_resize``, the resized crops (in place; uint8 images stay uint8)."""
+    return resize_crops(batch_to_metres(batch), out_h, out_w)
 
 
 def batch_to_metres(batch: dict) -> dict:

@@ -12,13 +12,12 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from curriculum.checkpoint import META_KEY, build_metadata
-from curriculum.data import batch_to_metres, normalize_images, resize_crops
+from curriculum.data import finish_train_batch, normalize_images
 from curriculum.losses import compute_loss
 from curriculum.masks import build_policy, policy_to_dict
 from curriculum.metrics import MetricAccumulator
@@ -84,8 +83,7 @@ class DepthModule(pl.LightningModule):
         return batch
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
-        batch_to_metres(batch)
-        resize_crops(batch, self.recipe["data"]["crop_height"], self.recipe["data"]["crop_width"])
+        finish_train_batch(batch, self.recipe["data"]["crop_height"], self.recipe["data"]["crop_width"])
         batch["image_uint8"] = batch["image"]
         fmt = torch.channels_last if self.recipe["model"].get("channels_last") else torch.contiguous_format
         batch["image"] = normalize_images(batch["image"]).contiguous(memory_format=fmt)
