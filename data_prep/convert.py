@@ -2,7 +2,7 @@
 
 A converter lists its frames as ``Frame`` records (picklable: paths and small parameters), and
 provides a module-level ``load(frame, opts) -> sample dict`` that reads the source files and
-calls ``schema.encode_sample``. ``run`` maps ``load`` over the frames in a process pool, writes
+calls ``schema.encode_sample`` (through ``encode_frame``). ``run`` maps ``load`` over the frames in a process pool, writes
 the samples in frame order through ``ShardWriter`` and reports progress and a summary.
 
 Bad input (missing or unreadable file, size mismatch, NaN or negative depth, missing
@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .schema import SampleError
+from .schema import SampleError, encode_sample
 from .writer import ShardWriter
 
 EXIT_OK = 0
@@ -114,6 +114,23 @@ def check_same_size(rgb: np.ndarray, rgb_path: Path, other: np.ndarray, other_pa
             f"size {other.shape[1]}x{other.shape[0]} does not match rgb {rgb_path} "
             f"({rgb.shape[1]}x{rgb.shape[0]})",
         )
+
+
+def read_rgb_and_depth16(rgb_path: Path, depth_path: Path) -> tuple[np.ndarray, bytes, str, np.ndarray]:
+    """``read_rgb`` and ``read_depth_png16`` of one frame, checked to be the same size."""
+    rgb, rgb_bytes, rgb_fmt = read_rgb(Path(rgb_path))
+    depth = read_depth_png16(Path(depth_path))
+    check_same_size(rgb, rgb_path, depth, depth_path)
+    return rgb, rgb_bytes, rgb_fmt, depth
+
+
+def encode_frame(opts: dict, key: str, rgb: np.ndarray, rgb_bytes: bytes, rgb_fmt: str,
+                 depth_raw: np.ndarray, meta: dict, sky: np.ndarray | None = None) -> dict:
+    """``encode_sample`` with the RGB output the options ask for (the source bytes passed
+    through where the format allows it)."""
+    fmt, passthrough = rgb_output(opts, rgb_fmt)
+    return encode_sample(key, rgb, depth_raw, meta, sky=sky, rgb_format=fmt, jpeg_quality=opts["jpeg_quality"],
+                         rgb_bytes=rgb_bytes if passthrough else None)
 
 
 def rgb_output(opts: dict, rgb_fmt: str) -> tuple[str, bool]:

@@ -29,7 +29,7 @@ import numpy as np
 
 from . import convert
 from .convert import Frame, bad
-from .schema import depth_to_raw, encode_sample, make_key
+from .schema import depth_to_raw, make_key
 
 SOURCE = "hypersim"
 DEPTH_SCALE = 0.001
@@ -106,10 +106,7 @@ def load(frame: Frame, opts: dict) -> dict:
     frame_id = f"{q['camera']}-{q['frame']}"
     meta = {"source": SOURCE, "scene": q["scene"], "frame": frame_id, "width": w, "height": h,
             "fx": fx, "fy": fy, "cx": cx, "cy": cy, "depth_scale": scale}
-    fmt, passthrough = convert.rgb_output(opts, rgb_fmt)
-    return encode_sample(make_key(SOURCE, q["scene"], frame_id), rgb, raw, meta,
-                         rgb_format=fmt, jpeg_quality=opts["jpeg_quality"],
-                         rgb_bytes=rgb_bytes if passthrough else None)
+    return convert.encode_frame(opts, make_key(SOURCE, q["scene"], frame_id), rgb, rgb_bytes, rgb_fmt, raw, meta)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from . import convert
 from .convert import Frame, bad
-from .schema import SampleError, encode_sample, make_key
+from .schema import SampleError, make_key
 
 SOURCE = "kitti"
 DEPTH_SCALE = 1.0 / 256.0
@@ -125,18 +125,13 @@ def find_frames(raw: Path, depth_root: Path, split: Path | None = None) -> list[
 
 def load(frame: Frame, opts: dict) -> dict:
     p, q = frame.paths, frame.params
-    rgb, rgb_bytes, rgb_fmt = convert.read_rgb(Path(p["rgb"]))
-    depth = convert.read_depth_png16(Path(p["depth"]))
-    convert.check_same_size(rgb, p["rgb"], depth, p["depth"])
+    rgb, rgb_bytes, rgb_fmt, depth = convert.read_rgb_and_depth16(p["rgb"], p["depth"])
     fx, fy, cx, cy = _calib_cached(p["calib"], q["camera"])
     frame_id = q["frame"] if q["camera"] == "image_02" else f"{q['frame']}-{q['camera']}"
     h, w = depth.shape
     meta = {"source": SOURCE, "scene": q["drive"], "frame": frame_id, "width": w, "height": h,
             "fx": fx, "fy": fy, "cx": cx, "cy": cy, "depth_scale": DEPTH_SCALE, "camera": q["camera"]}
-    fmt, passthrough = convert.rgb_output(opts, rgb_fmt)
-    return encode_sample(make_key(SOURCE, q["drive"], frame_id), rgb, depth, meta,
-                         rgb_format=fmt, jpeg_quality=opts["jpeg_quality"],
-                         rgb_bytes=rgb_bytes if passthrough else None)
+    return convert.encode_frame(opts, make_key(SOURCE, q["drive"], frame_id), rgb, rgb_bytes, rgb_fmt, depth, meta)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -225,9 +225,13 @@ def _get(sample: dict, name: str) -> Any:
 _JPEG_RGB_FLAG = getattr(cv2, "IMREAD_COLOR_RGB", None)
 
 
-def _decode_image(data: Any, key: str, what: str, flag: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
+def _require_bytes(data: Any, key: str, what: str) -> None:
     if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
         raise SampleError(f"{key}: {what} is empty or not bytes")
+
+
+def _decode_image(data: Any, key: str, what: str, flag: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
+    _require_bytes(data, key, what)
     img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
     if img is None:
         raise SampleError(f"{key}: {what} cannot be decoded")
@@ -237,8 +241,7 @@ def _decode_image(data: Any, key: str, what: str, flag: int = cv2.IMREAD_UNCHANG
 def _decode_mask_png(data: Any, key: str, what: str) -> np.ndarray:
     """depth.png / sky.png (single channel): imagecodecs' libpng + zlib-ng decodes them in about
     85 % of OpenCV's time, to the same values (PNG is lossless)."""
-    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
-        raise SampleError(f"{key}: {what} is empty or not bytes")
+    _require_bytes(data, key, what)
     try:
         return imagecodecs.png_decode(bytes(data) if isinstance(data, memoryview) else data)
     except Exception as exc:  # PngError and friends: a bad file, never a reason to stop

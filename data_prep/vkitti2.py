@@ -28,7 +28,7 @@ import numpy as np
 
 from . import convert
 from .convert import Frame, bad
-from .schema import encode_sample, make_key
+from .schema import make_key
 
 SOURCE = "vkitti2"
 DEPTH_SCALE = 0.01
@@ -102,9 +102,7 @@ def find_frames(root: Path, scenes=None, variations=None, camera: int = 0) -> li
 
 def load(frame: Frame, opts: dict) -> dict:
     p, q = frame.paths, frame.params
-    rgb, rgb_bytes, rgb_fmt = convert.read_rgb(Path(p["rgb"]))
-    depth = convert.read_depth_png16(Path(p["depth"]))
-    convert.check_same_size(rgb, p["rgb"], depth, p["depth"])
+    rgb, rgb_bytes, rgb_fmt, depth = convert.read_rgb_and_depth16(p["rgb"], p["depth"])
     sky = None
     seg_path = Path(p["seg"])
     if seg_path.exists():
@@ -125,10 +123,8 @@ def load(frame: Frame, opts: dict) -> dict:
     meta = {"source": SOURCE, "scene": scene, "frame": frame_id, "width": w, "height": h,
             "fx": fx, "fy": fy, "cx": cx, "cy": cy, "depth_scale": DEPTH_SCALE,
             "camera": q["camera"]}
-    fmt, passthrough = convert.rgb_output(opts, rgb_fmt)
-    return encode_sample(make_key(SOURCE, scene, frame_id), rgb, depth, meta, sky=sky,
-                         rgb_format=fmt, jpeg_quality=opts["jpeg_quality"],
-                         rgb_bytes=rgb_bytes if passthrough else None)
+    return convert.encode_frame(opts, make_key(SOURCE, scene, frame_id), rgb, rgb_bytes, rgb_fmt, depth, meta,
+                                sky=sky)
 
 
 def main(argv: list[str] | None = None) -> int:
