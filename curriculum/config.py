@@ -304,8 +304,9 @@ def validate(cfg: DictConfig) -> None:
         raise RecipeError("init_from and resume are exclusive: init_from starts a new stage, resume continues a run")
 
 
-def total_steps(cfg: DictConfig) -> int:
-    return int(sum(stage.steps for stage in cfg.stages))
+def total_steps(cfg) -> int:
+    """Steps over all stages, of a recipe as DictConfig or as plain containers."""
+    return int(sum(int(stage["steps"]) for stage in cfg["stages"]))
 
 
 def to_plain(cfg: DictConfig) -> dict:

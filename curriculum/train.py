@@ -65,7 +65,7 @@ def make_loggers(recipe: dict, out_dir: Path) -> list:
 
 def build_trainer(recipe: dict, out_dir: Path, loggers: list) -> pl.Trainer:
     tcfg = recipe["trainer"]
-    steps = total_steps_plain(recipe)
+    steps = total_steps(recipe)
     ckpt_every = tcfg["ckpt_every_steps"] or steps
     callbacks = [
         CurriculumCallback([dict(s) for s in recipe["stages"]]),
@@ -92,10 +92,6 @@ def build_trainer(recipe: dict, out_dir: Path, loggers: list) -> pl.Trainer:
         enable_progress_bar=tcfg["progress"], enable_model_summary=False,
         gradient_clip_val=recipe["optim"]["grad_clip"] or None, benchmark=tcfg["cudnn_benchmark"],
     )
-
-
-def total_steps_plain(recipe: dict) -> int:
-    return int(sum(int(s["steps"]) for s in recipe["stages"]))
 
 
 def init_from_checkpoint(module: DepthModule, path: str, recipe: dict) -> dict:
