@@ -45,3 +45,20 @@ def tiny_shards(tmp_path):
     train = write_tiny_shards(tmp_path / "train", n_shards=4, per_shard=4, seed=0)
     val = write_tiny_shards(tmp_path / "val", n_shards=2, per_shard=3, seed=1)
     return tmp_path / "train", tmp_path / "val", train, val
+
+
+def read_folder(folder: Path) -> dict:
+    """Every sample of a shard folder, decoded and keyed by ``__key__`` (raw dict kept under
+    ``raw_sample``); the shards must read without a problem."""
+    from data_prep import check
+    from data_prep.schema import decode_sample
+
+    problems = []
+    out = {}
+    for shard in sorted(Path(folder).glob("*.tar")):
+        for raw in check.read_shard(shard, problems):
+            d = decode_sample(raw)
+            d["raw_sample"] = raw
+            out[d["key"]] = d
+    assert problems == []
+    return out

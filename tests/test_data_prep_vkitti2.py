@@ -4,20 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import read_folder
 from data_prep import check, layouts, vkitti2
-from data_prep.schema import decode_sample
-
-
-def read_folder(folder):
-    problems = []
-    out = {}
-    for shard in sorted(folder.glob("*.tar")):
-        for raw in check.read_shard(shard, problems):
-            d = decode_sample(raw)
-            d["raw_sample"] = raw
-            out[d["key"]] = d
-    assert problems == []
-    return out
 
 
 def convert(root, out, *extra):

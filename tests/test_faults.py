@@ -639,12 +639,7 @@ def test_fuzz_recipe_files_deep(data):
 
 
 def _file_only_recipe_errors(data):
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "recipe.yaml"
-        path.write_text(yaml.safe_dump(data))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            _load_only_recipe_errors([RECIPES_DIR / "smoke.yaml", path], [])
+    _text_only_recipe_errors(yaml.safe_dump(data), base=[RECIPES_DIR / "smoke.yaml"])
 
 
 _TEXT = st.text(max_size=80) | st.binary(max_size=80).map(lambda b: b.decode("latin-1"))
@@ -663,13 +658,14 @@ def test_fuzz_recipe_text_deep(text):
     _text_only_recipe_errors(text)
 
 
-def _text_only_recipe_errors(text):
+def _text_only_recipe_errors(text, base=()):
+    """``text`` as a recipe file (layered over ``base``) loads or raises RecipeError, nothing else."""
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "recipe.yaml"
         path.write_text(text, encoding="utf-8")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _load_only_recipe_errors([path], [])
+            _load_only_recipe_errors([*base, path], [])
 
 
 # ---------------------------------------------------------------------------- slow: processes, DDP, kills
