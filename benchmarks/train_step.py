@@ -99,7 +99,7 @@ def make_batch(batch: int, height: int, width: int, device: torch.device, seed: 
         "depth_raw": raw.to(torch.int16).to(device),  # the low 16 bits: uint16 as int16
         "depth_scale": torch.full((batch,), 0.01).to(device),
         "sky": sky.to(device),
-        "bad_samples": torch.tensor(0),
+        "bad_samples": 0,
     }
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from braceexpand import braceexpand
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -112,14 +112,15 @@ def crop_window(h: int, w: int, out_h: int, out_w: int, rng: np.random.Generator
 
 
 def crop_flip(rgb, depth, sky, window):
-    """Cut the window out of the three maps and flip them as it says (no resizing)."""
+    """Cut the window out of the three maps and flip them as it says (no resizing). Unflipped
+    maps come back as views: ``collate_train`` copies them once, into the batch."""
     y0, x0, ch, cw, flip = window
     rgb, depth, sky = rgb[y0 : y0 + ch, x0 : x0 + cw], depth[y0 : y0 + ch, x0 : x0 + cw], sky[y0 : y0 + ch, x0 : x0 + cw]
     if flip:
         # cv2.flip writes contiguous output in one pass; copying a reversed view is several times slower
         rgb, depth = cv2.flip(rgb, 1), cv2.flip(depth, 1)
         sky = cv2.flip(sky.view(np.uint8), 1).view(bool)
-    return np.ascontiguousarray(rgb), np.ascontiguousarray(depth), np.ascontiguousarray(sky)
+    return rgb, depth, sky
 
 
 def crop_resize(rgb, depth, sky, out_h, out_w, rng: np.random.Generator, scale_jitter=0.0, hflip=True):
@@ -160,29 +161,78 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     return (images.float().div_(255.0) - mean) / std
 
 
-def _stack(arrays: list[np.ndarray]) -> torch.Tensor:
-    # default_collate stacks straight into shared memory inside a loader worker: one copy per
-    # batch on its way to the main process instead of two.
-    return default_collate([torch.from_numpy(a) for a in arrays])
+def _shared_bytes(nbytes: int) -> torch.Tensor:
+    """A uint8 buffer; inside a loader worker, in shared memory from the start, so that sending it
+    to the main process copies nothing (as default_collate does for its stacks)."""
+    if get_worker_info() is None:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
+
+
+_ALIGN = 64  # every field starts on a cache line, so that its bytes view as any dtype
 
 
 def collate_train(samples: list[dict]) -> dict:
-    """uint8 images, raw uint16 depth (as int16 bits) with each sample's depth scale, and the sky
-    mask packed eight pixels to a byte.
+    """One training batch as ONE uint8 tensor (``packed``) plus its ``layout``; ``unpack_batch``
+    turns it into uint8 images (B,3,H,W), raw uint16 depth as int16 bits (B,H,W), each sample's
+    depth scale (B,) and the sky mask packed eight pixels to a byte (B,H,ceil(W/8)).
 
-    Metres, the no-measurement mask and the bool sky are made on the device by
-    ``batch_to_metres``: 5.1 bytes per pixel cross from a worker instead of 9 with float32 depth
-    and two bool masks.
+    One tensor, because a loader worker hands every tensor of a batch to the main process in its
+    own shared-memory round trip, which waits for the worker's GIL: with five tensors per batch
+    those round trips, not the decoding, capped a 16-worker loader. 5.1 bytes per pixel cross
+    instead of 9 with float32 depth and two bool masks; metres, the no-measurement mask and the
+    bool sky are made on the device (``batch_to_metres``), where the packed tensor also goes in
+    one copy.
+
+    Crops of different sizes (``device_resize`` with scale jitter) are zero-padded at the bottom
+    and right to the batch's largest.
     """
-    return {
-        # NCHW view of NHWC memory (channels-last): no transpose copy on the CPU; the device-side
-        # normalisation picks the memory format the model wants.
-        "image": _stack([s["rgb"] for s in samples]).permute(0, 3, 1, 2),
-        "depth_raw": _stack([s["depth_raw"].view(np.int16) for s in samples]),  # torch lacks uint16 ops
-        "depth_scale": torch.tensor([s["meta"]["depth_scale"] for s in samples], dtype=torch.float32),
-        "sky_bits": _stack([pack_mask(s["sky"]) for s in samples]),
-        "key": [s["key"] for s in samples],
-    }
+    b = len(samples)
+    hp = max(s["depth_raw"].shape[0] for s in samples)
+    wp = max(s["depth_raw"].shape[1] for s in samples)
+    fields = [  # name, dtype, shape, permutation applied by unpack_batch
+        ("image", np.uint8, (b, hp, wp, 3), (0, 3, 1, 2)),  # NCHW view of NHWC (channels-last) memory
+        ("depth_raw", np.int16, (b, hp, wp), None),  # uint16 bits: torch lacks uint16 ops
+        ("sky_bits", np.uint8, (b, hp, (wp + 7) // 8), None),
+        ("depth_scale", np.float32, (b,), None),
+    ]
+    layout, spans, offset = [], [], 0
+    for name, dtype, shape, perm in fields:
+        layout.append((name, np.dtype(dtype).name, shape, offset, perm))
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        spans.append((offset + nbytes, offset + -(-nbytes // _ALIGN) * _ALIGN))
+        offset = spans[-1][1]
+    packed = _shared_bytes(offset)
+    buf = packed.numpy()
+    for gap_start, gap_end in spans:  # defined bytes throughout: equal batches are equal tensors
+        buf[gap_start:gap_end] = 0
+    views = {name: buf[o : o + int(np.prod(shape)) * np.dtype(dt).itemsize].view(dt).reshape(shape)
+             for name, dt, shape, o, _ in layout}
+    padded = any(s["depth_raw"].shape != (hp, wp) for s in samples)
+    for i, s in enumerate(samples):
+        h, w = s["depth_raw"].shape
+        sky = pack_mask(s["sky"])  # pad bits are 0, as packing the zero-padded mask gives
+        for name, src in (("image", s["rgb"]), ("depth_raw", s["depth_raw"].view(np.int16)), ("sky_bits", sky)):
+            dst = views[name][i]
+            if padded:
+                dst[...] = 0
+            dst[: src.shape[0], : src.shape[1]] = src  # the crop's only copy on the host
+        views["depth_scale"][i] = s["meta"]["depth_scale"]
+    return {"packed": packed, "layout": tuple(layout), "key": [s["key"] for s in samples]}
+
+
+def unpack_batch(batch: dict) -> dict:
+    """Replace a ``collate_train`` batch's ``packed`` tensor (on any device) by views of its fields
+    (in place; no copy)."""
+    if "packed" not in batch:
+        return batch
+    packed = batch.pop("packed")
+    for name, dtype, shape, offset, perm in batch.pop("layout"):
+        dt = getattr(torch, dtype)
+        n = int(np.prod(shape)) * torch.empty(0, dtype=dt).element_size()
+        t = packed[offset : offset + n].view(dt).view(*shape)
+        batch[name] = t.permute(*perm) if perm is not None else t
+    return batch
 
 
 def pack_mask(mask: np.ndarray) -> np.ndarray:
@@ -199,25 +249,14 @@ def unpack_mask(bits: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def collate_train_crops(samples: list[dict]) -> dict:
-    """``collate_train`` for unresized, unflipped crops (``device_resize``): each crop is padded
-    to the batch's largest, its size and flip travel in ``crop_size`` and ``flip``, and
-    ``resize_crops`` finishes the job on the device. Crops of one frame size all have the same
-    size, so a batch is usually unpadded."""
-    sizes = [tuple(s["depth_raw"].shape) for s in samples]
-    hp, wp = max(h for h, _ in sizes), max(w for _, w in sizes)
-    maps = {k: _pad_all([s[k] for s in samples], hp, wp) for k in ("rgb", "depth_raw", "sky")}
-    padded = [{**s, **{k: maps[k][i] for k in maps}} for i, s in enumerate(samples)]
-    out = collate_train(padded)
-    out["crop_size"] = sizes  # plain ints: stays on the host, no device sync to read it
+    """``collate_train`` for unresized, unflipped crops (``device_resize``): each crop's size and
+    flip travel in ``crop_size`` and ``flip`` (plain ints: they stay on the host, no device sync
+    to read them), and ``resize_crops`` finishes the job on the device. Crops of one frame size
+    all have the same size, so a batch is usually unpadded."""
+    out = collate_train(samples)
+    out["crop_size"] = [tuple(s["depth_raw"].shape) for s in samples]
     out["flip"] = [s["flip"] for s in samples]
     return out
-
-
-def _pad_all(arrays: list[np.ndarray], hp: int, wp: int) -> list[np.ndarray]:
-    """Zero-pad (H, W, ...) arrays at the bottom and right to (hp, wp, ...)."""
-    if all(a.shape[:2] == (hp, wp) for a in arrays):
-        return arrays
-    return [np.pad(a, [(0, hp - a.shape[0]), (0, wp - a.shape[1])] + [(0, 0)] * (a.ndim - 2)) for a in arrays]
 
 
 def nearest_index(n_in: int, n_out: int) -> np.ndarray:
@@ -280,14 +319,15 @@ def depth_to_metres(depth_raw: torch.Tensor, depth_scale: torch.Tensor) -> tuple
 
 
 def finish_train_batch(batch: dict, out_h: int, out_w: int) -> dict:
-    """What a training batch needs on its device before the model: metres, masks and, with
-    ``device_resize``, the resized crops (in place; uint8 images stay uint8)."""
-    return resize_crops(batch_to_metres(batch), out_h, out_w)
+    """What a training batch needs on its device before the model: its fields unpacked, metres,
+    masks and, with ``device_resize``, the resized crops (in place; uint8 images stay uint8)."""
+    return resize_crops(batch_to_metres(unpack_batch(batch)), out_h, out_w)
 
 
 def batch_to_metres(batch: dict) -> dict:
     """Replace a training batch's raw depth by metres and the no-measurement mask, and its
     packed sky by a bool mask (in place)."""
+    unpack_batch(batch)
     if "depth_raw" in batch:
         batch["depth"], batch["no_measurement"] = depth_to_metres(batch.pop("depth_raw"), batch.pop("depth_scale"))
     if "sky_bits" in batch:
@@ -475,7 +515,7 @@ class TrainStream(IterableDataset):
             batch.append(s)
             if len(batch) == spec.batch_size:
                 out = collate_train_crops(batch) if spec.device_resize else collate_train(batch)
-                out["bad_samples"] = torch.tensor(bad.take())
+                out["bad_samples"] = bad.take()  # a plain int: no tensor to share
                 yield out
                 batch = []
                 quota -= 1
@@ -520,7 +560,7 @@ class ValStream(IterableDataset):
     @staticmethod
     def _finish(batch, bad) -> dict:
         out = collate_val(batch)
-        out["bad_samples"] = torch.tensor(bad.take())
+        out["bad_samples"] = bad.take()
         return out
 
 

@@ -76,12 +76,6 @@ class DepthModule(pl.LightningModule):
     def forward(self, images: torch.Tensor):
         return self._forward_model(images)
 
-    def on_before_batch_transfer(self, batch, dataloader_idx):
-        # Read on the host: an int() of the transferred tensor would sync the device every step.
-        if isinstance(batch, dict) and "bad_samples" in batch:
-            batch["bad_samples_host"] = int(batch["bad_samples"].sum())
-        return batch
-
     def on_after_batch_transfer(self, batch, dataloader_idx):
         finish_train_batch(batch, self.recipe["data"]["crop_height"], self.recipe["data"]["crop_width"])
         batch["image_uint8"] = batch["image"]
@@ -97,7 +91,7 @@ class DepthModule(pl.LightningModule):
             pred, target, weight,
             silog_lambda=lcfg["silog_lambda"], grad_weight=lcfg["grad_weight"], nll_weight=lcfg["nll_weight"],
         )
-        self.bad_samples += batch.get("bad_samples_host", 0)
+        self.bad_samples += batch.get("bad_samples", 0)  # a plain int from the loader: no device sync
         self.train_batches += 1
         bs = batch["image"].shape[0]
         log = {f"train/{k}": v.detach().float() for k, v in losses.items()}

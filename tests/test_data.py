@@ -11,9 +11,9 @@ from torch.utils.data import DataLoader
 
 from conftest import write_tiny_shards
 from curriculum.data import (
-    DataError, TrainSpec, TrainStream, ValStream, batch_to_metres, check_readers, count_samples, crop_resize,
-    depth_to_metres, expand_shards, nearest_index, normalize_images, pack_mask, resize_crops, train_loader,
-    unpack_mask,
+    DataError, TrainSpec, TrainStream, ValStream, batch_to_metres, check_readers, collate_train, count_samples,
+    crop_resize, depth_to_metres, expand_shards, nearest_index, normalize_images, pack_mask, resize_crops,
+    train_loader, unpack_batch, unpack_mask,
 )
 from data_prep.schema import FAR_RAW, raw_to_depth
 
@@ -46,6 +46,9 @@ def test_far_value_survives_to_the_batch(tiny_shards):
     _, _, train, _ = tiny_shards
     stream = TrainStream(train, _spec(batches_per_rank=2, crop_height=56, crop_width=112, hflip=False), 0, 1, 0)
     batch = next(iter(stream))
+    assert set(batch) == {"packed", "layout", "key", "bad_samples"}  # one tensor per batch crosses from a worker
+    assert batch["packed"].dtype == torch.uint8 and batch["packed"].dim() == 1
+    batch = unpack_batch(batch)
     assert batch["depth_raw"].dtype == torch.int16 and "depth" not in batch  # metres are made on the device
     assert batch["sky_bits"].dtype == torch.uint8 and batch["sky_bits"].shape == (2, 56, 14)  # 112 px / 8
     batch = batch_to_metres(batch)
@@ -112,8 +115,8 @@ def test_resume_sees_the_same_remaining_batches(tiny_shards, workers):
     resumed = list(train_loader(TrainStream(train, spec, 0, 1, 5), lambda: 3, workers))
     assert len(full) == 8 and len(resumed) == 5
     for a, b in zip(full[3:], resumed):
-        assert a["key"] == b["key"]
-        assert torch.equal(a["image"], b["image"]) and torch.equal(a["depth_raw"], b["depth_raw"])
+        assert a["key"] == b["key"] and a["layout"] == b["layout"]
+        assert torch.equal(a["packed"], b["packed"])
 
 
 @pytest.mark.parametrize("world,workers", [(2, 0), (3, 0), (2, 2)])
@@ -215,6 +218,33 @@ def test_device_resize_matches_the_worker_resize(tiny_shards, scale_jitter):
         assert (d["image"].int() - w["image"].int()).abs().max() <= 1
         for k in ("depth", "sky", "no_measurement"):
             assert d[k].shape == w[k].shape and torch.equal(d[k], w[k]), k
+
+
+@given(st.lists(st.tuples(st.integers(1, 9), st.integers(1, 21)), min_size=1, max_size=4), st.integers(0, 2**32 - 1))
+@settings(max_examples=40, deadline=None)
+def test_collated_batches_unpack_to_the_samples_zero_padded(sizes, seed):
+    """One packed tensor per batch; its views give back every sample's maps, padded with zeros."""
+    rng = np.random.default_rng(seed)
+    samples = [{"rgb": rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+                "depth_raw": rng.integers(0, 65536, (h, w), dtype=np.uint16),
+                "sky": rng.random((h, w)) < 0.5,
+                "meta": {"depth_scale": float(rng.uniform(1e-3, 1.0))}, "key": f"k{i}"}
+               for i, (h, w) in enumerate(sizes)]
+    batch = collate_train(samples)
+    assert batch["key"] == [s["key"] for s in samples] and batch["packed"].dim() == 1
+    batch = unpack_batch(batch)
+    hp, wp = max(h for h, _ in sizes), max(w for _, w in sizes)
+    assert batch["image"].shape == (len(sizes), 3, hp, wp) and batch["depth_raw"].shape == (len(sizes), hp, wp)
+    sky = unpack_mask(batch["sky_bits"], wp)
+    for i, s in enumerate(samples):
+        h, w = s["depth_raw"].shape
+        image = batch["image"][i].permute(1, 2, 0)
+        assert np.array_equal(image[:h, :w].numpy(), s["rgb"])
+        assert np.array_equal(batch["depth_raw"][i, :h, :w].numpy().view(np.uint16), s["depth_raw"])
+        assert np.array_equal(sky[i, :h, :w].numpy(), s["sky"])
+        assert batch["depth_scale"][i].item() == np.float32(s["meta"]["depth_scale"])
+        for t in (image, batch["depth_raw"][i], sky[i]):  # padding: zero bytes, no measurement, no sky
+            assert not t[h:].any() and not t[:, w:].any()
 
 
 @given(st.integers(1, 7), st.integers(1, 40), st.integers(0, 2**32 - 1))
