@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from data_prep import schema
 from data_prep.schema import (
     FAR_RAW,
     REQUIRED_KEYS,
@@ -215,3 +216,28 @@ def test_round_trip_property(raw):
     np.testing.assert_array_equal(d["depth_raw"], raw)
     np.testing.assert_array_equal(np.isinf(d["depth"]), raw == FAR_RAW)
     np.testing.assert_array_equal(d["depth"] == 0, raw == 0)
+
+
+def _exif_orientation_6(jpg: bytes) -> bytes:
+    """The same JPEG with an EXIF APP1 segment saying 'rotate 90 degrees clockwise'."""
+    tiff = b"MM\x00*\x00\x00\x00\x08" + b"\x00\x01" + b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00" + b"\x00" * 4
+    payload = b"Exif\x00\x00" + tiff
+    return jpg[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + jpg[2:]
+
+
+def test_jpeg_decode_matches_opencv_on_real_frames(fixtures_dir):
+    """rgb.jpg: the fast decoder gives OpenCV's pixels exactly (real KITTI frames, grey too); an
+    EXIF-rotated file is still turned as OpenCV turns it; a truncated one is refused."""
+    frames = sorted((fixtures_dir / "kitti").glob("rgb_*.png"))
+    assert frames
+    for path in frames:
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        for img in (bgr, cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)):
+            jpg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+            for data in (jpg, _exif_orientation_6(jpg)):
+                want = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+                got = schema._decode_jpeg_rgb(data, "k", "rgb.jpg")
+                assert got.dtype == np.uint8 and got.shape == want.shape and np.array_equal(got, want), path
+            assert got.shape[:2] == img.shape[1::-1]  # the EXIF variant came out rotated
+            with pytest.raises(SampleError, match="k: rgb.jpg cannot be decoded"):
+                schema._decode_jpeg_rgb(jpg[: len(jpg) // 2], "k", "rgb.jpg")
