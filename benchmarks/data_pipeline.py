@@ -19,10 +19,12 @@ Reported per worker count: samples/s (wall), samples/s per core (worker count, 1
 loading), samples per CPU-second (user + system time of the main process and all workers; the
 per-core figure that stays honest on a machine shared with other jobs) and the ratios of ours to
 the reference. OpenCV runs single-threaded in every process (``--cv2-threads``), so a worker is a
-core. Timing runs from creating the iterator to the last batch (worker start-up included, for
-both); the loaders run interleaved, best of ``--repeats``.
+core. Both are timed in steady state, as a training run with persistent workers runs: the clock
+starts after two batches per worker (the time until then is reported as start-up in the JSON),
+and CPU time is read from /proc for the main process and the running workers over the same
+window; the loaders run interleaved, best of ``--repeats``.
 
-    python benchmarks/data_pipeline.py [--frames 32] [--workers 0,1,2] [--json out.json]
+    python benchmarks/data_pipeline.py [--frames 32] [--per-shard 16] [--workers 0,1,2] [--json out.json]
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_model  # noqa: E402
 from reference_loader import reference_loader  # noqa: E402
 
-from curriculum.data import TrainSpec, TrainStream, finish_train_batch, train_loader  # noqa: E402
+from curriculum.data import TrainSpec, TrainStream, finish_train_batch, train_loader, unpack_batch  # noqa: E402
 from data_prep.schema import PNG_PARAMS, depth_to_raw, encode_sample, make_key  # noqa: E402
 from data_prep.writer import ShardWriter  # noqa: E402
 
@@ -133,36 +135,53 @@ def prepare_frames(cache: Path, frames: int, width: int, height: int, per_shard:
 # ---------------------------------------------------------------------------- measurement
 
 
-def _cpu_seconds() -> float:
-    """User + system CPU time of this process and of its reaped children (loader workers)."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _time_batches(loader, batches: int, batch_size: int, finish=None) -> tuple[int, float, float]:
-    """(samples, wall seconds, CPU seconds) of ``batches`` batches, worker start and stop included;
+def _cpu_seconds(worker_pids: list[int]) -> float:
+    """User + system CPU time of this process and of the given (running) loader workers, read
+    from /proc: the workers' time over a window, without waiting for them to end."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    total = me.ru_utime + me.ru_stime
+    for pid in worker_pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime
+    return total
+
+
+def _time_batches(loader, batches: int, batch_size: int, finish=None, warmup: int = 0
+                  ) -> tuple[int, float, float, float]:
+    """(samples, wall seconds, CPU seconds, start-up seconds) of ``batches`` batches in steady
+    state: the clock starts after ``warmup`` batches (start-up seconds: creating the iterator
+    until then), as a training run with persistent workers pays its start-up once per run.
     ``finish(batch)``, if given, runs on each batch inside the timing.
 
-    CPU time counts the main process and every worker; workers are joined before it is read, so
-    it stays meaningful on a machine shared with other jobs, where wall time is not.
+    CPU time counts the main process and every worker over the timed window, so it stays
+    meaningful on a machine shared with other jobs, where wall time is not.
     """
-    c0, t0 = _cpu_seconds(), time.perf_counter()
-    seen = 0
+    t_start = time.perf_counter()
     it = iter(loader)
-    for _ in range(batches):
+    pids = [w.pid for w in getattr(it, "_workers", [])]
+
+    def one() -> int:
         b = next(it)
         if finish is not None:
             b = finish(b)
-        seen += int(b["image"].shape[0])
+        return len(b["key"]) if "key" in b else int(b["image"].shape[0])  # ours arrive packed without finish
+
+    for _ in range(warmup):
+        one()
+    c0, t0 = _cpu_seconds(pids), time.perf_counter()
+    seen = sum(one() for _ in range(batches))
     dt = time.perf_counter() - t0
+    cpu = _cpu_seconds(pids) - c0
     shutdown = getattr(it, "_shutdown_workers", None)
     if shutdown is not None:
-        shutdown()  # join the workers so that their CPU time is counted
-    cpu = _cpu_seconds() - c0
-    del it
+        shutdown()
     if seen != batches * batch_size:
         raise RuntimeError(f"expected {batches * batch_size} samples, got {seen}")
-    return seen, dt, cpu
+    return seen, dt, cpu, t0 - t_start
 
 
 def _finish_on(device: torch.device, crop: int):
@@ -181,25 +200,31 @@ def _finish_on(device: torch.device, crop: int):
 
 def measure_ours(urls: list[str], workers: int, batches: int, batch_size: int, crop: int, seed: int = 0,
                  device_resize: bool = False, device: torch.device = torch.device("cpu")):
-    spec = TrainSpec(batch_size=batch_size, batches_per_rank=batches, crop_height=crop, crop_width=crop,
+    spec = TrainSpec(batch_size=batch_size, batches_per_rank=batches + _warmup(workers), crop_height=crop, crop_width=crop,
                      scale_jitter=0.0, hflip=True, color_jitter=0.0, shuffle_buffer=16, device_resize=device_resize)
     stream = TrainStream(urls, spec, rank=0, world_size=1, seed=seed)
     loader = train_loader(stream, lambda: 0, num_workers=workers)
     # On a GPU machine the device-side finish is timed (it costs GPU, not CPU, time); without one
     # it is left out, as the normalisation is, unless device_resize moves CPU work there.
     finish = _finish_on(device, crop) if device.type == "cuda" or device_resize else None
-    return _time_batches(loader, batches, batch_size, finish)
+    return _time_batches(loader, batches, batch_size, finish, warmup=_warmup(workers))
 
 
 def measure_reference(pairs, workers: int, batches: int, batch_size: int, crop: int, seed: int = 0):
-    loader = reference_loader(pairs, batch_size, workers, num_samples=batches * batch_size, size=crop, seed=seed)
-    return _time_batches(loader, batches, batch_size)
+    n = (batches + _warmup(workers)) * batch_size
+    loader = reference_loader(pairs, batch_size, workers, num_samples=n, size=crop, seed=seed)
+    return _time_batches(loader, batches, batch_size, warmup=_warmup(workers))
+
+
+def _warmup(workers: int) -> int:
+    """Untimed batches first: two per worker, so that every worker is past its start-up."""
+    return 2 * max(1, workers)
 
 
 def check_outputs(urls, pairs, crop: int) -> None:
     """One batch of each loader has the expected shapes and types (what the numbers are for)."""
     spec = TrainSpec(batch_size=2, batches_per_rank=1, crop_height=crop, crop_width=crop, shuffle_buffer=1)
-    ours = next(iter(train_loader(TrainStream(urls, spec, 0, 1, 0), lambda: 0, num_workers=0)))
+    ours = unpack_batch(next(iter(train_loader(TrainStream(urls, spec, 0, 1, 0), lambda: 0, num_workers=0))))
     assert ours["image"].dtype == torch.uint8 and tuple(ours["image"].shape) == (2, 3, crop, crop), ours["image"].shape
     assert ours["depth_raw"].dtype == torch.int16 and tuple(ours["depth_raw"].shape) == (2, crop, crop)
     ref = next(iter(reference_loader(pairs, 2, 0, num_samples=2, size=crop)))
@@ -239,7 +264,10 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--frames", type=int, default=None, help="distinct frames (default max(32, 2 x max workers))")
+    ap.add_argument("--frames", type=int, default=None,
+                    help="distinct frames (default max(32, per-shard x max workers): a full shard per worker)")
+    ap.add_argument("--per-shard", type=int, default=16,
+                    help="samples per shard (default 16; fewer if the frames do not give every worker a shard)")
     ap.add_argument("--width", type=int, default=1242)
     ap.add_argument("--height", type=int, default=375)
     ap.add_argument("--crop", type=int, default=518)
@@ -262,8 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.workers if args.workers is not None else default_workers()
     if not workers or min(workers) < 0:
         ap.error("--workers needs non-negative counts")
-    frames = args.frames or max(32, 2 * max(workers))
-    per_shard = max(1, min(16, frames // max(1, max(workers))))
+    # Every worker reads whole shards of --per-shard samples, as from a real dataset's shards (a
+    # worker with a shard of two would reopen its tar every two samples).
+    frames = args.frames or max(32, args.per_shard * max(1, max(workers)))
+    per_shard = max(1, min(args.per_shard, frames // max(1, max(workers))))
     cv2.setNumThreads(args.cv2_threads)  # inherited by forked loader workers
     torch.set_num_threads(1)
 
@@ -274,15 +304,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for w in workers:
         cores = max(1, w)
-        best = {"ours": (0.0, 0.0, None), "reference": (0.0, 0.0, None)}
+        best = {"ours": (0.0, 0.0, None, None), "reference": (0.0, 0.0, None, None)}
         for _ in range(args.repeats):  # interleaved, best of: other jobs on the machine only slow a run down
             ours = functools.partial(measure_ours, device_resize=device_resize, device=device)
             for name, fn, src, n in (("ours", ours, urls, args.batches),
                                      ("reference", measure_reference, pairs, args.ref_batches)):
-                samples, wall, cpu = fn(src, w, n * cores, args.batch, args.crop)
-                rate, per_cpu, _ = best[name]
-                best[name] = (max(rate, samples / wall), max(per_cpu, samples / max(cpu, 1e-9)), samples)
-        (ours, ours_cpu, n_ours), (ref, ref_cpu, n_ref) = best["ours"], best["reference"]
+                samples, wall, cpu, startup = fn(src, w, n * cores, args.batch, args.crop)
+                rate, per_cpu, _, first = best[name]
+                best[name] = (max(rate, samples / wall), max(per_cpu, samples / max(cpu, 1e-9)), samples,
+                              startup if first is None else min(first, startup))
+        (ours, ours_cpu, n_ours, ours_start), (ref, ref_cpu, n_ref, ref_start) = best["ours"], best["reference"]
         rows.append({
             "workers": w, "cores": cores,
             "ours_samples": n_ours, "ours_samples_per_s": ours, "ours_per_core": ours / cores,
@@ -290,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             "reference_samples": n_ref, "reference_samples_per_s": ref, "reference_per_core": ref / cores,
             "reference_samples_per_cpu_s": ref_cpu,
             "ratio": ours / ref, "ratio_cpu": ours_cpu / ref_cpu,
+            "ours_startup_s": ours_start, "reference_startup_s": ref_start, "warmup_batches": _warmup(w),
         })
         print(f"  workers={w}: ours {ours:.1f} samples/s ({ours_cpu:.1f} per CPU-s), "
               f"reference {ref:.1f} samples/s ({ref_cpu:.1f} per CPU-s)", flush=True)
