@@ -1,7 +1,4 @@
-from pathlib import Path
-
 import pytest
-from omegaconf import OmegaConf
 
 from curriculum.config import RECIPES_DIR, RecipeError, load_recipe, to_plain, total_steps
 from curriculum.schedule import lr_factor, stage_index_at, stage_starts

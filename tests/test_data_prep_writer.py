@@ -148,7 +148,7 @@ def test_read_index_errors(tmp_path):
 
 
 def test_empty_run_writes_empty_index(tmp_path):
-    with ShardWriter(tmp_path) as w:
+    with ShardWriter(tmp_path):
         pass
     assert read_index(tmp_path) == {"schema": 1, "total": 0, "shards": []}
     assert tars(tmp_path) == []

@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from curriculum.config import RECIPES_DIR
 
 TIMEOUT = 300
