@@ -48,10 +48,11 @@ from machine import cpu_model  # noqa: E402
 from curriculum.config import load_recipe, to_plain  # noqa: E402
 from curriculum.losses import compute_loss  # noqa: E402
 from curriculum.module import DepthModule  # noqa: E402
+from curriculum.optim import NonFiniteCounter, nonfinite_flag, release, skip_if_nonfinite  # noqa: E402
 RECIPES = ROOT / "recipes"
 MODES = ("fp32", "bf16", "bf16-compile")
 GPU_ENCODERS = ("vits", "vitb", "vitl")
-GRAD_CHECKS = ("module", "none")
+GRAD_CHECKS = ("module", "host", "none")
 
 
 # ---------------------------------------------------------------------------- FLOPs
@@ -103,14 +104,10 @@ def make_batch(batch: int, height: int, width: int, device: torch.device, seed: 
     }
 
 
-def _grads_finite(params, loss, how: str) -> bool:
-    """The non-finite check of ``DepthModule.optimizer_step`` (single rank): one device sync for
-    the gradients (norm of the per-tensor norms) and one for the loss."""
-    if how == "none":
-        return True
-    grads = [p.grad for p in params if p.grad is not None]
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
-    return bool(torch.isfinite(total)) and bool(torch.isfinite(loss))
+def _host_check(params, loss) -> bool:
+    """The non-finite check decided on the host (``--grad-check host``): one device sync per step,
+    as ``DepthModule`` did it before deciding on the device; kept to measure what that costs."""
+    return not bool(nonfinite_flag([p.grad for p in params if p.grad is not None], loss))
 
 
 class Step:
@@ -123,7 +120,7 @@ class Step:
         self.autocast_dtype = autocast_dtype
         self.grad_check = grad_check
         self.lcfg = module.recipe["loss"]
-        self.skipped = 0
+        self.nonfinite = NonFiniteCounter()
 
     def loss(self, batch: dict, model=None) -> torch.Tensor:
         b = self.module.on_after_batch_transfer(dict(batch), 0)
@@ -140,11 +137,20 @@ class Step:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(batch)
         loss.backward()
-        if _grads_finite(self.params, loss, self.grad_check):
+        if self.grad_check == "module":  # as DepthModule.optimizer_step (single rank)
+            skip_if_nonfinite(self.optimizer, self.params, loss, self.nonfinite)
+            self.optimizer.step()
+            release(self.optimizer)
+        elif self.grad_check == "none" or _host_check(self.params, loss):
             self.optimizer.step()
         else:
-            self.skipped += 1
+            self.nonfinite.add(torch.ones(()))
         return loss.detach()
+
+    @property
+    def skipped(self) -> int:
+        self.nonfinite.sync()
+        return self.nonfinite.skipped
 
 
 def count_flops(module: DepthModule, batch: dict) -> int:
@@ -289,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="force the channels-last head on (default: the recipe's setting)")
     ap.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     ap.add_argument("--grad-check", choices=GRAD_CHECKS, default="module",
-                    help="non-finite gradient check before the optimizer step: 'module' as DepthModule does it, "
-                         "or 'none' (to see what it costs)")
+                    help="non-finite check before the optimizer step: 'module' as DepthModule does it (on the "
+                         "device with fused AdamW), 'host' decided on the host (a sync per step), or 'none'")
     ap.add_argument("--resize", choices=("auto", "matmul", "interpolate"), default="auto",
                     help="the head's upsampling: auto = the model's choice (matrix products when compiled for "
                          "CUDA, curriculum.layers), or force one")

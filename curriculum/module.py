@@ -22,6 +22,7 @@ from curriculum.losses import compute_loss
 from curriculum.masks import build_policy, policy_to_dict
 from curriculum.metrics import MetricAccumulator
 from curriculum.model import build_model
+from curriculum.optim import NonFiniteCounter, release, skip_if_nonfinite
 from curriculum.schedule import lr_factor
 
 MODEL_KEYS = ("encoder", "head", "min_depth", "max_depth", "uncertainty")
@@ -50,8 +51,7 @@ class DepthModule(pl.LightningModule):
         self.set_stage(0)
         self.val_metrics = MetricAccumulator(min_depth=1e-3, max_depth=EVAL_MAX_DEPTH)
         self.max_nonfinite = int(recipe["trainer"]["max_nonfinite_steps"])
-        self.skipped_steps = 0
-        self.nonfinite_streak = 0
+        self.nonfinite = NonFiniteCounter()
         self.bad_samples = 0
         self.train_batches = 0  # batches this rank trained on in this process
         self._t_last = None
@@ -112,40 +112,40 @@ class DepthModule(pl.LightningModule):
         return losses["loss"]
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
-        """Skips the update when any gradient is non-finite.
+        """Skips the update when the loss or any gradient is non-finite (``curriculum.optim``:
+        decided on the device where the optimizer is fused, so no step waits for the host).
 
         Under DDP the ranks agree on the decision (one all-reduce of a flag): a loss that is
         non-finite on one rank only can leave the averaged gradients finite, and a rank that
         stepped alone would leave the replicas different for the rest of the run.
         """
+        opt = getattr(optimizer, "optimizer", optimizer)  # under Lightning's wrapper
+        ddp = dist.is_available() and dist.is_initialized() and self.trainer.world_size > 1
+        params = [p for p in self.parameters() if p.requires_grad]
 
         def closure():
             loss = optimizer_closure()
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            # One device sync per step: the max of the per-tensor max-norms is finite iff all are.
-            total = torch.stack(torch._foreach_norm(grads, float("inf"))).max() if grads else torch.zeros(())
-            finite = bool(torch.isfinite(total)) and (loss is None or bool(torch.isfinite(loss)))
-            if dist.is_available() and dist.is_initialized() and self.trainer.world_size > 1:
-                flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                finite = not bool(flag.item())
-            if not finite:
-                for p in self.parameters():
-                    p.grad = None  # AdamW leaves parameters without a gradient untouched
-                self.skipped_steps += 1
-                self.nonfinite_streak += 1
-            else:
-                self.nonfinite_streak = 0
+            skip_if_nonfinite(opt, params, loss, self.nonfinite,
+                              all_reduce=(lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX)) if ddp else None)
             return loss
 
-        optimizer.step(closure=closure)
-        if self.nonfinite_streak >= self.max_nonfinite:
+        try:
+            optimizer.step(closure=closure)
+        finally:
+            release(opt)
+        # the streak as of this step on the CPU, as of the step before on a device (read late, unsynced)
+        if self.nonfinite.streak >= self.max_nonfinite:
+            self.nonfinite.sync()
             path = Path(self.recipe["run"]["out_dir"]) / "checkpoints" / "nonfinite-stop.ckpt"
             self.trainer.save_checkpoint(path)
             raise NonFiniteError(
-                f"{self.nonfinite_streak} consecutive steps with non-finite loss or gradients at step "
+                f"{self.nonfinite.streak} consecutive steps with non-finite loss or gradients at step "
                 f"{self.global_step}; last good weights saved to {path}"
             )
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.nonfinite.skipped
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
@@ -218,6 +218,7 @@ class DepthModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite.sync()
         checkpoint[META_KEY] = build_metadata(
             self.model.metadata(), policy_to_dict(self.policy), self.stage_name, self.recipe,
             {"stage_index": self.stage_index, "skipped_steps": self.skipped_steps, **self.extra_metadata},
@@ -227,4 +228,4 @@ class DepthModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get(META_KEY, {})
-        self.skipped_steps = int(meta.get("skipped_steps", 0))
+        self.nonfinite = NonFiniteCounter(skipped=int(meta.get("skipped_steps", 0)))

@@ -53,7 +53,8 @@ def test_train_step_main_cpu(train_step, tmp_path):
     assert rows[0]["flops_per_image"] == rows[1]["flops_per_image"]
 
 
-def test_train_step_grad_check_catches_nan_and_inf(train_step):
+def test_train_step_host_check_catches_nan_and_inf(train_step):
+    """--grad-check host: the decision DepthModule takes on the device (tests/test_optim.py), on the host."""
     params = [torch.nn.Parameter(torch.ones(shape)) for shape in ((3,), (2, 2), (1,))]
     params[2].grad = None
     loss = torch.tensor(1.0)
@@ -62,10 +63,9 @@ def test_train_step_grad_check_catches_nan_and_inf(train_step):
         params[1].grad = torch.full((2, 2), 1e3)
         if bad is not None:
             params[1].grad[1, 0] = bad
-        assert train_step._grads_finite(params, loss, "module") == (bad is None)
-        assert train_step._grads_finite(params, loss, "none")
+        assert train_step._host_check(params, loss) == (bad is None)
     params[1].grad = torch.zeros(2, 2)
-    assert not train_step._grads_finite(params, torch.tensor(float("nan")), "module")
+    assert not train_step._host_check(params, torch.tensor(float("nan")))
 
 
 def test_reference_loader_mirrors_the_reference(data_pipeline, tmp_path):

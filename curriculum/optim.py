@@ -1,0 +1,107 @@
+"""Skipping optimizer steps with non-finite loss or gradients, without stalling the device.
+
+A step whose loss or any gradient is NaN/inf must not update the weights. Deciding that on the
+host costs a device synchronisation every step: the device drains its queue and idles while the
+host reads the flag and launches the optimizer (measured on an H200 as part of a 16 ms gap in a
+175 ms vitl step). Fused AdamW can take the decision on the device instead: given ``found_inf``
+(the hook GradScaler uses), its kernel leaves parameters and optimizer state untouched where the
+flag is 1. So:
+
+- ``nonfinite_flag``: 1.0 if the loss or any gradient is non-finite, as a device tensor;
+- ``skip_if_nonfinite``: fused optimizers get the flag as ``found_inf`` (no host sync); others
+  read it on the host and drop the gradients (AdamW leaves parameters without one untouched);
+- ``NonFiniteCounter``: skipped steps and the current streak, counted on the device and read
+  back one step late through a non-blocking copy, so the host never waits for the step it has
+  just queued. On the CPU the counts are exact after every step.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def nonfinite_flag(grads: list[torch.Tensor], loss: torch.Tensor | None) -> torch.Tensor:
+    """float32 scalar on the gradients' device: 1.0 if ``loss`` or any gradient holds a NaN/inf."""
+    if grads:
+        # the max of the per-tensor max-norms is finite iff every gradient is
+        bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf"))).max())
+    else:
+        bad = torch.zeros((), dtype=torch.bool, device=loss.device if loss is not None else None)
+    if loss is not None:
+        bad = bad | ~torch.isfinite(loss.detach().float()).to(bad.device)
+    return bad.float()
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer honours ``found_inf`` (torch's fused Adam/AdamW kernels do)."""
+    return bool(optimizer.defaults.get("fused")) and isinstance(optimizer, torch.optim.Adam)
+
+
+class NonFiniteCounter:
+    """Skipped (non-finite) steps and the current streak of them; see the module docstring."""
+
+    def __init__(self, skipped: int = 0):
+        self.skipped = int(skipped)  # host view: exact on the CPU, one step late on a device
+        self.streak = 0
+        self._base = self.skipped
+        self._device_counts: torch.Tensor | None = None  # [skipped since _base, streak]
+        self._host = None  # two pinned buffers and their copy events, used in turn
+        self._turn = 0
+
+    def add(self, flag: torch.Tensor) -> None:
+        if flag.device.type == "cpu":  # the flag is already on the host: exact and free
+            bad = bool(flag.item())
+            self.skipped += bad
+            self.streak = self.streak + 1 if bad else 0
+            return
+        if self._device_counts is None:
+            self._device_counts = torch.tensor([0.0, float(self.streak)], device=flag.device, dtype=torch.float64)
+            self._host = [(torch.zeros(2, dtype=torch.float64).pin_memory(), torch.cuda.Event()) for _ in range(2)]
+        counts = self._device_counts
+        counts[0] += flag
+        counts[1] = (counts[1] + flag) * flag
+        buf, event = self._host[self._turn]
+        buf.copy_(counts, non_blocking=True)
+        event.record()
+        self._turn ^= 1
+        self._read(*self._host[self._turn])  # the previous step's copy
+
+    def _read(self, buf: torch.Tensor, event) -> None:
+        # Normally complete already; if not, the device is more than a step behind, and waiting
+        # for the previous step leaves it the current one to work on.
+        event.synchronize()
+        skipped, streak = buf.tolist()
+        self.skipped, self.streak = self._base + int(skipped), int(streak)
+
+    def sync(self) -> None:
+        """Bring the host view up to date (one device sync): before a checkpoint or the end."""
+        if self._device_counts is not None:
+            self._read(*self._host[self._turn ^ 1])
+
+
+def skip_if_nonfinite(optimizer: torch.optim.Optimizer, params, loss: torch.Tensor | None,
+                      counter: NonFiniteCounter,
+                      all_reduce: Callable[[torch.Tensor], None] | None = None) -> None:
+    """Call after backward and before ``optimizer.step()``; ``release(optimizer)`` after it.
+
+    ``all_reduce`` (DDP) makes the ranks agree: a loss that is non-finite on one rank only can
+    leave the averaged gradients finite, and a rank that stepped alone would leave the replicas
+    different for the rest of the run.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    flag = nonfinite_flag(grads, loss)
+    if all_reduce is not None:
+        all_reduce(flag)
+    if skips_on_device(optimizer):
+        optimizer.found_inf = flag
+    elif flag.item():
+        for p in params:
+            p.grad = None
+    counter.add(flag)
+
+
+def release(optimizer: torch.optim.Optimizer) -> None:
+    """Forget the ``found_inf`` of the step just taken."""
+    if hasattr(optimizer, "found_inf"):
+        del optimizer.found_inf

@@ -1,0 +1,81 @@
+"""Skipping non-finite steps: the flag, the fused optimizer's device-side skip, the counter."""
+import pytest
+import torch
+
+from curriculum.optim import NonFiniteCounter, nonfinite_flag, release, skip_if_nonfinite, skips_on_device
+
+
+def _params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(4, 3, generator=g)), torch.nn.Parameter(torch.randn(5, generator=g))]
+
+
+@pytest.mark.parametrize("where", ["loss", "grad", None])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_flag_marks_any_nonfinite_loss_or_gradient(where, value):
+    grads = [torch.ones(3, 2), torch.zeros(7)]
+    loss = torch.tensor(2.0)
+    if where == "loss":
+        loss = loss * value
+    elif where == "grad":
+        grads[1][4] = value
+    flag = nonfinite_flag(grads, loss)
+    assert flag.dtype == torch.float32 and flag.item() == (1.0 if where else 0.0)
+    assert nonfinite_flag([], None if where != "loss" else loss).item() == (1.0 if where == "loss" else 0.0)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_nonfinite_step_changes_nothing_and_a_finite_one_is_a_plain_step(fused):
+    """Fused AdamW skips on the device (found_inf); the others drop the gradients on the host.
+    Either way a bad step leaves weights and optimizer state as they were, and a good step
+    equals an unguarded AdamW step."""
+    guarded, plain = _params(), _params()
+    opt = torch.optim.AdamW(guarded, lr=0.1, weight_decay=0.1, fused=fused or None)
+    ref = torch.optim.AdamW(plain, lr=0.1, weight_decay=0.1)
+    assert skips_on_device(opt) == fused and not skips_on_device(ref)
+    counter = NonFiniteCounter()
+    for step, bad in enumerate([False, True, True, False, True]):
+        for p, q in zip(guarded, plain):
+            grad = torch.full_like(p, 0.5 + step)
+            p.grad = grad.clone()
+            q.grad = grad.clone()
+            if bad:
+                p.grad.view(-1)[0] = float("nan")
+        before = [p.detach().clone() for p in guarded]
+        loss = torch.tensor(1.0)
+        skip_if_nonfinite(opt, guarded, loss, counter)
+        opt.step()
+        release(opt)
+        assert not hasattr(opt, "found_inf")
+        if bad:
+            assert all(torch.equal(p, b) for p, b in zip(guarded, before))
+        else:
+            ref.step()
+            assert all(torch.allclose(p, q, rtol=1e-6, atol=1e-7) for p, q in zip(guarded, plain))
+        for p in guarded:
+            p.grad = None
+    assert counter.skipped == 3 and counter.streak == 1
+    steps = {int(opt.state[p]["step"]) for p in guarded}
+    assert steps == {2}  # bias correction counts only the steps taken
+
+
+def test_counter_streak_resets_and_resumes_from_a_checkpoint_count():
+    c = NonFiniteCounter(skipped=7)
+    for bad, streak in [(1, 1), (1, 2), (0, 0), (1, 1)]:
+        c.add(torch.tensor(float(bad)))
+        assert c.streak == streak
+    assert c.skipped == 10
+    c.sync()  # a no-op on the host
+    assert c.skipped == 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-step-late read is for CUDA devices")
+def test_counter_on_cuda_reads_one_step_late_and_sync_catches_up():
+    c = NonFiniteCounter(skipped=1)
+    seen = []
+    for bad in (1, 1, 0):
+        c.add(torch.tensor(float(bad), device="cuda"))
+        seen.append((c.skipped, c.streak))
+    assert seen == [(1, 0), (2, 1), (3, 2)]
+    c.sync()
+    assert (c.skipped, c.streak) == (3, 0)
