@@ -13,7 +13,9 @@ Modes:
   bf16-compile  as bf16 with the forward compiled (the recipe's ``model.compile``)
 
 Each timed step ends with a device synchronisation and throughput comes from the median step
-time, so bursts of other jobs on a shared machine do not skew it. FLOPs are counted once per
+time, so bursts of other jobs on a shared machine do not skew it; that is a lower bound, as the
+device idles while the host starts each step. The same number of steps is then also timed
+queued back to back with one synchronisation at the end, as training runs them ("queued img/s"). FLOPs are counted once per
 encoder with ``torch.utils.flop_counter.FlopCounterMode`` on one image (forward + backward,
 matmuls, convolutions and attention; recomputation under activation checkpointing not counted),
 times the batch. On a machine without CUDA it runs the tiny encoder at
@@ -217,6 +219,13 @@ def run_mode(encoder: str, mode: str, args, device: torch.device, flops_per_imag
         _sync(device)
         times.append(time.perf_counter() - t0)
     median = float(np.median(times))
+    # The same steps queued back to back, one synchronisation at the end, as training runs them
+    # (no per-step sync): the host prepares step k + 1 while the device still runs step k.
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step(batch)
+    _sync(device)
+    queued = (time.perf_counter() - t0) / args.steps
     row.update(
         first_loss=first_loss,
         last_loss=float(loss),
@@ -224,6 +233,8 @@ def run_mode(encoder: str, mode: str, args, device: torch.device, flops_per_imag
         step_s=median,
         step_s_mean=float(np.mean(times)),
         img_per_s=batch_size / median,
+        queued_step_s=queued,
+        queued_img_per_s=batch_size / queued,
         flops_per_image=flops_per_image[encoder],
         tflops_per_s=flops_per_image[encoder] * batch_size / median / 1e12,
         peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
@@ -254,7 +265,7 @@ def profile_steps(step: Step, batch: dict, device: torch.device, steps: int) -> 
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'encoder':<7} {'mode':<13} {'batch':>5} {'img/s':>8} {'TFLOP/s':>8} {'step ms':>8} "
+    head = (f"{'encoder':<7} {'mode':<13} {'batch':>5} {'img/s':>8} {'queued':>8} {'TFLOP/s':>8} {'step ms':>8} "
             f"{'peak GiB':>8} {'1st step s':>10} {'resize':>11}")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -266,7 +277,8 @@ def format_table(rows: list[dict]) -> str:
         tf = r["tflops_per_s"]
         tflops = f"{tf:>8.2f}" if tf >= 0.01 else f"{tf:>8.1e}"
         lines.append(
-            f"{r['encoder']:<7} {r['mode']:<13} {r['batch']:>5} {r['img_per_s']:>8.2f} {tflops} "
+            f"{r['encoder']:<7} {r['mode']:<13} {r['batch']:>5} {r['img_per_s']:>8.2f} "
+            f"{r.get('queued_img_per_s', float('nan')):>8.2f} {tflops} "
             f"{r['step_s'] * 1e3:>8.1f} {mem:>8} {r['first_step_s']:>10.1f} {r.get('resize', '-'):>11}"
         )
     return "\n".join(lines)
@@ -346,8 +358,9 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc(limit=3)
             rows.append(row)
             if "img_per_s" in row:
-                print(f"    {row['img_per_s']:.1f} img/s, {row['tflops_per_s']:.3g} TFLOP/s, first step "
-                      f"{row['first_step_s']:.1f} s, loss {row['first_loss']:.5f}", flush=True)
+                print(f"    {row['img_per_s']:.1f} img/s ({row['queued_img_per_s']:.1f} queued), "
+                      f"{row['tflops_per_s']:.3g} TFLOP/s, first step {row['first_step_s']:.1f} s, "
+                      f"loss {row['first_loss']:.5f}", flush=True)
             write_result(args, device, encoders, modes, rows)  # a later crash or timeout keeps these rows
             if mode.endswith("compile"):
                 torch._dynamo.reset()  # drop the compiled graphs of a model that is gone
