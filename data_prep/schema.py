@@ -257,7 +257,7 @@ def _decode_jpeg_rgb(data: Any, key: str, what: str) -> np.ndarray:
 
 
 def _decode_mask_png(data: Any, key: str, what: str) -> np.ndarray:
-    """depth.png / sky.png (single channel): imagecodecs' libpng + zlib-ng decodes them in about
+    """depth.png / sky.png (single channel): imagecodecs' libpng decodes them in about
     85 % of OpenCV's time, to the same values (PNG is lossless)."""
     _require_bytes(data, key, what)
     try:
