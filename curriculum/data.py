@@ -178,8 +178,9 @@ def collate_train(samples: list[dict]) -> dict:
     depth scale (B,) and the sky mask packed eight pixels to a byte (B,H,ceil(W/8)).
 
     One tensor, because a loader worker hands every tensor of a batch to the main process in its
-    own shared-memory round trip, which waits for the worker's GIL: with five tensors per batch
-    those round trips, not the decoding, capped a 16-worker loader. 5.1 bytes per pixel cross
+    own shared-memory round trip, which waits for the worker's GIL; the main process, which feeds
+    all workers' batches to the device, spent 3.5 ms receiving a batch of five tensors and 1.7 ms
+    receiving one (benchmarks/RESULTS.md). 5.1 bytes per pixel cross
     instead of 9 with float32 depth and two bool masks; metres, the no-measurement mask and the
     bool sky are made on the device (``batch_to_metres``), where the packed tensor also goes in
     one copy.
@@ -229,7 +230,7 @@ def unpack_batch(batch: dict) -> dict:
     packed = batch.pop("packed")
     for name, dtype, shape, offset, perm in batch.pop("layout"):
         dt = getattr(torch, dtype)
-        n = int(np.prod(shape)) * torch.empty(0, dtype=dt).element_size()
+        n = int(np.prod(shape)) * dt.itemsize
         t = packed[offset : offset + n].view(dt).view(*shape)
         batch[name] = t.permute(*perm) if perm is not None else t
     return batch
