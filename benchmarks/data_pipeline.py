@@ -200,8 +200,9 @@ def _finish_on(device: torch.device, crop: int):
 
 def measure_ours(urls: list[str], workers: int, batches: int, batch_size: int, crop: int, seed: int = 0,
                  device_resize: bool = False, device: torch.device = torch.device("cpu")):
-    spec = TrainSpec(batch_size=batch_size, batches_per_rank=batches + _warmup(workers), crop_height=crop, crop_width=crop,
-                     scale_jitter=0.0, hflip=True, color_jitter=0.0, shuffle_buffer=16, device_resize=device_resize)
+    spec = TrainSpec(batch_size=batch_size, batches_per_rank=batches + _warmup(workers), crop_height=crop,
+                     crop_width=crop, scale_jitter=0.0, hflip=True, color_jitter=0.0, shuffle_buffer=16,
+                     device_resize=device_resize)
     stream = TrainStream(urls, spec, rank=0, world_size=1, seed=seed)
     loader = train_loader(stream, lambda: 0, num_workers=workers)
     # On a GPU machine the device-side finish is timed (it costs GPU, not CPU, time); without one
