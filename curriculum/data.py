@@ -115,7 +115,8 @@ def crop_flip(rgb, depth, sky, window):
     """Cut the window out of the three maps and flip them as it says (no resizing). Unflipped
     maps come back as views: ``collate_train`` copies them once, into the batch."""
     y0, x0, ch, cw, flip = window
-    rgb, depth, sky = rgb[y0 : y0 + ch, x0 : x0 + cw], depth[y0 : y0 + ch, x0 : x0 + cw], sky[y0 : y0 + ch, x0 : x0 + cw]
+    rows, cols = slice(y0, y0 + ch), slice(x0, x0 + cw)
+    rgb, depth, sky = rgb[rows, cols], depth[rows, cols], sky[rows, cols]
     if flip:
         # cv2.flip writes contiguous output in one pass; copying a reversed view is several times slower
         rgb, depth = cv2.flip(rgb, 1), cv2.flip(depth, 1)
@@ -129,11 +130,8 @@ def crop_resize(rgb, depth, sky, out_h, out_w, rng: np.random.Generator, scale_j
     Equivalent to resizing the frame so it covers (out_h, out_w), then cropping; depth and sky
     use nearest neighbour so no depth is interpolated across an edge.
     """
-    window = crop_window(*depth.shape, out_h, out_w, rng, scale_jitter, hflip)
-    y0, x0, ch, cw, flip = window
-    rgb = rgb[y0 : y0 + ch, x0 : x0 + cw]
-    depth = depth[y0 : y0 + ch, x0 : x0 + cw]
-    sky = sky[y0 : y0 + ch, x0 : x0 + cw]
+    y0, x0, ch, cw, flip = crop_window(*depth.shape, out_h, out_w, rng, scale_jitter, hflip)
+    rgb, depth, sky = crop_flip(rgb, depth, sky, (y0, x0, ch, cw, False))  # views: nothing copied yet
     if (ch, cw) != (out_h, out_w):
         rgb = cv2.resize(rgb, (out_w, out_h), interpolation=cv2.INTER_CUBIC)  # as Depth-Anything-V2
         depth = cv2.resize(depth, (out_w, out_h), interpolation=cv2.INTER_NEAREST)
@@ -322,12 +320,12 @@ def depth_to_metres(depth_raw: torch.Tensor, depth_scale: torch.Tensor) -> tuple
 def finish_train_batch(batch: dict, out_h: int, out_w: int) -> dict:
     """What a training batch needs on its device before the model: its fields unpacked, metres,
     masks and, with ``device_resize``, the resized crops (in place; uint8 images stay uint8)."""
-    return resize_crops(batch_to_metres(unpack_batch(batch)), out_h, out_w)
+    return resize_crops(batch_to_metres(batch), out_h, out_w)
 
 
 def batch_to_metres(batch: dict) -> dict:
-    """Replace a training batch's raw depth by metres and the no-measurement mask, and its
-    packed sky by a bool mask (in place)."""
+    """Unpack a training batch (``unpack_batch``), then replace its raw depth by metres and the
+    no-measurement mask, and its packed sky by a bool mask (in place)."""
     unpack_batch(batch)
     if "depth_raw" in batch:
         batch["depth"], batch["no_measurement"] = depth_to_metres(batch.pop("depth_raw"), batch.pop("depth_scale"))
