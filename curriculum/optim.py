@@ -44,8 +44,7 @@ class NonFiniteCounter:
     def __init__(self, skipped: int = 0):
         self.skipped = int(skipped)  # host view: exact on the CPU, one step late on a device
         self.streak = 0
-        self._base = self.skipped
-        self._device_counts: torch.Tensor | None = None  # [skipped since _base, streak]
+        self._device_counts: torch.Tensor | None = None  # [skipped, streak]; float64 counts exactly
         self._host = None  # two pinned buffers and their copy events, used in turn
         self._turn = 0
 
@@ -56,7 +55,8 @@ class NonFiniteCounter:
             self.streak = self.streak + 1 if bad else 0
             return
         if self._device_counts is None:
-            self._device_counts = torch.tensor([0.0, float(self.streak)], device=flag.device, dtype=torch.float64)
+            self._device_counts = torch.tensor([float(self.skipped), float(self.streak)], device=flag.device,
+                                               dtype=torch.float64)
             self._host = [(torch.zeros(2, dtype=torch.float64).pin_memory(), torch.cuda.Event()) for _ in range(2)]
         counts = self._device_counts
         counts[0] += flag
@@ -72,7 +72,7 @@ class NonFiniteCounter:
         # for the previous step leaves it the current one to work on.
         event.synchronize()
         skipped, streak = buf.tolist()
-        self.skipped, self.streak = self._base + int(skipped), int(streak)
+        self.skipped, self.streak = int(skipped), int(streak)
 
     def sync(self) -> None:
         """Bring the host view up to date (one device sync): before a checkpoint or the end."""
