@@ -6,8 +6,8 @@ WebDataset shards (ours, the very same jpg and png bytes plus sky.png and meta.j
 worker count both loaders produce batches of 518x518 training crops:
 
 - ours: ``curriculum.data.TrainStream`` + ``train_loader`` as training runs them (decode, crop
-  first and resize only the crop, bicubic as the reference, flip; uint8 images and raw 16-bit depth in the batch:
-  normalisation and metres happen on the device). On a GPU machine each batch is also moved to
+  first and resize only the crop, bicubic as the reference, flip; uint8 images and raw 16-bit
+  depth in the batch: normalisation and metres happen on the device). On a GPU machine each batch is also moved to
   the GPU and finished there (metres; with ``--device-resize``, the default there, resizing the
   crops), synchronised, inside the timing. Without a GPU that device-side work is not timed,
   unless ``--device-resize on`` moves the resize there, in which case it runs on the CPU and
@@ -58,7 +58,6 @@ CACHE_VERSION = 2  # 2: PNG filters of data_prep.schema.PNG_PARAMS
 TARGET_RATIO = 5.0  # issue 7: ours per core >= 5x the reference per core
 DEPTH_SCALE = 0.01  # vKITTI2: centimetres, 65535 = far clip
 JPEG_QUALITY = 95
-
 
 
 def default_cache() -> Path:
@@ -303,12 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     pairs, urls = prepare_frames(args.cache or default_cache(), frames, args.width, args.height, per_shard)
     check_outputs(urls, pairs, args.crop)
     rows = []
+    ours_fn = functools.partial(measure_ours, device_resize=device_resize, device=device)
     for w in workers:
         cores = max(1, w)
         best = {"ours": (0.0, 0.0, None, None), "reference": (0.0, 0.0, None, None)}
         for _ in range(args.repeats):  # interleaved, best of: other jobs on the machine only slow a run down
-            ours = functools.partial(measure_ours, device_resize=device_resize, device=device)
-            for name, fn, src, n in (("ours", ours, urls, args.batches),
+            for name, fn, src, n in (("ours", ours_fn, urls, args.batches),
                                      ("reference", measure_reference, pairs, args.ref_batches)):
                 samples, wall, cpu, startup = fn(src, w, n * cores, args.batch, args.crop)
                 rate, per_cpu, _, first = best[name]

@@ -5,7 +5,8 @@ recipe of the encoder layered over ``recipes/finetune.yaml`` (so channels-last h
 on CUDA with the encoder/head parameter groups, the compile switch and the 80 m mask policy are
 the recipe's), then per step: uint8 batch with raw depth -> ``on_after_batch_transfer``
 (normalisation and metres on the device) -> model -> mask policy -> ``compute_loss`` -> backward
--> non-finite gradient check -> AdamW step. Lightning's own bookkeeping (logging, progress bar) is not included.
+-> non-finite check -> AdamW step. Lightning's own bookkeeping (logging, progress bar) is not
+included.
 
 Modes:
   fp32          eager, fp32 everywhere: the reference-equivalent configuration
@@ -15,12 +16,12 @@ Modes:
 Each timed step ends with a device synchronisation and throughput comes from the median step
 time, so bursts of other jobs on a shared machine do not skew it; that is a lower bound, as the
 device idles while the host starts each step. The same number of steps is then also timed
-queued back to back with one synchronisation at the end, as training runs them ("queued img/s"). FLOPs are counted once per
-encoder with ``torch.utils.flop_counter.FlopCounterMode`` on one image (forward + backward,
-matmuls, convolutions and attention; recomputation under activation checkpointing not counted),
-times the batch. On a machine without CUDA it runs the tiny encoder at
-a small size so CI keeps it working; compiling is skipped there unless asked for (inductor needs
-minutes on two cores).
+queued back to back with one synchronisation at the end, as training runs them ("queued
+img/s"). FLOPs are counted once per encoder with ``torch.utils.flop_counter.FlopCounterMode``
+on one image (forward + backward, matmuls, convolutions and attention; recomputation under
+activation checkpointing not counted), times the batch. On a machine without CUDA it runs the
+tiny encoder at a small size so CI keeps it working; compiling is skipped there unless asked for
+(inductor needs minutes on two cores).
 
     python benchmarks/train_step.py                       # CPU: tiny; CUDA: vits, vitb, vitl at 518
     python benchmarks/train_step.py --encoders vitl --batch 16 --modes bf16,bf16-compile
@@ -316,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="leave cuDNN's algorithm search off (default: the recipe's trainer.cudnn_benchmark)")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls in fp32 mode (off: the reference)")
     ap.add_argument("--profile", type=_list, default=[],
-                    help="encoder:mode pairs to profile after timing (e.g. vitl:bf16-compile); tables go to --profile-out")
+                    help="encoder:mode pairs to profile after timing (e.g. vitl:bf16-compile); tables go to "
+                         "--profile-out")
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--profile-out", type=Path, default=None, help="default: next to --json, .profile.txt")
     ap.add_argument("--seed", type=int, default=0)

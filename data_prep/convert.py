@@ -2,8 +2,9 @@
 
 A converter lists its frames as ``Frame`` records (picklable: paths and small parameters), and
 provides a module-level ``load(frame, opts) -> sample dict`` that reads the source files and
-calls ``schema.encode_sample`` (through ``encode_frame``). ``run`` maps ``load`` over the frames in a process pool, writes
-the samples in frame order through ``ShardWriter`` and reports progress and a summary.
+calls ``schema.encode_sample`` (through ``encode_frame``). ``run`` maps ``load`` over the frames
+in a process pool, writes the samples in frame order through ``ShardWriter`` and reports
+progress and a summary.
 
 Bad input (missing or unreadable file, size mismatch, NaN or negative depth, missing
 intrinsics) is a ``SampleError`` whose one-line message names the file. Without ``--skip-bad``
