@@ -55,9 +55,10 @@ class NonFiniteCounter:
             self.streak = self.streak + 1 if bad else 0
             return
         if self._device_counts is None:
-            self._device_counts = torch.tensor([float(self.skipped), float(self.streak)], device=flag.device,
-                                               dtype=torch.float64)
-            self._host = [(torch.zeros(2, dtype=torch.float64).pin_memory(), torch.cuda.Event()) for _ in range(2)]
+            start = torch.tensor([float(self.skipped), float(self.streak)], dtype=torch.float64)
+            self._device_counts = start.to(flag.device)
+            # both host buffers start at the current counts: the first read finds no copy yet
+            self._host = [(start.clone().pin_memory(), torch.cuda.Event()) for _ in range(2)]
         counts = self._device_counts
         counts[0] += flag
         counts[1] = (counts[1] + flag) * flag
