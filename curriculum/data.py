@@ -18,6 +18,7 @@ Design, against the traps of webdataset under DDP (see PITFALLS.md 1-9):
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import glob
 import json
@@ -26,6 +27,7 @@ import os
 import random
 import signal
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -38,6 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from curriculum.worker_buffers import WorkerBuffers
 from data_prep.schema import FAR_RAW, SampleError, decode_sample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -170,7 +173,7 @@ def _shared_bytes(nbytes: int) -> torch.Tensor:
 _ALIGN = 64  # every field starts on a cache line, so that its bytes view as any dtype
 
 
-def collate_train(samples: list[dict]) -> dict:
+def collate_train(samples: list[dict], buffers: WorkerBuffers | None = None) -> dict:
     """One training batch as ONE uint8 tensor (``packed``) plus its ``layout``; ``unpack_batch``
     turns it into uint8 images (B,3,H,W), raw uint16 depth as int16 bits (B,H,W), each sample's
     depth scale (B,) and the sky mask packed eight pixels to a byte (B,H,ceil(W/8)).
@@ -184,7 +187,8 @@ def collate_train(samples: list[dict]) -> dict:
     one copy.
 
     Crops of different sizes (``device_resize`` with scale jitter) are zero-padded at the bottom
-    and right to the batch's largest.
+    and right to the batch's largest. With ``buffers`` (in a loader worker), the batch is written
+    into one of the worker's reusable shared-memory slots instead of fresh shared memory.
     """
     b = len(samples)
     hp = max(s["depth_raw"].shape[0] for s in samples)
@@ -201,7 +205,7 @@ def collate_train(samples: list[dict]) -> dict:
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         spans.append((offset + nbytes, offset + -(-nbytes // _ALIGN) * _ALIGN))
         offset = spans[-1][1]
-    packed = _shared_bytes(offset)
+    packed, handle = buffers.take(offset) if buffers is not None else (_shared_bytes(offset),) * 2
     buf = packed.numpy()
     for gap_start, gap_end in spans:  # defined bytes throughout: equal batches are equal tensors
         buf[gap_start:gap_end] = 0
@@ -217,7 +221,7 @@ def collate_train(samples: list[dict]) -> dict:
                 dst[...] = 0
             dst[: src.shape[0], : src.shape[1]] = src  # the crop's only copy on the host
         views["depth_scale"][i] = s["meta"]["depth_scale"]
-    return {"packed": packed, "layout": tuple(layout), "key": [s["key"] for s in samples]}
+    return {"packed": handle, "layout": tuple(layout), "key": [s["key"] for s in samples]}
 
 
 def unpack_batch(batch: dict) -> dict:
@@ -247,12 +251,12 @@ def unpack_mask(bits: torch.Tensor, width: int) -> torch.Tensor:
     return out.flatten(-2)[..., :width]
 
 
-def collate_train_crops(samples: list[dict]) -> dict:
+def collate_train_crops(samples: list[dict], buffers: WorkerBuffers | None = None) -> dict:
     """``collate_train`` for unresized, unflipped crops (``device_resize``): each crop's size and
     flip travel in ``crop_size`` and ``flip`` (plain ints: they stay on the host, no device sync
     to read them), and ``resize_crops`` finishes the job on the device. Crops of one frame size
     all have the same size, so a batch is usually unpadded."""
-    out = collate_train(samples)
+    out = collate_train(samples, buffers)
     out["crop_size"] = [tuple(s["depth_raw"].shape) for s in samples]
     out["flip"] = [s["flip"] for s in samples]
     return out
@@ -445,6 +449,7 @@ class TrainStream(IterableDataset):
         self.urls, self.spec = list(urls), spec
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.position = mp.Value("q", 0)  # global step at iterator creation, shared with workers
+        self.buffers: WorkerBuffers | None = None  # set by train_loader for loader workers
 
     def __len__(self) -> int:
         # Known epoch length: progress bars get an ETA and Lightning ends epochs on count.
@@ -513,7 +518,8 @@ class TrainStream(IterableDataset):
             s.update(rgb=color_jitter(rgb, spec.color_jitter, rng), depth_raw=depth_raw, sky=sky)
             batch.append(s)
             if len(batch) == spec.batch_size:
-                out = collate_train_crops(batch) if spec.device_resize else collate_train(batch)
+                collate = collate_train_crops if spec.device_resize else collate_train
+                out = collate(batch, self.buffers)
                 out["bad_samples"] = bad.take()  # a plain int: no tensor to share
                 yield out
                 batch = []
@@ -563,7 +569,29 @@ class ValStream(IterableDataset):
         return out
 
 
-class _PositionedLoader(DataLoader):
+# Iterators with live workers, ended at exit before multiprocessing's own exit handler (atexit runs
+# handlers last-registered first) would SIGTERM them, which _worker_init makes them ignore, and
+# then wait for them forever: a script ending on an exception with a loader alive used to hang.
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _end_live_workers() -> None:
+    for it in list(_LIVE_ITERATORS):
+        it._shutdown_workers()
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose workers end when the process does (see _LIVE_ITERATORS)."""
+
+    def _get_iterator(self):
+        it = super()._get_iterator()
+        if self.num_workers > 0:
+            _LIVE_ITERATORS.add(it)
+        return it
+
+
+class _PositionedLoader(_Loader):
     """Tells the stream the global step each time an epoch's iterator is created."""
 
     def __init__(self, dataset: TrainStream, position_fn: Callable[[], int], **kw):
@@ -585,7 +613,13 @@ def _worker_init(_: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+_PREFETCH_FACTOR = 4
+
+
 def train_loader(stream: TrainStream, position_fn: Callable[[], int], num_workers: int) -> DataLoader:
+    # A worker has at most _PREFETCH_FACTOR batches queued; two more slots cover the batch being
+    # trained on and the one the trainer fetched ahead (or the one the pinning thread is copying).
+    stream.buffers = WorkerBuffers(num_workers, _PREFETCH_FACTOR + 2) if num_workers > 0 else None
     return _PositionedLoader(
         stream,
         position_fn,
@@ -593,12 +627,12 @@ def train_loader(stream: TrainStream, position_fn: Callable[[], int], num_worker
         worker_init_fn=_worker_init if num_workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
+        prefetch_factor=_PREFETCH_FACTOR if num_workers > 0 else None,
     )
 
 
 def val_loader(stream: ValStream, num_workers: int) -> DataLoader:
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+    return _Loader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                       worker_init_fn=_worker_init if num_workers > 0 else None)
 
 

@@ -1,5 +1,9 @@
 import io
+import os
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -254,3 +258,21 @@ def test_packed_masks_unpack_to_the_same_mask(h, w, seed):
     bits = torch.from_numpy(np.stack([pack_mask(m) for m in mask]))
     assert bits.dtype == torch.uint8 and bits.shape == (3, h, (w + 7) // 8)
     assert torch.equal(unpack_mask(bits, w), torch.from_numpy(mask))
+
+
+def test_a_script_ending_on_an_exception_with_live_workers_exits(tiny_shards, tmp_path):
+    """Workers ignore SIGTERM (a signal to the process group is for the trainer), so
+    multiprocessing's exit handler, which SIGTERMs and then joins them, used to wait forever."""
+    _, _, train, _ = tiny_shards
+    script = tmp_path / "crash.py"
+    script.write_text(
+        "from curriculum.data import TrainSpec, TrainStream, train_loader\n"
+        "spec = TrainSpec(batch_size=2, batches_per_rank=8, crop_height=28, crop_width=56, shuffle_buffer=4)\n"
+        f"loader = train_loader(TrainStream({train!r}, spec, 0, 1, 0), lambda: 0, 2)\n"
+        "batch = next(iter(loader))\n"
+        "raise RuntimeError('crash with workers alive')\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 1 and "crash with workers alive" in done.stderr

@@ -1,0 +1,83 @@
+"""Loader workers' reusable batch buffers: batches equal the in-process ones whether the consumer
+drops them at once or keeps them all, and dropped batches' slots are written again."""
+import gc
+
+import pytest
+import torch
+
+from curriculum.data import TrainSpec, TrainStream, train_loader, unpack_batch
+from curriculum.worker_buffers import WorkerBuffers
+
+SPEC = dict(batch_size=2, crop_height=28, crop_width=56, shuffle_buffer=4, color_jitter=0.2, scale_jitter=0.3)
+
+
+def _loader(train, workers, batches, ring=True, **kw):
+    loader = train_loader(TrainStream(train, TrainSpec(batches_per_rank=batches, **SPEC, **kw), 0, 1, 7),
+                          lambda: 0, workers)
+    if not ring:  # the same workers writing every batch into fresh shared memory
+        loader.dataset.buffers = None
+    return loader
+
+
+def _plain(batch):
+    return batch["key"], batch["layout"], batch["packed"].clone()
+
+
+@pytest.mark.parametrize("device_resize", [False, True])
+def test_kept_batches_are_never_overwritten(tiny_shards, device_resize):
+    """The consumer keeps every batch: once the slots are all held, workers fall back to fresh
+    memory, and every kept batch still holds its own bytes."""
+    _, _, train, _ = tiny_shards
+    batches = 3 * 2 * 6 + 1  # more batches than the two workers' slots
+    want = [_plain(b) for b in _loader(train, 2, batches, ring=False, device_resize=device_resize)]
+    loader = _loader(train, 2, batches, device_resize=device_resize)
+    kept = list(loader)
+    ring = loader.dataset.buffers
+    assert ring.batches_received == 2 * ring.slots_per_worker  # every slot used once, none reused
+    assert len(kept) == len(want)
+    for got, (key, layout, packed) in zip(kept, want):
+        assert got["key"] == key and got["layout"] == layout
+        assert torch.equal(got["packed"], packed)
+    first = unpack_batch(kept[0])
+    assert first["image"].dtype == torch.uint8
+
+
+def test_dropped_batches_free_their_slots(tiny_shards):
+    """A consumer that lets each batch go gets every batch out of a slot after the first few, and
+    the slots' memory crosses from the workers only once."""
+    _, _, train, _ = tiny_shards
+    batches = 40
+    want = [_plain(b) for b in _loader(train, 2, batches, ring=False)]
+    loader = _loader(train, 2, batches)
+    for got, (key, _, packed) in zip(loader, want):
+        assert got["key"] == key and torch.equal(got["packed"], packed)
+        got = None  # noqa: F841 - the batch is let go here; its slot frees
+    ring = loader.dataset.buffers
+    assert ring.batches_received >= batches - 2 * ring.slots_per_worker
+    assert ring.buffers_received <= 2 * ring.slots_per_worker
+
+
+def test_a_view_keeps_its_slot(tiny_shards):
+    """A field view taken from a batch (unpack_batch) holds the slot after the batch is gone."""
+    _, _, train, _ = tiny_shards
+    batches = 30
+    loader = _loader(train, 1, batches)
+    images = []
+    for i, batch in enumerate(loader):
+        if i % 3 == 0:
+            image = unpack_batch(batch)["image"]
+            images.append((i, image.clone(), image))  # the view outlives its batch
+        batch = None
+        gc.collect()
+    for i, snapshot, view in images:
+        assert torch.equal(view, snapshot), f"batch {i} was overwritten while a view held it"
+    assert loader.dataset.buffers.batches_received > 0
+
+
+def test_outside_a_worker_take_gives_plain_memory():
+    ring = WorkerBuffers(1, 2)
+    tensor, handle = ring.take(100)
+    assert handle is tensor and tensor.numel() == 100
+    with pytest.raises(ValueError, match="slots_per_worker=0"):
+        WorkerBuffers(1, 0)
+
