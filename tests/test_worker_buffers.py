@@ -81,3 +81,18 @@ def test_outside_a_worker_take_gives_plain_memory():
     with pytest.raises(ValueError, match="slots_per_worker=0"):
         WorkerBuffers(1, 0)
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_pinned_batches_equal_the_fresh_memory_ones(tiny_shards):
+    """With CUDA the loader pins memory: the pinning thread copies each batch out of its slot,
+    and the slot frees as soon as that copy is made."""
+    _, _, train, _ = tiny_shards
+    batches = 30
+    want = [_plain(b) for b in _loader(train, 2, batches, ring=False)]
+    loader = _loader(train, 2, batches)
+    kept = list(loader)
+    for got, (key, _, packed) in zip(kept, want):
+        assert got["packed"].is_pinned() and got["key"] == key and torch.equal(got["packed"], packed)
+    ring = loader.dataset.buffers
+    assert ring.batches_received == batches and ring.buffers_received <= 2 * ring.slots_per_worker
