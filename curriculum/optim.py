@@ -11,7 +11,7 @@ flag is 1. So:
 - ``skip_if_nonfinite``: fused optimizers get the flag as ``found_inf`` (no host sync); others
   read it on the host and drop the gradients (AdamW leaves parameters without one untouched);
 - ``NonFiniteCounter``: skipped steps and the current streak, counted on the device and read
-  back one step late through a non-blocking copy, so the host never waits for the step it has
+  back one step late (``curriculum.late_read``), so the host never waits for the step it has
   just queued. On the CPU the counts are exact after every step.
 """
 from __future__ import annotations
@@ -19,6 +19,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+
+from curriculum.late_read import LateRead
 
 
 def nonfinite_flag(grads: list[torch.Tensor], loss: torch.Tensor | None) -> torch.Tensor:
@@ -45,8 +47,7 @@ class NonFiniteCounter:
         self.skipped = int(skipped)  # host view: exact on the CPU, one step late on a device
         self.streak = 0
         self._device_counts: torch.Tensor | None = None  # [skipped, streak]; float64 counts exactly
-        self._host = None  # two pinned buffers and their copy events, used in turn
-        self._turn = 0
+        self._late: LateRead | None = None
 
     def add(self, flag: torch.Tensor) -> None:
         if flag.device.type == "cpu":  # the flag is already on the host: exact and free
@@ -55,30 +56,21 @@ class NonFiniteCounter:
             self.streak = self.streak + 1 if bad else 0
             return
         if self._device_counts is None:
-            start = torch.tensor([float(self.skipped), float(self.streak)], dtype=torch.float64)
-            self._device_counts = start.to(flag.device)
-            # both host buffers start at the current counts: the first read finds no copy yet
-            self._host = [(start.clone().pin_memory(), torch.cuda.Event()) for _ in range(2)]
+            start = [float(self.skipped), float(self.streak)]
+            self._device_counts = torch.tensor(start, dtype=torch.float64).to(flag.device)
+            self._late = LateRead(start)  # the first read finds the counts we start from
         counts = self._device_counts
         counts[0] += flag
         counts[1] = (counts[1] + flag) * flag
-        buf, event = self._host[self._turn]
-        buf.copy_(counts, non_blocking=True)
-        event.record()
-        self._turn ^= 1
-        self._read(*self._host[self._turn])  # the previous step's copy
-
-    def _read(self, buf: torch.Tensor, event) -> None:
-        # Normally complete already; if not, the device is more than a step behind, and waiting
-        # for the previous step leaves it the current one to work on.
-        event.synchronize()
-        skipped, streak = buf.tolist()
-        self.skipped, self.streak = int(skipped), int(streak)
+        self._set(self._late.push(counts))  # the previous step's counts
 
     def sync(self) -> None:
         """Bring the host view up to date (one device sync): before a checkpoint or the end."""
-        if self._device_counts is not None:
-            self._read(*self._host[self._turn ^ 1])
+        if self._late is not None:
+            self._set(self._late.latest())
+
+    def _set(self, counts: list) -> None:
+        self.skipped, self.streak = int(counts[0]), int(counts[1])
 
 
 def skip_if_nonfinite(optimizer: torch.optim.Optimizer, params, loss: torch.Tensor | None,
