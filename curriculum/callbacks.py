@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 
+from curriculum.late_read import LateRead
 from curriculum.schedule import stage_index_at, stage_starts
 
 
@@ -64,6 +65,7 @@ class StepProgressBar(pl.callbacks.ProgressBar):
         self.bar = None
         self._start_step = 0
         self._t0 = 0.0
+        self._loss = LateRead([float("nan")])
 
     def disable(self) -> None:
         self._enabled = False
@@ -91,7 +93,10 @@ class StepProgressBar(pl.callbacks.ProgressBar):
         self.bar.update(trainer.global_step - self.bar.n)
         done = trainer.global_step - self._start_step
         images = done * len(batch["key"]) * trainer.world_size
-        loss = outputs["loss"].item() if isinstance(outputs, dict) and "loss" in outputs else float("nan")
+        loss = float("nan")
+        if isinstance(outputs, dict) and "loss" in outputs:
+            # on a GPU the loss of the previous refresh: reading this one would wait for the device
+            loss = self._loss.push(outputs["loss"].detach().float().reshape(1))[0]
         self.bar.set_postfix(stage=module.stage_name, loss=f"{loss:.3f}",
                              img_s=f"{images / max(time.perf_counter() - self._t0, 1e-9):.1f}", refresh=False)
 

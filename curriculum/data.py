@@ -155,10 +155,17 @@ def color_jitter(rgb: np.ndarray, amount: float, rng: np.random.Generator) -> np
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+@functools.lru_cache(maxsize=8)
+def _imagenet_stats_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # made once per device: torch.tensor(..., device=cuda) waits for the device to drain its queue
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(device)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).to(device)
+    return mean, std
+
+
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B,3,H,W) -> ImageNet-normalised float; done on the device after transfer."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = _imagenet_stats_on(images.device)
     return (images.float().div_(255.0) - mean) / std
 
 
@@ -304,7 +311,8 @@ def resize_crops(batch: dict, out_h: int, out_w: int) -> dict:
         out = {k: torch.cat([p[1][k] for p in parts]) for k in maps}
     out["image"] = img
     if any(flips):  # horizontal flip after the resize, as the worker path does it
-        flip = torch.tensor(flips, device=dev)
+        # non-blocking: a blocking host-to-device copy would wait for the device's whole queue
+        flip = torch.tensor(flips).to(dev, non_blocking=True)
         for k, v in out.items():
             out[k] = torch.where(flip.view(-1, *([1] * (v.dim() - 1))), v.flip(-1), v)
     batch.update(out)

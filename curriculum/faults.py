@@ -1,8 +1,9 @@
 """Faults during a run: stop signals that end in a checkpoint, checkpoint writes that fail in one line.
 
-Signals (SIGTERM, SIGINT, SIGUSR1) only set a flag; the run acts on it at the next training-batch
-boundary, where every rank agrees (an all-reduce MAX of the flag) so that all ranks save and stop
-after the same optimizer step, whichever rank the signal reached and when. The checkpoint then is
+Signals (SIGTERM, SIGINT, SIGUSR1) only set a flag; the run acts on it at a training-batch
+boundary (the next one; on GPUs under DDP the one after, see ``SignalCheckpoint._agreed``), where
+every rank agrees (an all-reduce MAX of the flag) so that all ranks save and stop after the same
+optimizer step, whichever rank the signal reached and when. The checkpoint then is
 an ordinary mid-epoch `last.ckpt`: `resume=<it>` continues the run exactly where it stopped (the
 data stream skips the batches already trained on; see curriculum/data.py).
 """
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from curriculum.checkpoint import AtomicCheckpointIO, CheckpointError
+from curriculum.late_read import LateRead
 
 # Priority when ranks received different signals: a requeue request wins over a plain stop.
 _PRIORITY = {signal.SIGINT: 1, signal.SIGTERM: 2, signal.SIGUSR1: 3}
@@ -67,11 +69,14 @@ class SignalCheckpoint(pl.Callback):
     is pending stops at once (KeyboardInterrupt), for a step that never ends.
     """
 
+    read_late: bool | None = None  # None: the agreement is read one step late on GPUs only
+
     def __init__(self, checkpoint: str | os.PathLike, requeue_command: str = "scontrol requeue"):
         self.checkpoint = Path(checkpoint)
         self.requeue_command = requeue_command
         self.pending = 0  # priority of the strongest signal received, 0 = none
         self.received: list[int] = []
+        self._late = LateRead([0], late=self.read_late)
         self._previous: dict[int, object] = {}
         self._connector = None
 
@@ -87,6 +92,7 @@ class SignalCheckpoint(pl.Callback):
             return
         self.pending = 0
         self.received = []
+        self._late = LateRead([0], late=self.read_late)
         for signum in _PRIORITY:
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handle)
@@ -114,13 +120,19 @@ class SignalCheckpoint(pl.Callback):
         self._previous = {}
 
     # ------------------------------------------------------------------ acting on a signal
-    def _agreed(self, trainer) -> int:
-        """The signal every rank acts on (0 = none); a collective, so every rank calls it each step."""
+    def _agreed(self, trainer, now: bool = False) -> int:
+        """The signal every rank acts on (0 = none); a collective, so every rank calls it each step.
+
+        On GPUs the ranks' agreement is read one step late (``LateRead``): reading it at once
+        would make the host wait for the device to finish the step it has just queued, every
+        step. Every rank reads the same value at the same step, so they still stop together,
+        one step after the signal. ``now``: read at once (the end of training)."""
         code = self.pending
         if _distributed(trainer):
-            flag = torch.tensor([code], dtype=torch.int32, device=trainer.strategy.root_device)
+            # torch.full, not torch.tensor: no blocking host-to-device copy
+            flag = torch.full((1,), code, dtype=torch.int32, device=trainer.strategy.root_device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            code = int(flag.item())
+            code = int(flag.item()) if now else int(self._late.push(flag)[0])
         return code
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -128,10 +140,10 @@ class SignalCheckpoint(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         # A signal after the last step's boundary (epoch-end validation): keep the final state.
-        self._maybe_stop(trainer, " (training steps done; final validation skipped)")
+        self._maybe_stop(trainer, " (training steps done; final validation skipped)", now=True)
 
-    def _maybe_stop(self, trainer, note: str) -> None:
-        code = self._agreed(trainer)
+    def _maybe_stop(self, trainer, note: str, now: bool = False) -> None:
+        code = self._agreed(trainer, now)
         if not code:
             return
         signum = _BY_PRIORITY[code]

@@ -96,14 +96,16 @@ class DepthModule(pl.LightningModule):
         bs = batch["image"].shape[0]
         log = {f"train/{k}": v.detach().float() for k, v in losses.items()}
         log["train/valid_fraction"] = (weight > 0).float().mean()
-        log["train/bad_samples"] = float(self.bad_samples)
-        log["train/skipped_steps"] = float(self.skipped_steps)
+        # Host numbers go to the logger as CPU tensors: Lightning would turn a Python number into
+        # a tensor on the module's device, a blocking copy that drains the device's queue each step.
+        host = {"train/bad_samples": self.bad_samples, "train/skipped_steps": self.skipped_steps}
         now = time.perf_counter()
         if self._t_last is not None:
-            log["train/images_per_sec"] = bs * self.trainer.world_size / max(now - self._t_last, 1e-9)
+            host["train/images_per_sec"] = bs * self.trainer.world_size / max(now - self._t_last, 1e-9)
         self._t_last = now
         for i, group in enumerate(self.optimizers().param_groups if self._trainer else []):
-            log[f"train/lr_{group.get('name', i)}"] = group["lr"]
+            host[f"train/lr_{group.get('name', i)}"] = group["lr"]
+        log.update({k: torch.tensor(float(v)) for k, v in host.items()})
         self.log_dict(log, on_step=True, on_epoch=False, batch_size=bs)
         self.log("loss", log["train/loss"], prog_bar=True, on_step=True, on_epoch=False, logger=False, batch_size=bs)
         every = self.recipe["logging"]["image_every_steps"]

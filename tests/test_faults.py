@@ -379,6 +379,35 @@ def test_signal_handlers_survive_a_failed_fit_and_agree_without_ddp(tmp_path):
     assert {s: signal.getsignal(s) for s in before} == before
 
 
+def test_ranks_read_their_agreement_one_step_late_on_gpus(tmp_path, monkeypatch):
+    """Under DDP on GPUs each rank reads the agreed signal a step late (no per-step device sync):
+    the stop comes at the boundary after the signal's, on every rank alike; at the end of
+    training the agreement is read at once."""
+    from curriculum import faults
+
+    class FakeTrainer:
+        world_size = 2
+
+        class strategy:
+            root_device = torch.device("cpu")
+
+    reduced = []
+    monkeypatch.setattr(faults, "_distributed", lambda trainer: True)
+    monkeypatch.setattr(faults.dist, "all_reduce", lambda t, op=None: reduced.append(int(t.item())))
+    monkeypatch.setattr(SignalCheckpoint, "read_late", True)  # the GPU bookkeeping, on the CPU
+    cb = SignalCheckpoint(tmp_path / "last.ckpt")
+    cb.setup(FakeTrainer(), None, "fit")
+    try:
+        assert cb._agreed(FakeTrainer()) == 0
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert cb._agreed(FakeTrainer()) == 0  # the boundary right after the signal: not yet read
+        assert cb._agreed(FakeTrainer()) == 2  # one step late: SIGTERM
+        assert cb._agreed(FakeTrainer(), now=True) == 2
+        assert reduced == [0, 2, 2, 2]  # every call is a collective, late or not
+    finally:
+        cb.on_exception(FakeTrainer(), None, RuntimeError("end"))
+
+
 # ---------------------------------------------------------------------------- 5. checkpoints
 
 

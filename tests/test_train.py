@@ -173,3 +173,37 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
     bad.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         read_checkpoint(bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device synchronisations exist on CUDA only")
+def test_training_steps_never_wait_for_the_device(tiny_shards, tmp_path, monkeypatch):
+    """Between two log steps, a GPU training step queues its work and returns without waiting
+    for the device (a blocking copy, .item(), a sync): the host prepares step k + 1 while the
+    device runs step k. torch's sync debug mode raises at any synchronising call in steps 3-5."""
+    import lightning.pytorch as pl
+
+    from curriculum import train as train_mod
+
+    class SyncGuard(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            torch.cuda.set_sync_debug_mode("error" if 2 <= trainer.global_step < 5 else "default")
+
+        def on_train_end(self, trainer, module):
+            torch.cuda.set_sync_debug_mode("default")
+
+    build = train_mod.build_trainer
+
+    def with_guard(recipe, out_dir, loggers):
+        trainer = build(recipe, out_dir, loggers)
+        trainer.callbacks.append(SyncGuard())
+        return trainer
+
+    monkeypatch.setattr(train_mod, "build_trainer", with_guard)
+    try:
+        result = train(_recipe(tiny_shards, tmp_path / "run", "trainer.accelerator=gpu",
+                               "trainer.precision=bf16-mixed", "optim.fused=true", "data.num_workers=2",
+                               "data.device_resize=true", "data.scale_jitter=0.3", "trainer.progress=true",
+                               "trainer.log_every_steps=1000"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert result["global_step"] == 8
