@@ -17,7 +17,9 @@ Each timed step ends with a device synchronisation and throughput comes from the
 time, so bursts of other jobs on a shared machine do not skew it; that is a lower bound, as the
 device idles while the host starts each step. The same number of steps is then also timed
 queued back to back with one synchronisation at the end, as training runs them ("queued
-img/s"). FLOPs are counted once per encoder with ``torch.utils.flop_counter.FlopCounterMode``
+img/s"); on CUDA one more step runs under torch's sync debug mode and the table's ``syncs``
+column counts the calls in it that made the host wait for the device (0 is what lets queued
+steps overlap). FLOPs are counted once per encoder with ``torch.utils.flop_counter.FlopCounterMode``
 on one image (forward + backward, matmuls, convolutions and attention; recomputation under
 activation checkpointing not counted), times the batch. On a machine without CUDA it runs the
 tiny encoder at a small size so CI keeps it working; compiling is skipped there unless asked for
@@ -37,6 +39,7 @@ import platform
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +176,22 @@ def count_flops(module: DepthModule, batch: dict) -> int:
     return int(counter.get_total_flops())
 
 
+def count_syncs(step: Step, batch: dict, device: torch.device) -> int | None:
+    """Synchronising calls in one step (a blocking copy, ``.item()``, a device sync), counted by
+    torch's sync debug mode on CUDA; each drains the device's queue, so queued steps only overlap
+    the host with the device when this is 0. None on other devices."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -220,6 +239,7 @@ def run_mode(encoder: str, mode: str, args, device: torch.device, flops_per_imag
         _sync(device)
         times.append(time.perf_counter() - t0)
     median = float(np.median(times))
+    syncs = count_syncs(step, batch, device)
     # The same steps queued back to back, one synchronisation at the end, as training runs them
     # (no per-step sync): the host prepares step k + 1 while the device still runs step k.
     t0 = time.perf_counter()
@@ -236,6 +256,7 @@ def run_mode(encoder: str, mode: str, args, device: torch.device, flops_per_imag
         img_per_s=batch_size / median,
         queued_step_s=queued,
         queued_img_per_s=batch_size / queued,
+        syncs_per_step=syncs,
         flops_per_image=flops_per_image[encoder],
         tflops_per_s=flops_per_image[encoder] * batch_size / median / 1e12,
         peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
@@ -267,7 +288,7 @@ def profile_steps(step: Step, batch: dict, device: torch.device, steps: int) -> 
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'encoder':<7} {'mode':<13} {'batch':>5} {'img/s':>8} {'queued':>8} {'TFLOP/s':>8} {'step ms':>8} "
-            f"{'peak GiB':>8} {'1st step s':>10} {'resize':>11}")
+            f"{'peak GiB':>8} {'1st step s':>10} {'resize':>11} {'syncs':>5}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r or "skipped" in r:
@@ -280,7 +301,8 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"{r['encoder']:<7} {r['mode']:<13} {r['batch']:>5} {r['img_per_s']:>8.2f} "
             f"{r.get('queued_img_per_s', float('nan')):>8.2f} {tflops} "
-            f"{r['step_s'] * 1e3:>8.1f} {mem:>8} {r['first_step_s']:>10.1f} {r.get('resize', '-'):>11}"
+            f"{r['step_s'] * 1e3:>8.1f} {mem:>8} {r['first_step_s']:>10.1f} {r.get('resize', '-'):>11} "
+            f"{'-' if r.get('syncs_per_step') is None else r['syncs_per_step']:>5}"
         )
     return "\n".join(lines)
 
