@@ -277,7 +277,11 @@ def nearest_index(n_in: int, n_out: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=64)
 def _nearest_index_on(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(nearest_index(n_in, n_out)).to(device)  # a handful of crop sizes per run
+    """``nearest_index`` computed on the device (the same float64 products, so the same indices):
+    scale jitter gives more crop sizes than the cache holds, and copying each miss's indices
+    from the host would wait for the device's queue."""
+    src = torch.arange(n_out, dtype=torch.float64, device=device) * (1.0 / (n_out / n_in))
+    return src.floor_().to(torch.int64).clamp_(max=n_in - 1)
 
 
 def resize_crops(batch: dict, out_h: int, out_w: int) -> dict:
