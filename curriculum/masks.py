@@ -72,9 +72,10 @@ def _compose(depth: torch.Tensor, parts: list[tuple[torch.Tensor, float, torch.T
     weight = torch.zeros_like(depth)
     target = torch.ones_like(depth)
     for mask, w, t in parts:
-        weight = torch.where(mask, torch.as_tensor(float(w), dtype=depth.dtype, device=depth.device), weight)
-        t = t if isinstance(t, torch.Tensor) else torch.as_tensor(float(t), dtype=depth.dtype, device=depth.device)
-        target = torch.where(mask, t, target)
+        # Python scalars straight into torch.where: a scalar tensor made on a GPU would be a
+        # blocking host-to-device copy, waiting for the device's queue, on every step
+        weight = torch.where(mask, float(w), weight)
+        target = torch.where(mask, t if isinstance(t, torch.Tensor) else float(t), target)
     # Weight-0 pixels keep target 1.0 (their depth may be 0, NaN or inf).
     target = torch.where(weight > 0, target, torch.ones_like(target))
     return weight, target
