@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import torch
 
 from curriculum.late_read import LateRead
 from curriculum.schedule import stage_index_at, stage_starts
@@ -37,7 +38,8 @@ class CurriculumCallback(pl.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self._sync(trainer, module)
-        module.log("curriculum/stage", float(module.stage_index), on_step=True, on_epoch=False)
+        # a CPU tensor: Lightning makes a Python number a tensor on the device, a blocking copy
+        module.log("curriculum/stage", torch.tensor(float(module.stage_index)), on_step=True, on_epoch=False)
 
     def state_dict(self) -> dict:
         return {"switches": [list(s) for s in self.switches], "starts": list(self.starts)}

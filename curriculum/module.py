@@ -106,8 +106,9 @@ class DepthModule(pl.LightningModule):
         for i, group in enumerate(self.optimizers().param_groups if self._trainer else []):
             host[f"train/lr_{group.get('name', i)}"] = group["lr"]
         log.update({k: torch.tensor(float(v)) for k, v in host.items()})
+        # No prog_bar metrics: Lightning converts those to Python numbers after every step (a device
+        # sync); StepProgressBar shows the loss, read a step late.
         self.log_dict(log, on_step=True, on_epoch=False, batch_size=bs)
-        self.log("loss", log["train/loss"], prog_bar=True, on_step=True, on_epoch=False, logger=False, batch_size=bs)
         every = self.recipe["logging"]["image_every_steps"]
         if every and self.global_step % every == 0 and self.global_rank == 0:
             self._log_panel("train/panel", batch, pred.depth.detach(), 0)
