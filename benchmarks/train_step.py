@@ -176,6 +176,19 @@ def count_flops(module: DepthModule, batch: dict) -> int:
     return int(counter.get_total_flops())
 
 
+SDPA_BACKENDS = {"auto": None, "flash": "flash", "cudnn": "cudnn", "efficient": "mem_efficient", "math": "math"}
+
+
+def use_sdpa_backend(name: str) -> None:
+    """Allow only one scaled-dot-product-attention kernel, process-wide (compiled graphs pick theirs
+    when traced, so a context manager around the step would not reach them)."""
+    only = SDPA_BACKENDS[name]
+    if only is None:
+        return
+    for backend in ("flash", "cudnn", "mem_efficient", "math"):
+        getattr(torch.backends.cuda, f"enable_{backend}_sdp")(backend == only)
+
+
 def count_syncs(step: Step, batch: dict, device: torch.device) -> int | None:
     """Synchronising calls in one step (a blocking copy, ``.item()``, a device sync), counted by
     torch's sync debug mode on CUDA; each drains the device's queue, so queued steps only overlap
@@ -338,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cudnn-benchmark", action="store_true",
                     help="leave cuDNN's algorithm search off (default: the recipe's trainer.cudnn_benchmark)")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls in fp32 mode (off: the reference)")
+    ap.add_argument("--sdpa", choices=tuple(SDPA_BACKENDS), default="auto",
+                    help="the only attention kernel allowed (auto: torch's choice, cuDNN on H100/H200)")
     ap.add_argument("--profile", type=_list, default=[],
                     help="encoder:mode pairs to profile after timing (e.g. vitl:bf16-compile); tables go to "
                          "--profile-out")
@@ -362,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup = max(1, args.warmup)
     if args.tf32:
         torch.set_float32_matmul_precision("high")
+    use_sdpa_backend(args.sdpa)
     try:
         args.profile = {tuple(p.split(":", 1)) for p in args.profile}
     except ValueError:
@@ -419,7 +435,7 @@ def write_result(args, device: torch.device, encoders: list[str], modes: list[st
                    "steps": args.steps, "warmup": args.warmup, "grad_check": args.grad_check,
                    "tf32": bool(args.tf32), "grad_checkpointing": bool(args.grad_checkpointing),
                    "resize": args.resize, "no_cudnn_benchmark": bool(args.no_cudnn_benchmark),
-                   "fused_sdpa": _fused_attn()},
+                   "fused_sdpa": _fused_attn(), "sdpa": args.sdpa},
         "rows": [{k: v for k, v in r.items() if k != "profile"} for r in rows],
         "table": table,
     }

@@ -133,3 +133,17 @@ def test_data_pipeline_device_resize_on_cpu(data_pipeline, tmp_path):
     result = json.loads(out.read_text())
     assert result["config"]["device_resize"] is True and result["config"]["device"] == "cpu"
     assert result["rows"][0]["ours_samples"] == 4
+
+
+def test_train_step_sdpa_switch_allows_one_attention_kernel(train_step):
+    names = ("flash", "cudnn", "mem_efficient", "math")
+    before = {n: getattr(torch.backends.cuda, f"{n}_sdp_enabled")() for n in names}
+    try:
+        train_step.use_sdpa_backend("math")
+        assert {n: getattr(torch.backends.cuda, f"{n}_sdp_enabled")() for n in names} == {
+            "flash": False, "cudnn": False, "mem_efficient": False, "math": True}
+        train_step.use_sdpa_backend("auto")  # leaves the flags as they are
+        assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+    finally:
+        for n, on in before.items():
+            getattr(torch.backends.cuda, f"enable_{n}_sdp")(on)
