@@ -84,6 +84,7 @@ class StepProgressBar(pl.callbacks.ProgressBar):
             return
         self._start_step = trainer.global_step
         self._t0 = time.perf_counter()
+        self._loss = LateRead([float("nan")])  # not the loss of an earlier fit
         self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc="train", unit="step",
                         dynamic_ncols=True, smoothing=0.05)
 

@@ -19,6 +19,7 @@ Design, against the traps of webdataset under DDP (see PITFALLS.md 1-9):
 from __future__ import annotations
 
 import atexit
+import copy
 import functools
 import glob
 import json
@@ -157,9 +158,12 @@ def color_jitter(rgb: np.ndarray, amount: float, rng: np.random.Generator) -> np
 
 @functools.lru_cache(maxsize=8)
 def _imagenet_stats_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # made once per device: torch.tensor(..., device=cuda) waits for the device to drain its queue
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(device)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).to(device)
+    # made once per device: torch.tensor(..., device=cuda) waits for the device to drain its queue;
+    # ordinary tensors even when first asked for under inference_mode (validation), so that
+    # training can use them too
+    with torch.inference_mode(False), torch.no_grad():
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(device)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).to(device)
     return mean, std
 
 
@@ -315,8 +319,10 @@ def resize_crops(batch: dict, out_h: int, out_w: int) -> dict:
         out = {k: torch.cat([p[1][k] for p in parts]) for k in maps}
     out["image"] = img
     if any(flips):  # horizontal flip after the resize, as the worker path does it
-        # non-blocking: a blocking host-to-device copy would wait for the device's whole queue
-        flip = torch.tensor(flips).to(dev, non_blocking=True)
+        # from pinned memory without blocking: a blocking copy would wait for the device's whole
+        # queue, and one from pageable memory may still wait for the stream
+        flip = torch.tensor(flips)
+        flip = (flip.pin_memory() if dev.type == "cuda" else flip).to(dev, non_blocking=True)
         for k, v in out.items():
             out[k] = torch.where(flip.view(-1, *([1] * (v.dim() - 1))), v.flip(-1), v)
     batch.update(out)
@@ -591,6 +597,9 @@ _LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
 def _end_live_workers() -> None:
     for it in list(_LIVE_ITERATORS):
         it._shutdown_workers()
+        for worker in getattr(it, "_workers", []):  # one still busy after the shutdown's wait
+            if worker.is_alive():
+                worker.kill()
 
 
 class _Loader(DataLoader):
@@ -629,6 +638,9 @@ _PREFETCH_FACTOR = 4
 
 
 def train_loader(stream: TrainStream, position_fn: Callable[[], int], num_workers: int) -> DataLoader:
+    # Each loader its own copy of the stream (sharing its position) with its own buffers: a stream
+    # may feed a reloaded loader while the old one's workers still send batches.
+    stream = copy.copy(stream)
     # A worker has at most _PREFETCH_FACTOR batches queued; two more slots cover the batch being
     # trained on and the one the trainer fetched ahead (or the one the pinning thread is copying).
     stream.buffers = WorkerBuffers(num_workers, _PREFETCH_FACTOR + 2) if num_workers > 0 else None

@@ -120,14 +120,17 @@ class SignalCheckpoint(pl.Callback):
         self._previous = {}
 
     # ------------------------------------------------------------------ acting on a signal
-    def _agreed(self, trainer, now: bool = False) -> int:
+    def _agreed(self, trainer, now: bool = False, reduced_only: bool = False) -> int:
         """The signal every rank acts on (0 = none); a collective, so every rank calls it each step.
 
         On GPUs the ranks' agreement is read one step late (``LateRead``): reading it at once
         would make the host wait for the device to finish the step it has just queued, every
         step. Every rank reads the same value at the same step, so they still stop together,
-        one step after the signal. ``now``: read at once (the end of training)."""
+        one step after the signal. ``now``: read at once (the end of training). ``reduced_only``:
+        no collective, just the last agreement, waited for (before validation)."""
         code = self.pending
+        if _distributed(trainer) and reduced_only:
+            return int(self._late.latest()[0])
         if _distributed(trainer):
             # torch.full, not torch.tensor: no blocking host-to-device copy
             flag = torch.full((1,), code, dtype=torch.int32, device=trainer.strategy.root_device)
@@ -138,12 +141,18 @@ class SignalCheckpoint(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._maybe_stop(trainer, "")
 
+    def on_validation_start(self, trainer, pl_module) -> None:
+        # Read late, a stop agreed at the step before validation would wait for the whole of it
+        # (and a SLURM grace period may be shorter); every rank reads the same agreement here.
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._maybe_stop(trainer, " (before validation)", reduced_only=True)
+
     def on_train_end(self, trainer, pl_module) -> None:
         # A signal after the last step's boundary (epoch-end validation): keep the final state.
         self._maybe_stop(trainer, " (training steps done; final validation skipped)", now=True)
 
-    def _maybe_stop(self, trainer, note: str, now: bool = False) -> None:
-        code = self._agreed(trainer, now)
+    def _maybe_stop(self, trainer, note: str, now: bool = False, reduced_only: bool = False) -> None:
+        code = self._agreed(trainer, now, reduced_only)
         if not code:
             return
         signum = _BY_PRIORITY[code]

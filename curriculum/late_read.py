@@ -39,7 +39,7 @@ class LateRead:
         buf, event = self._slots[self._turn]
         buf.copy_(t.detach().flatten(), non_blocking=event is not None)
         if event is not None:
-            event.record()
+            event.record(torch.cuda.current_stream(t.device))  # the stream the copy was queued on
         self._turn ^= 1
         return self._read(self._turn)  # the other slot: the previous push (or ``initial``)
 

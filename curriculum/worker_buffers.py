@@ -16,9 +16,12 @@ worker with no free slot falls back to fresh shared memory, so a consumer that h
 costs speed, never correctness.
 
 Known limits: slots are per worker and sized by the largest batch seen so far (a larger batch
-replaces the slot's buffer); the ring is used only with ``num_workers > 0`` and fork or spawn
-workers of one loader; state flags live in a ``multiprocessing.Array`` whose lock also orders the
-consumer's last reads before the worker's next writes on weakly-ordered CPUs.
+replaces the slot's buffer); the ring serves the workers of one loader (``num_workers > 0``)
+started with the process-wide start method (a loader given another ``multiprocessing_context``
+cannot share the ring's lock, as with ``TrainStream.position``); state flags live in a
+``multiprocessing.Array`` whose lock also orders the consumer's last reads before the worker's
+next writes on weakly-ordered CPUs. A batch pickled but never received (an iterator shut down with
+batches in flight, a killed worker) keeps its slot taken; its worker falls back to fresh memory.
 """
 from __future__ import annotations
 

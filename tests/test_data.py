@@ -17,7 +17,7 @@ from conftest import write_tiny_shards
 from curriculum.data import (
     DataError, TrainSpec, TrainStream, ValStream, batch_to_metres, check_readers, collate_train, count_samples,
     crop_resize, depth_to_metres, expand_shards, nearest_index, normalize_images, pack_mask, resize_crops,
-    train_loader, unpack_batch, unpack_mask, _nearest_index_on,
+    train_loader, unpack_batch, unpack_mask, _imagenet_stats_on, _nearest_index_on,
 )
 from data_prep.schema import FAR_RAW, raw_to_depth
 
@@ -194,6 +194,19 @@ def test_normalize_images():
     y = normalize_images(x)
     assert y.dtype == torch.float32
     assert torch.allclose(y[0, :, 0, 0], (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
+
+
+def test_normalisation_constants_made_under_inference_mode_serve_training():
+    """The per-device constants are cached; made first during validation (inference mode) they
+    must still be ordinary tensors, usable where autograd saves them."""
+    _imagenet_stats_on.cache_clear()
+    with torch.inference_mode():
+        normalize_images(torch.zeros(1, 3, 2, 2, dtype=torch.uint8))
+    mean, std = _imagenet_stats_on(torch.device("cpu"))
+    assert not mean.is_inference() and not std.is_inference()
+    x = torch.rand(1, 3, 2, 2, requires_grad=True)
+    ((x - mean) / std).sum().backward()  # std is saved for backward
+    assert torch.allclose(x.grad, (1 / std).expand_as(x))
 
 
 @given(st.integers(1, 600), st.integers(1, 600))

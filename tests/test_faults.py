@@ -379,6 +379,31 @@ def test_signal_handlers_survive_a_failed_fit_and_agree_without_ddp(tmp_path):
     assert {s: signal.getsignal(s) for s in before} == before
 
 
+def test_a_stop_read_late_is_taken_before_validation_and_resumes_exactly(tiny_shards, tmp_path, monkeypatch, probe):
+    """With the agreement read a step late (GPUs under DDP), a signal at the step before a
+    validation stops the run before validating, not after it and one more step; resuming from
+    that checkpoint ends where an uninterrupted run does."""
+    from curriculum import faults
+
+    train_dir, val_dir, _, _ = tiny_shards
+    monkeypatch.setattr(faults, "_distributed", lambda trainer: True)  # one process standing in for DDP
+    monkeypatch.setattr(faults.dist, "all_reduce", lambda t, op=None: None)
+    monkeypatch.setattr(SignalCheckpoint, "read_late", True)
+    common = ("stages.0.steps=3", "stages.1.steps=2", "trainer.val_every_steps=2")
+    whole = train_mod.train(_recipe(train_dir, val_dir, tmp_path / "whole", *common))
+    probe(at_step={1: lambda: os.kill(os.getpid(), signal.SIGTERM)})  # during the step validation follows
+    out = tmp_path / "run"
+    with pytest.raises(RunInterrupted) as err:
+        train_mod.train(_recipe(train_dir, val_dir, out, *common))
+    assert err.value.step == 2 and "(before validation)" in str(err.value)
+    ckpt_path = out / "checkpoints" / "last.ckpt"
+    # (the probe stays: the resumed run starts at step 2, past its step)
+    resumed = train_mod.train(_recipe(train_dir, val_dir, tmp_path / "resumed", *common, f"resume={ckpt_path}"))
+    assert resumed["global_step"] == whole["global_step"] == 5
+    assert _same_weights(model_state(read_checkpoint(resumed["checkpoint"])),
+                         model_state(read_checkpoint(whole["checkpoint"])))
+
+
 def test_ranks_read_their_agreement_one_step_late_on_gpus(tmp_path, monkeypatch):
     """Under DDP on GPUs each rank reads the agreed signal a step late (no per-step device sync):
     the stop comes at the boundary after the signal's, on every rank alike; at the end of

@@ -96,3 +96,14 @@ def test_pinned_batches_equal_the_fresh_memory_ones(tiny_shards):
         assert got["packed"].is_pinned() and got["key"] == key and torch.equal(got["packed"], packed)
     ring = loader.dataset.buffers
     assert ring.batches_received == batches and ring.buffers_received <= 2 * ring.slots_per_worker
+
+
+def test_each_loader_has_its_own_buffers(tiny_shards):
+    """A stream may feed a second loader (reloaded dataloaders) while the first one's workers
+    still send batches: each loader copies the stream and owns its buffers."""
+    _, _, train, _ = tiny_shards
+    stream = TrainStream(train, TrainSpec(batches_per_rank=12, **SPEC), 0, 1, 7)
+    first, second = train_loader(stream, lambda: 0, 2), train_loader(stream, lambda: 0, 2)
+    assert stream.buffers is None and first.dataset.buffers is not second.dataset.buffers
+    for a, b in zip(first, second):  # both loaders' workers at once
+        assert a["key"] == b["key"] and torch.equal(a["packed"], b["packed"])
