@@ -53,7 +53,8 @@ class WorkerBuffers:
 
     def __init__(self, num_workers: int, slots_per_worker: int):
         if num_workers < 1 or slots_per_worker < 1:
-            raise ValueError(f"WorkerBuffers: num_workers={num_workers}, slots_per_worker={slots_per_worker}; both must be >= 1")
+            raise ValueError(f"WorkerBuffers: num_workers={num_workers}, slots_per_worker={slots_per_worker}; "
+                             "both must be >= 1")
         self.token = uuid.uuid4().hex
         self.num_workers, self.slots_per_worker = num_workers, slots_per_worker
         # 0: free; otherwise the sequence number of the batch in the slot (stale releases are no-ops)
@@ -140,7 +141,8 @@ def _release(state, slot: int, seq: int) -> None:
         lock.release()
 
 
-def _rebuild(token: str, slot: int, seq: int, buffer_id: str, nbytes: int, buffer: torch.Tensor | None) -> torch.Tensor:
+def _rebuild(token: str, slot: int, seq: int, buffer_id: str, nbytes: int,
+             buffer: torch.Tensor | None) -> torch.Tensor:
     ring = _LIVE.get(token)
     if ring is None:
         raise RuntimeError(f"a batch from worker buffers {token} arrived in a process that does not own them")
