@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from curriculum.worker_buffers import WorkerBuffers
+from curriculum.worker_buffers import WorkerBuffers, fresh_batch_bytes
 from data_prep.schema import FAR_RAW, SampleError, decode_sample
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -173,14 +173,6 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     return (images.float().div_(255.0) - mean) / std
 
 
-def _shared_bytes(nbytes: int) -> torch.Tensor:
-    """A uint8 buffer; inside a loader worker, in shared memory from the start, so that sending it
-    to the main process copies nothing (as default_collate does for its stacks)."""
-    if get_worker_info() is None:
-        return torch.empty(nbytes, dtype=torch.uint8)
-    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
-
-
 _ALIGN = 64  # every field starts on a cache line, so that its bytes view as any dtype
 
 
@@ -216,7 +208,7 @@ def collate_train(samples: list[dict], buffers: WorkerBuffers | None = None) -> 
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         spans.append((offset + nbytes, offset + -(-nbytes // _ALIGN) * _ALIGN))
         offset = spans[-1][1]
-    packed, handle = buffers.take(offset) if buffers is not None else (_shared_bytes(offset),) * 2
+    packed, handle = buffers.take(offset) if buffers is not None else (fresh_batch_bytes(offset),) * 2
     buf = packed.numpy()
     for gap_start, gap_end in spans:  # defined bytes throughout: equal batches are equal tensors
         buf[gap_start:gap_end] = 0
@@ -657,7 +649,7 @@ def train_loader(stream: TrainStream, position_fn: Callable[[], int], num_worker
 
 def val_loader(stream: ValStream, num_workers: int) -> DataLoader:
     return _Loader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      worker_init_fn=_worker_init if num_workers > 0 else None)
+                   worker_init_fn=_worker_init if num_workers > 0 else None)
 
 
 def check_readers(n_shards: int, world_size: int, num_workers: int, what: str, spec: str) -> None:

@@ -47,6 +47,12 @@ def _fresh_shared(nbytes: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
 
 
+def fresh_batch_bytes(nbytes: int) -> torch.Tensor:
+    """A new uint8 buffer for a batch; inside a loader worker, in shared memory from the start, so
+    that sending it to the main process copies nothing (as default_collate does for its stacks)."""
+    return torch.empty(nbytes, dtype=torch.uint8) if get_worker_info() is None else _fresh_shared(nbytes)
+
+
 class WorkerBuffers:
     """``slots_per_worker`` reusable shared-memory buffers for each of ``num_workers`` workers.
 
@@ -88,7 +94,7 @@ class WorkerBuffers:
         held, both are one fresh tensor (in shared memory inside a worker)."""
         info = get_worker_info()
         if info is None:
-            t = torch.empty(nbytes, dtype=torch.uint8)
+            t = fresh_batch_bytes(nbytes)
             return t, t
         if info.id >= self.num_workers:
             raise RuntimeError(f"WorkerBuffers for {self.num_workers} workers used by worker {info.id}")
@@ -104,7 +110,7 @@ class WorkerBuffers:
             if chosen is not None:
                 flags[first + chosen] = seq
         if chosen is None:
-            t = _fresh_shared(nbytes)
+            t = fresh_batch_bytes(nbytes)
             return t, t
         new_buffer = None
         if chosen not in self._own or self._own[chosen][1].numel() < nbytes:
