@@ -7,6 +7,26 @@ import pytest
 FIXTURES = Path(os.environ.get("CURRICULUM_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 
 
+@pytest.fixture
+def add_callback(monkeypatch):
+    """``add_callback(cb)``: the trainer of the next ``curriculum.train.train()`` call gets ``cb``
+    appended to its callbacks (a hook inside a real run)."""
+    from curriculum import train as train_mod
+
+    def add(callback):
+        build = train_mod.build_trainer
+
+        def with_callback(recipe, out_dir, loggers):
+            trainer = build(recipe, out_dir, loggers)
+            trainer.callbacks.append(callback)
+            return trainer
+
+        monkeypatch.setattr(train_mod, "build_trainer", with_callback)
+        return callback
+
+    return add
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():

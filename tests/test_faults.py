@@ -167,23 +167,9 @@ class _Probe(pl.Callback):
 
 
 @pytest.fixture
-def probe(monkeypatch):
+def probe(add_callback):
     """Appends a _Probe to the trainer of the next train() call; returns a factory."""
-    made = {}
-
-    def make(**kw):
-        made["probe"] = _Probe(**kw)
-        original = train_mod.build_trainer
-
-        def build(recipe, out_dir, loggers):
-            trainer = original(recipe, out_dir, loggers)
-            trainer.callbacks.append(made["probe"])
-            return trainer
-
-        monkeypatch.setattr(train_mod, "build_trainer", build)
-        return made["probe"]
-
-    return make
+    return lambda **kw: add_callback(_Probe(**kw))
 
 
 @contextmanager

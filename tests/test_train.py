@@ -176,13 +176,11 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="device synchronisations exist on CUDA only")
-def test_training_steps_never_wait_for_the_device(tiny_shards, tmp_path, monkeypatch):
+def test_training_steps_never_wait_for_the_device(tiny_shards, tmp_path, add_callback):
     """Between two log steps, a GPU training step queues its work and returns without waiting
     for the device (a blocking copy, .item(), a sync): the host prepares step k + 1 while the
     device runs step k. torch's sync debug mode raises at any synchronising call in steps 3-5."""
     import lightning.pytorch as pl
-
-    from curriculum import train as train_mod
 
     class SyncGuard(pl.Callback):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
@@ -191,14 +189,7 @@ def test_training_steps_never_wait_for_the_device(tiny_shards, tmp_path, monkeyp
         def on_train_end(self, trainer, module):
             torch.cuda.set_sync_debug_mode("default")
 
-    build = train_mod.build_trainer
-
-    def with_guard(recipe, out_dir, loggers):
-        trainer = build(recipe, out_dir, loggers)
-        trainer.callbacks.append(SyncGuard())
-        return trainer
-
-    monkeypatch.setattr(train_mod, "build_trainer", with_guard)
+    add_callback(SyncGuard())
     try:
         result = train(_recipe(tiny_shards, tmp_path / "run", "trainer.accelerator=gpu",
                                "trainer.precision=bf16-mixed", "optim.fused=true", "data.num_workers=2",
@@ -219,7 +210,7 @@ _HOST_ONLY = ("curriculum/optim.py", "curriculum/late_read.py", "curriculum/work
               "torch/optim/adam.py", "torch/optim/optimizer.py")
 
 
-def test_training_steps_make_no_call_that_would_wait_for_a_gpu(tiny_shards, tmp_path, monkeypatch):
+def test_training_steps_make_no_call_that_would_wait_for_a_gpu(tiny_shards, tmp_path, add_callback):
     """The CPU stand-in for the CUDA test above: steps 3-5 of a run (two stages, device_resize
     with scale jitter and flips, the progress bar on) under a TorchFunctionMode that records every
     call that would synchronise on a GPU, outside host-only code."""
@@ -227,8 +218,6 @@ def test_training_steps_make_no_call_that_would_wait_for_a_gpu(tiny_shards, tmp_
 
     import lightning.pytorch as pl
     from torch.overrides import TorchFunctionMode
-
-    from curriculum import train as train_mod
 
     hits = []
 
@@ -253,14 +242,7 @@ def test_training_steps_make_no_call_that_would_wait_for_a_gpu(tiny_shards, tmp_
                 mode.__enter__() if want else mode.__exit__(None, None, None)
                 self.active = want
 
-    build = train_mod.build_trainer
-
-    def with_window(recipe, out_dir, loggers):
-        trainer = build(recipe, out_dir, loggers)
-        trainer.callbacks.append(Window())
-        return trainer
-
-    monkeypatch.setattr(train_mod, "build_trainer", with_window)
+    add_callback(Window())
     # one loader worker: batches are made on the host in any case, and here outside the window
     result = train(_recipe(tiny_shards, tmp_path / "run", "data.device_resize=true", "data.scale_jitter=0.3",
                            "data.num_workers=1", "trainer.progress=true", "trainer.log_every_steps=1000"))
