@@ -6,9 +6,10 @@ on an H200 that scatter alone took a third of a vits training step, eagerly or c
 Bilinear resizing is separable and linear, so ``y = A_h @ x @ A_w^T`` with two small
 interpolation matrices gives the same values (to rounding) with a backward that is two matrix
 products as well, on tensor cores and in the autocast dtype. ``DepthModel`` uses it when compiled
-for CUDA, where inductor fuses the layout copies around the products: vits went from 390 to 511
-img/s. Eager, those copies cost more than the atomics save (330 against 355 img/s), so eager
-keeps ``F.interpolate``.
+for CUDA: vits went from 390 to 511 img/s. Eager, the layout copies the first version made around
+the products cost more than the atomics save (330 against 355 img/s), so eager keeps
+``F.interpolate``. The products now read and write each layout as stored (channels-last too) and
+make no copies; that version is not yet timed on a GPU.
 
 Known limit: the matrices are dense, so the FLOPs grow with in x out along each axis; that is
 negligible for the head's sizes (about 2 % of a vitl step) and wasteful for huge resizes.
@@ -50,6 +51,12 @@ def resize_bilinear(x: torch.Tensor, size: tuple[int, int], matmul: bool = True)
     channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     a_w = interp_matrix(w, wo, x.device, x.dtype)  # (wo, w)
     a_h = interp_matrix(h, ho, x.device, x.dtype)  # (ho, h)
-    y = torch.matmul(x.contiguous(), a_w.t())  # (b, c, h, wo): one (b*c*h, w) @ (w, wo) product
-    y = torch.matmul(y.transpose(2, 3).contiguous(), a_h.t()).transpose(2, 3)  # (b, c, ho, wo)
-    return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    # Each product reads its input in the layout it is stored in and writes the next in the layout
+    # the next one reads, so neither direction (nor the backward, A^T @ grad) copies a layout.
+    if channels_last:
+        hwc = x.permute(0, 2, 3, 1)  # (b, h, w, c), a view of the storage
+        y = torch.matmul(a_w, hwc)  # (b, h, wo, c): (wo, w) @ (w, c) for every row
+        y = torch.matmul(a_h, y.reshape(b, h, wo * c))  # (b, ho, wo * c): (ho, h) @ (h, wo * c) per image
+        return y.view(b, ho, wo, c).permute(0, 3, 1, 2)  # (b, c, ho, wo), channels-last strides
+    y = torch.matmul(x.contiguous(), a_w.t())  # (b, c, h, wo): one (b * c * h, w) @ (w, wo) product
+    return torch.matmul(a_h, y)  # (b, c, ho, wo): (ho, h) @ (h, wo) per channel

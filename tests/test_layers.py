@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from curriculum.layers import interp_matrix, resize_bilinear
 
@@ -49,6 +50,32 @@ def test_resize_bilinear_matches_interpolate_values_and_grads(src, dst, channels
     want.backward(g)
     got.backward(g)
     torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-5)
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_resize_bilinear_copies_no_layout_forward_or_backward(channels_last):
+    """Both products read their input as stored: the head's resizes (channels-last in the GPU
+    recipes) add no layout copies, which showed up as their own kernels in a GPU profile."""
+    x = torch.randn(2, 8, 10, 12)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    with _RecordOps() as rec:
+        y = resize_bilinear(x, (19, 23), matmul=True)
+        y.backward(torch.ones(2, 19, 23, 8).permute(0, 3, 1, 2) if channels_last else torch.ones_like(y))
+    copies = [op for op in rec.ops if "clone" in op or "copy" in op or "contiguous" in op]
+    assert not copies, f"layout copies: {copies}"
+    assert sum("mm" in op for op in rec.ops) == 4  # two products forward, two backward
 
 
 def test_resize_bilinear_without_matmul_is_f_interpolate_itself():
