@@ -4,14 +4,14 @@ The step is the one training runs, built from the same pieces: ``DepthModule`` f
 recipe of the encoder layered over ``recipes/finetune.yaml`` (so channels-last head, fused AdamW
 on CUDA with the encoder/head parameter groups, the compile switch and the 80 m mask policy are
 the recipe's), then per step: uint8 batch with raw depth -> ``on_after_batch_transfer``
-(normalisation and metres on the device) -> model -> mask policy -> ``compute_loss`` -> backward
--> non-finite check -> AdamW step. Lightning's own bookkeeping (logging, progress bar) is not
-included.
+(normalisation and metres on the device) -> mask policy -> model and ``compute_loss``
+(``DepthModule.training_losses``) -> backward -> non-finite check -> AdamW step. Lightning's own
+bookkeeping (logging, progress bar) is not included.
 
 Modes:
   fp32          eager, fp32 everywhere: the reference-equivalent configuration
   bf16          eager, bf16 autocast (loss and final activation stay fp32), as ``bf16-mixed``
-  bf16-compile  as bf16 with the forward compiled (the recipe's ``model.compile``)
+  bf16-compile  as bf16 with the model and loss compiled (the recipe's ``model.compile``)
 
 Each timed step ends with a device synchronisation and throughput comes from the median step
 time, so bursts of other jobs on a shared machine do not skew it; that is a lower bound, as the
@@ -52,7 +52,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_model  # noqa: E402
 
 from curriculum.config import load_recipe, to_plain  # noqa: E402
-from curriculum.losses import compute_loss  # noqa: E402
 from curriculum.module import DepthModule  # noqa: E402
 from curriculum.optim import NonFiniteCounter, nonfinite_flag, release, skip_if_nonfinite  # noqa: E402
 RECIPES = ROOT / "recipes"
@@ -125,18 +124,14 @@ class Step:
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.autocast_dtype = autocast_dtype
         self.grad_check = grad_check
-        self.lcfg = module.recipe["loss"]
         self.nonfinite = NonFiniteCounter()
 
-    def loss(self, batch: dict, model=None) -> torch.Tensor:
+    def loss(self, batch: dict, compiled: bool = True) -> torch.Tensor:
         b = self.module.on_after_batch_transfer(dict(batch), 0)
         device_type = b["image"].device.type
         enabled = self.autocast_dtype is not None
         with torch.autocast(device_type=device_type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled):
-            pred = (model or self.module)(b["image"])
-            weight, target = self.module.policy(b["depth"], b["sky"], b["no_measurement"])
-            losses = compute_loss(pred, target, weight, silog_lambda=self.lcfg["silog_lambda"],
-                                  grad_weight=self.lcfg["grad_weight"], nll_weight=self.lcfg["nll_weight"])
+            _, _, losses = self.module.training_losses(b, compiled=compiled)
         return losses["loss"]
 
     def __call__(self, batch: dict) -> torch.Tensor:
@@ -168,7 +163,7 @@ def count_flops(module: DepthModule, batch: dict) -> int:
     module.model.matmul_resize = False  # the model's FLOPs, not those of the dense resize matrices
     try:
         with FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOPS) as counter:
-            step.loss(one, model=module.model).backward()
+            step.loss(one, compiled=False).backward()
     finally:
         module.model.set_grad_checkpointing(checkpointing)
         module.model.matmul_resize = matmul_resize

@@ -43,9 +43,17 @@ class DepthModule(pl.LightningModule):
             self.model.set_grad_checkpointing(True)
         if mcfg.get("channels_last"):
             self.model.depth_head.to(memory_format=torch.channels_last)
-        # The compiled wrapper is kept out of the module tree so state dicts never hold
-        # `_orig_mod.` keys (PITFALLS 15).
-        object.__setattr__(self, "_forward_model", torch.compile(self.model) if mcfg.get("compile") else self.model)
+        lcfg = recipe["loss"]
+        self.loss_args = {"silog_lambda": float(lcfg["silog_lambda"]), "grad_weight": float(lcfg["grad_weight"]),
+                          "nll_weight": float(lcfg["nll_weight"])}
+        # Compiled wrappers are kept out of the module tree so state dicts never hold `_orig_mod.`
+        # keys (PITFALLS 15). Training compiles the model and the loss as one graph, so the loss's
+        # few hundred small element-wise kernels fuse into a handful; the mask policy stays out,
+        # so a stage switch does not recompile.
+        compile_ = bool(mcfg.get("compile"))
+        object.__setattr__(self, "_forward_model", torch.compile(self.model) if compile_ else self.model)
+        object.__setattr__(self, "_compiled_predict_and_loss",
+                           torch.compile(self._predict_and_loss) if compile_ else self._predict_and_loss)
         self.stages = recipe["stages"]
         self.stage_index = -1
         self.set_stage(0)
@@ -83,14 +91,21 @@ class DepthModule(pl.LightningModule):
         batch["image"] = normalize_images(batch["image"]).contiguous(memory_format=fmt)
         return batch
 
-    def training_step(self, batch, batch_idx):
-        pred = self(batch["image"])
+    def _predict_and_loss(self, images, target, weight):
+        pred = self.model(images)
+        return pred.depth, compute_loss(pred, target, weight, **self.loss_args)
+
+    def training_losses(self, batch: dict, compiled: bool = True):
+        """(predicted depth, loss weights, ``compute_loss`` parts) of a batch finished by
+        ``on_after_batch_transfer``, under the active mask policy. ``compiled=False`` runs the
+        eager model and loss even under the compile switch."""
         weight, target = self.policy(batch["depth"], batch["sky"], batch["no_measurement"])
-        lcfg = self.recipe["loss"]
-        losses = compute_loss(
-            pred, target, weight,
-            silog_lambda=lcfg["silog_lambda"], grad_weight=lcfg["grad_weight"], nll_weight=lcfg["nll_weight"],
-        )
+        run = self._compiled_predict_and_loss if compiled else self._predict_and_loss
+        depth, losses = run(batch["image"], target, weight)
+        return depth, weight, losses
+
+    def training_step(self, batch, batch_idx):
+        depth, weight, losses = self.training_losses(batch)
         self.bad_samples += batch.get("bad_samples", 0)  # a plain int from the loader: no device sync
         self.train_batches += 1
         bs = batch["image"].shape[0]
@@ -111,7 +126,7 @@ class DepthModule(pl.LightningModule):
         self.log_dict(log, on_step=True, on_epoch=False, batch_size=bs)
         every = self.recipe["logging"]["image_every_steps"]
         if every and self.global_step % every == 0 and self.global_rank == 0:
-            self._log_panel("train/panel", batch, pred.depth.detach(), 0)
+            self._log_panel("train/panel", batch, depth.detach(), 0)
         return losses["loss"]
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):

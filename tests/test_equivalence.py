@@ -282,3 +282,66 @@ def test_fused_adamw_matches_foreach_on_cuda():
         results.append({n: p.detach().clone() for n, p in model.named_parameters()})
     for name in results[0]:
         torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-5, atol=1e-6)
+
+
+def _module_and_batch(*overrides: str):
+    from curriculum.config import load_recipe, to_plain
+    from curriculum.module import DepthModule
+
+    recipe = to_plain(load_recipe([RECIPES / "curriculum.yaml"],
+                                  ["model.encoder=tiny", "loss.grad_weight=0.5", *overrides]))
+    torch.manual_seed(0)
+    module = DepthModule(recipe).train()
+    b = _batch()
+    batch = {"image": normalize_images(b["image"]), "depth": b["depth"], "sky": b["sky"],
+             "no_measurement": b["no_measurement"]}
+    return module, batch
+
+
+def _training_loss_and_grads(module, batch, compiled: bool):
+    module.zero_grad(set_to_none=True)
+    depth, _, losses = module.training_losses(batch, compiled=compiled)
+    losses["loss"].backward()
+    return losses, depth, _grads(module.model)
+
+
+def test_compile_switch_captures_model_and_loss_as_one_graph(monkeypatch):
+    """Under model.compile the model and the loss are traced together, without graph breaks (one
+    graph, so the loss fuses into the model's kernels), the numbers do not change, and a stage
+    switch (another mask policy) reuses the graph instead of recompiling."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("eager")
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counter, **kw))
+    torch._dynamo.reset()
+    module, batch = _module_and_batch("model.compile=true")
+    want, want_depth, want_grads = _training_loss_and_grads(module, batch, compiled=False)
+    got, got_depth, got_grads = _training_loss_and_grads(module, batch, compiled=True)
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs: the model and loss did not trace as one"
+    traced = {str(n.target) for g in counter.graphs for n in g.graph.nodes}
+    assert any("sqrt" in t for t in traced), "the loss (SiLog's sqrt) is not in the compiled graph"
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    torch.testing.assert_close(got_depth, want_depth, rtol=0, atol=0)
+    _assert_grads_close(got_grads, want_grads, rtol=0, atol=0)
+    module.set_stage(1)  # the 80 m fine-tune policy
+    _training_loss_and_grads(module, batch, compiled=True)
+    assert counter.frame_count == 1, "a stage switch recompiled the step"
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compile_inductor_model_and_loss_same_loss():
+    """The training step as the compile switch runs it (inductor, model and loss in one graph):
+    loss within 1e-5 of eager, gradients close."""
+    torch._dynamo.reset()
+    module, batch = _module_and_batch("model.compile=true")
+    want, _, want_grads = _training_loss_and_grads(module, batch, compiled=False)
+    got, _, got_grads = _training_loss_and_grads(module, batch, compiled=True)
+    for k in want:
+        g, w = float(got[k].detach()), float(want[k].detach())
+        assert abs(g - w) <= 1e-5 * max(1.0, abs(w)), f"{k}: compiled {g} vs eager {w}"
+    _assert_grads_close(got_grads, want_grads, rtol=1e-3, atol=1e-5)
+    torch._dynamo.reset()
