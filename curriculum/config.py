@@ -61,7 +61,7 @@ class ModelConfig:
     max_depth: float = 1000.0  # top of the head's range, not the loss mask
     uncertainty: bool = False
     pretrained: str = ""  # local encoder/official checkpoint; "" = random init
-    compile: bool = False
+    compile: bool = False  # torch.compile: model + loss as one training graph; the model for validation
     grad_checkpointing: bool = False
     channels_last: bool = False
 

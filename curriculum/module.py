@@ -48,8 +48,8 @@ class DepthModule(pl.LightningModule):
                           "nll_weight": float(lcfg["nll_weight"])}
         # Compiled wrappers are kept out of the module tree so state dicts never hold `_orig_mod.`
         # keys (PITFALLS 15). Training compiles the model and the loss as one graph, so the loss's
-        # few hundred small element-wise kernels fuse into a handful; the mask policy stays out,
-        # so a stage switch does not recompile.
+        # 80-300 element-wise operators over full-resolution maps fuse into a few kernels; the
+        # mask policy stays out, so a stage switch does not recompile.
         compile_ = bool(mcfg.get("compile"))
         object.__setattr__(self, "_forward_model", torch.compile(self.model) if compile_ else self.model)
         object.__setattr__(self, "_compiled_predict_and_loss",
