@@ -50,10 +50,8 @@ class DepthModule(pl.LightningModule):
         # keys (PITFALLS 15). Training compiles the model and the loss as one graph, so the loss's
         # 80-300 element-wise operators over full-resolution maps fuse into a few kernels; the
         # mask policy stays out, so a stage switch does not recompile.
-        compile_ = bool(mcfg.get("compile"))
-        object.__setattr__(self, "_forward_model", torch.compile(self.model) if compile_ else self.model)
-        object.__setattr__(self, "_compiled_predict_and_loss",
-                           torch.compile(self._predict_and_loss) if compile_ else self._predict_and_loss)
+        object.__setattr__(self, "_forward_model", torch.compile(self.model) if mcfg.get("compile") else self.model)
+        self._compile_training_step()
         self.stages = recipe["stages"]
         self.stage_index = -1
         self.set_stage(0)
@@ -95,13 +93,29 @@ class DepthModule(pl.LightningModule):
         pred = self.model(images)
         return pred.depth, compute_loss(pred, target, weight, **self.loss_args)
 
+    def _compile_training_step(self) -> None:
+        # The plain function is compiled, not the bound method: a bound method held by the
+        # instance would tie a deep copy to the original's weights and make the module refer to
+        # itself. The wrapper cannot be pickled, so __getstate__ drops it and __setstate__ rebuilds it.
+        step = torch.compile(DepthModule._predict_and_loss) if self.recipe["model"].get("compile") else None
+        object.__setattr__(self, "_compiled_predict_and_loss", step)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_compiled_predict_and_loss", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._compile_training_step()
+
     def training_losses(self, batch: dict, compiled: bool = True):
         """(predicted depth, loss weights, ``compute_loss`` parts) of a batch finished by
         ``on_after_batch_transfer``, under the active mask policy. ``compiled=False`` runs the
         eager model and loss even under the compile switch."""
         weight, target = self.policy(batch["depth"], batch["sky"], batch["no_measurement"])
-        run = self._compiled_predict_and_loss if compiled else self._predict_and_loss
-        depth, losses = run(batch["image"], target, weight)
+        step = self._compiled_predict_and_loss if compiled else None
+        depth, losses = (step or DepthModule._predict_and_loss)(self, batch["image"], target, weight)
         return depth, weight, losses
 
     def training_step(self, batch, batch_idx):
