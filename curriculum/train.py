@@ -63,6 +63,12 @@ def make_loggers(recipe: dict, out_dir: Path) -> list:
     return loggers
 
 
+def _one_process(tcfg: dict) -> bool:
+    """One device on one node, and no launcher (torchrun, SLURM) started other processes."""
+    launched = [k for k in ("WORLD_SIZE", "SLURM_NTASKS") if os.environ.get(k, "1").strip() not in ("", "1")]
+    return tcfg["devices"] == 1 and tcfg["num_nodes"] == 1 and not launched
+
+
 def build_trainer(recipe: dict, out_dir: Path, loggers: list) -> pl.Trainer:
     tcfg = recipe["trainer"]
     steps = total_steps(recipe)
@@ -76,6 +82,11 @@ def build_trainer(recipe: dict, out_dir: Path, loggers: list) -> pl.Trainer:
     if tcfg["progress"]:
         callbacks.append(StepProgressBar(refresh_steps=max(1, min(10, steps // 100))))
     strategy = tcfg["strategy"]
+    if strategy == "ddp" and _one_process(tcfg):
+        # DDP around a single process only adds work: gradient bucket copies, an all-reduce with
+        # itself, and a compiled step split at every bucket boundary. The GPU recipes say ddp so
+        # that trainer.devices=N is all a multi-GPU run needs.
+        strategy = "auto"
     if strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 

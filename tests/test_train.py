@@ -273,3 +273,25 @@ def test_compile_switch_trains_both_stages_with_one_training_graph(tiny_shards, 
     assert len(losses) == 5 and all(torch.isfinite(torch.tensor(losses)))
     ckpt = read_checkpoint(result["checkpoint"])
     assert not any("_orig_mod" in k for k in ckpt["state_dict"])
+
+
+def test_ddp_strategy_with_one_device_trains_without_the_ddp_wrapper(tiny_shards, tmp_path, monkeypatch):
+    """The GPU recipes say strategy=ddp so that devices=N is all a multi-GPU run needs; with one
+    device and no launcher, DDP would only add gradient copies and an all-reduce with itself."""
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    from curriculum.config import to_plain
+    from curriculum.train import build_trainer
+
+    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+
+    def strategy_of(*extra):
+        recipe = to_plain(_recipe(tiny_shards, tmp_path / "run", "trainer.strategy=ddp", *extra))
+        return build_trainer(recipe, tmp_path / "run", []).strategy
+
+    assert isinstance(strategy_of("trainer.devices=1"), SingleDeviceStrategy)
+    assert isinstance(strategy_of("trainer.devices=2"), DDPStrategy)
+    assert isinstance(strategy_of("trainer.devices=1", "trainer.num_nodes=2"), DDPStrategy)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # started by torchrun with more processes
+    assert isinstance(strategy_of("trainer.devices=1"), DDPStrategy)
