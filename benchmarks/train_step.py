@@ -19,7 +19,8 @@ device idles while the host starts each step. The same number of steps is then a
 queued back to back with one synchronisation at the end, as training runs them ("queued
 img/s"); on CUDA one more step runs under torch's sync debug mode and the table's ``syncs``
 column counts the calls in it that made the host wait for the device (0 is what lets queued
-steps overlap). FLOPs are counted once per encoder with ``torch.utils.flop_counter.FlopCounterMode``
+steps overlap). With ``--trainer`` the same steps also run through Lightning's loop as
+``curriculum train`` builds it (the ``trainer`` column), reusing the compiled graph. FLOPs are counted once per encoder with ``torch.utils.flop_counter.FlopCounterMode``
 on one image (forward + backward, matmuls, convolutions and attention; recomputation under
 activation checkpointing not counted), times the batch. On a machine without CUDA it runs the
 tiny encoder at a small size so CI keeps it working; compiling is skipped there unless asked for
@@ -31,6 +32,7 @@ tiny encoder at a small size so CI keeps it working; compiling is skipped there 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import gc
 import json
@@ -128,11 +130,19 @@ class Step:
 
     def loss(self, batch: dict, compiled: bool = True) -> torch.Tensor:
         b = self.module.on_after_batch_transfer(dict(batch), 0)
-        device_type = b["image"].device.type
-        enabled = self.autocast_dtype is not None
-        with torch.autocast(device_type=device_type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled):
+        with self._autocast(b["image"].device.type):
             _, _, losses = self.module.training_losses(b, compiled=compiled)
         return losses["loss"]
+
+    def _autocast(self, device_type: str):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        # Lightning's own bf16-mixed context (its weight-cast cache is off): the same autocast state
+        # as training, so a compiled step is the graph training compiles, not a near twin.
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        precision = {torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}[self.autocast_dtype]
+        return MixedPrecision(precision, device_type).autocast_context_manager()
 
     def __call__(self, batch: dict) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
@@ -270,10 +280,70 @@ def run_mode(encoder: str, mode: str, args, device: torch.device, flops_per_imag
         peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         skipped_steps=step.skipped,
     )
+    if args.trainer:
+        row["trainer_img_per_s"] = trainer_rate(module, batch, args, device, mode)
     if (encoder, mode) in args.profile:
         row["profile"] = profile_steps(step, batch, device, args.profile_steps)
     del step, module, batch
     return row
+
+
+class _RepeatBatch(torch.utils.data.IterableDataset):
+    """One host batch, forever: what a loader that always keeps up would hand Lightning."""
+
+    def __init__(self, batch: dict):
+        self.batch = batch
+
+    def __iter__(self):
+        while True:
+            yield dict(self.batch)
+
+
+def trainer_rate(module: DepthModule, batch: dict, args, device: torch.device, mode: str) -> float:
+    """img/s of the same steps run by Lightning's loop as ``curriculum train`` builds it
+    (``build_trainer``: its callbacks, per-step logging to metrics.csv, the learning-rate schedule,
+    the batch moved from pinned host memory), timed from the end of the warm-up steps to the
+    last step's end with one device sync at each; no data loading, validation or checkpoint."""
+    import copy
+    import tempfile
+
+    import lightning.pytorch as pl
+
+    from curriculum.train import build_trainer, make_loggers
+
+    total = args.warmup + args.steps
+    recipe = copy.deepcopy(module.recipe)
+    recipe["stages"] = [dict(recipe["stages"][0], steps=total, rewarm_steps=0)]
+    recipe["logging"]["mode"] = "disabled"  # metrics.csv only
+    recipe["trainer"].update(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, num_nodes=1,
+                             strategy="auto", precision="bf16-mixed" if mode.startswith("bf16") else "32-true",
+                             progress=False, val_every_steps=0, ckpt_every_steps=10**9)
+    pin = device.type == "cuda"
+    host = {k: (v.cpu().pin_memory() if pin else v.cpu()) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+    loader = torch.utils.data.DataLoader(_RepeatBatch(host), batch_size=None)
+    times = {}
+
+    class Clock(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == args.warmup:
+                _sync(device)
+                times["start"] = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == total:
+                _sync(device)
+                times["end"] = time.perf_counter()
+
+    with tempfile.TemporaryDirectory(prefix="train_step-") as out:
+        trainer = build_trainer(recipe, Path(out), make_loggers(recipe, Path(out)))
+        trainer.callbacks.append(Clock())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
+            warnings.filterwarnings("ignore", message=".*on_after_batch_transfer.*")
+            trainer.fit(module, train_dataloaders=loader)
+    return args.steps * batch["image"].shape[0] / (times["end"] - times["start"])
 
 
 def profile_steps(step: Step, batch: dict, device: torch.device, steps: int) -> str:
@@ -295,7 +365,7 @@ def profile_steps(step: Step, batch: dict, device: torch.device, steps: int) -> 
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'encoder':<7} {'mode':<13} {'batch':>5} {'img/s':>8} {'queued':>8} {'TFLOP/s':>8} {'step ms':>8} "
+    head = (f"{'encoder':<7} {'mode':<13} {'batch':>5} {'img/s':>8} {'queued':>8} {'trainer':>8} {'TFLOP/s':>8} {'step ms':>8} "
             f"{'peak GiB':>8} {'1st step s':>10} {'resize':>11} {'syncs':>5}")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -308,7 +378,8 @@ def format_table(rows: list[dict]) -> str:
         tflops = f"{tf:>8.2f}" if tf >= 0.01 else f"{tf:>8.1e}"
         lines.append(
             f"{r['encoder']:<7} {r['mode']:<13} {r['batch']:>5} {r['img_per_s']:>8.2f} "
-            f"{r.get('queued_img_per_s', float('nan')):>8.2f} {tflops} "
+            f"{r.get('queued_img_per_s', float('nan')):>8.2f} "
+            f"{'-' if r.get('trainer_img_per_s') is None else format(r['trainer_img_per_s'], '8.2f'):>8} {tflops} "
             f"{r['step_s'] * 1e3:>8.1f} {mem:>8} {r['first_step_s']:>10.1f} {r.get('resize', '-'):>11} "
             f"{'-' if r.get('syncs_per_step') is None else r['syncs_per_step']:>5}"
         )
@@ -348,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls in fp32 mode (off: the reference)")
     ap.add_argument("--sdpa", choices=tuple(SDPA_BACKENDS), default="auto",
                     help="the only attention kernel allowed (auto: torch's choice, cuDNN on H100/H200)")
+    ap.add_argument("--trainer", action="store_true",
+                    help="also time the steps through Lightning's loop as `curriculum train` builds it (the "
+                         "'trainer' column)")
     ap.add_argument("--profile", type=_list, default=[],
                     help="encoder:mode pairs to profile after timing (e.g. vitl:bf16-compile); tables go to "
                          "--profile-out")
@@ -393,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc(limit=3)
             rows.append(row)
             if "img_per_s" in row:
-                print(f"    {row['img_per_s']:.1f} img/s ({row['queued_img_per_s']:.1f} queued), "
+                through = f", {row['trainer_img_per_s']:.1f} through the trainer" if "trainer_img_per_s" in row else ""
+                print(f"    {row['img_per_s']:.1f} img/s ({row['queued_img_per_s']:.1f} queued{through}), "
                       f"{row['tflops_per_s']:.3g} TFLOP/s, first step {row['first_step_s']:.1f} s, "
                       f"loss {row['first_loss']:.5f}", flush=True)
             write_result(args, device, encoders, modes, rows)  # a later crash or timeout keeps these rows
@@ -430,7 +505,7 @@ def write_result(args, device: torch.device, encoders: list[str], modes: list[st
                    "steps": args.steps, "warmup": args.warmup, "grad_check": args.grad_check,
                    "tf32": bool(args.tf32), "grad_checkpointing": bool(args.grad_checkpointing),
                    "resize": args.resize, "no_cudnn_benchmark": bool(args.no_cudnn_benchmark),
-                   "fused_sdpa": _fused_attn(), "sdpa": args.sdpa},
+                   "fused_sdpa": _fused_attn(), "sdpa": args.sdpa, "trainer": bool(args.trainer)},
         "rows": [{k: v for k, v in r.items() if k != "profile"} for r in rows],
         "table": table,
     }

@@ -33,7 +33,7 @@ def data_pipeline():
 def test_train_step_main_cpu(train_step, tmp_path):
     out = tmp_path / "train_step.json"
     rc = train_step.main(["--encoders", "tiny", "--size", "28x42", "--batch", "2", "--steps", "1", "--warmup", "1",
-                          "--modes", "fp32,bf16", "--device", "cpu", "--json", str(out)])
+                          "--modes", "fp32,bf16", "--device", "cpu", "--trainer", "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["benchmark"] == "train_step" and result["machine"]["device"].startswith("CPU")
@@ -42,7 +42,7 @@ def test_train_step_main_cpu(train_step, tmp_path):
     assert [(r["encoder"], r["mode"]) for r in rows] == [("tiny", "fp32"), ("tiny", "bf16")]
     for r in rows:
         assert "error" not in r, r
-        for key in ("img_per_s", "tflops_per_s", "step_s", "flops_per_image"):
+        for key in ("img_per_s", "queued_img_per_s", "trainer_img_per_s", "tflops_per_s", "step_s", "flops_per_image"):
             assert r[key] > 0 and math.isfinite(r[key]), (key, r)
         assert r["batch"] == 2 and r["size"] == [28, 42]
         assert math.isfinite(r["first_loss"]) and math.isfinite(r["last_loss"])
