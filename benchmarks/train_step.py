@@ -347,21 +347,28 @@ def trainer_rate(module: DepthModule, batch: dict, args, device: torch.device, m
 
 
 def profile_steps(step: Step, batch: dict, device: torch.device, steps: int) -> str:
-    """The top operators/kernels of a few steps by device time (self), as a text table."""
+    """The top operators/kernels of a few steps by device time (self), as a text table, then the
+    top operators by input shapes (which tensors the copies and convolutions outside the
+    compiled kernels touch)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(steps):
             step(batch)
         _sync(device)
-    events = prof.key_averages()
-    for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
-        try:
-            return events.table(sort_by=key, row_limit=40, max_name_column_width=90)
-        except (AttributeError, KeyError, ValueError):
-            continue
-    return events.table(row_limit=40)
+    tables = []
+    for events, width in ((prof.key_averages(), 90), (prof.key_averages(group_by_input_shape=True), 60)):
+        for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
+            try:
+                tables.append(events.table(sort_by=key, row_limit=40, max_name_column_width=width,
+                                           max_shapes_column_width=120))
+                break
+            except (AttributeError, KeyError, ValueError, TypeError):
+                continue
+        else:
+            tables.append(events.table(row_limit=40))
+    return "\n\nby input shapes:\n".join(tables)
 
 
 def format_table(rows: list[dict]) -> str:
