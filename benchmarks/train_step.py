@@ -280,10 +280,15 @@ def run_mode(encoder: str, mode: str, args, device: torch.device, flops_per_imag
         peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         skipped_steps=step.skipped,
     )
-    if args.trainer:
-        row["trainer_img_per_s"] = trainer_rate(module, batch, args, device, mode)
     if (encoder, mode) in args.profile:
         row["profile"] = profile_steps(step, batch, device, args.profile_steps)
+    if args.trainer:
+        step.optimizer.state.clear()  # Lightning builds its own optimizer: room for its AdamW state
+        try:
+            row["trainer_img_per_s"] = trainer_rate(module, batch, args, device, mode)
+        except Exception as exc:  # keep the step figures measured above
+            row["trainer_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            traceback.print_exc(limit=3)
     del step, module, batch
     return row
 
@@ -315,34 +320,35 @@ def trainer_rate(module: DepthModule, batch: dict, args, device: torch.device, m
     recipe = copy.deepcopy(module.recipe)
     recipe["stages"] = [dict(recipe["stages"][0], steps=total, rewarm_steps=0)]
     recipe["logging"]["mode"] = "disabled"  # metrics.csv only
-    recipe["trainer"].update(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, num_nodes=1,
-                             strategy="auto", precision="bf16-mixed" if mode.startswith("bf16") else "32-true",
-                             progress=False, val_every_steps=0, ckpt_every_steps=10**9)
-    pin = device.type == "cuda"
-    host = {k: (v.cpu().pin_memory() if pin else v.cpu()) if isinstance(v, torch.Tensor) else v
+    on_gpu = device.type == "cuda"
+    recipe["trainer"].update(accelerator="gpu" if on_gpu else "cpu", devices=[device.index or 0] if on_gpu else 1,
+                             num_nodes=1, strategy="auto", precision="bf16-mixed" if mode.startswith("bf16") else "32-true",
+                             progress=False, val_every_steps=0, ckpt_every_steps=10**9,
+                             cudnn_benchmark=bool(torch.backends.cudnn.benchmark))  # as the step figures ran
+    host = {k: (v.cpu().pin_memory() if on_gpu else v.cpu()) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()}
     loader = torch.utils.data.DataLoader(_RepeatBatch(host), batch_size=None)
     times = {}
 
     class Clock(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == args.warmup:
-                _sync(device)
-                times["start"] = time.perf_counter()
-
+        # From the end of the last warm-up step, so the window holds exactly `steps` steps, each
+        # with its batch transfer (Lightning moves a batch before on_train_batch_start).
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step == total:
+            if trainer.global_step in (args.warmup, total):
                 _sync(device)
-                times["end"] = time.perf_counter()
+                times["start" if trainer.global_step == args.warmup else "end"] = time.perf_counter()
 
-    with tempfile.TemporaryDirectory(prefix="train_step-") as out:
-        trainer = build_trainer(recipe, Path(out), make_loggers(recipe, Path(out)))
-        trainer.callbacks.append(Clock())
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
-            warnings.filterwarnings("ignore", message=".*on_after_batch_transfer.*")
-            trainer.fit(module, train_dataloaders=loader)
+    try:
+        with tempfile.TemporaryDirectory(prefix="train_step-") as out:
+            trainer = build_trainer(recipe, Path(out), make_loggers(recipe, Path(out)))
+            trainer.callbacks.append(Clock())
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+                warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
+                warnings.filterwarnings("ignore", message=".*on_after_batch_transfer.*")
+                trainer.fit(module, train_dataloaders=loader)
+    finally:
+        module.to(device)  # Lightning's teardown moves the module to the CPU
     return args.steps * batch["image"].shape[0] / (times["end"] - times["start"])
 
 

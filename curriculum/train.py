@@ -66,7 +66,9 @@ def make_loggers(recipe: dict, out_dir: Path) -> list:
 def _one_process(tcfg: dict) -> bool:
     """One device on one node, and no launcher (torchrun, SLURM) started other processes."""
     launched = [k for k in ("WORLD_SIZE", "SLURM_NTASKS") if os.environ.get(k, "1").strip() not in ("", "1")]
-    return tcfg["devices"] == 1 and tcfg["num_nodes"] == 1 and not launched
+    devices = tcfg["devices"]
+    one_device = str(devices) == "1" or (isinstance(devices, (list, tuple)) and len(devices) == 1)
+    return one_device and int(tcfg["num_nodes"]) == 1 and not launched
 
 
 def build_trainer(recipe: dict, out_dir: Path, loggers: list) -> pl.Trainer:

@@ -275,13 +275,13 @@ def test_compile_switch_trains_both_stages_with_one_training_graph(tiny_shards, 
     assert not any("_orig_mod" in k for k in ckpt["state_dict"])
 
 
-def test_ddp_strategy_with_one_device_trains_without_the_ddp_wrapper(tiny_shards, tmp_path, monkeypatch):
+def test_ddp_strategy_with_one_device_builds_a_single_device_trainer(tiny_shards, tmp_path, monkeypatch):
     """The GPU recipes say strategy=ddp so that devices=N is all a multi-GPU run needs; with one
     device and no launcher, DDP would only add gradient copies and an all-reduce with itself."""
     from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
     from curriculum.config import to_plain
-    from curriculum.train import build_trainer
+    from curriculum.train import _one_process, build_trainer
 
     for key in ("WORLD_SIZE", "SLURM_NTASKS"):
         monkeypatch.delenv(key, raising=False)
@@ -290,8 +290,17 @@ def test_ddp_strategy_with_one_device_trains_without_the_ddp_wrapper(tiny_shards
         recipe = to_plain(_recipe(tiny_shards, tmp_path / "run", "trainer.strategy=ddp", *extra))
         return build_trainer(recipe, tmp_path / "run", []).strategy
 
-    assert isinstance(strategy_of("trainer.devices=1"), SingleDeviceStrategy)
-    assert isinstance(strategy_of("trainer.devices=2"), DDPStrategy)
-    assert isinstance(strategy_of("trainer.devices=1", "trainer.num_nodes=2"), DDPStrategy)
-    monkeypatch.setenv("WORLD_SIZE", "2")  # started by torchrun with more processes
-    assert isinstance(strategy_of("trainer.devices=1"), DDPStrategy)
+    def ours(strategy) -> bool:  # the recipe's DDP, not one Lightning would pick by itself
+        return isinstance(strategy, DDPStrategy) and strategy._ddp_kwargs == {"find_unused_parameters": False}
+
+    for one in ("trainer.devices=1", "trainer.devices='1'"):
+        assert isinstance(strategy_of(one), SingleDeviceStrategy), one
+    # a list of GPU indices (Lightning refuses lists for the CPU, so checked on the rule itself)
+    assert _one_process({"devices": [3], "num_nodes": 1}) and not _one_process({"devices": [0, 1], "num_nodes": 1})
+    assert ours(strategy_of("trainer.devices=2"))
+    assert ours(strategy_of("trainer.devices=1", "trainer.num_nodes=2"))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun started more processes
+    assert ours(strategy_of("trainer.devices=1"))
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("SLURM_NTASKS", "2")  # so did srun (Lightning then wants its whole SLURM set-up)
+    assert not _one_process({"devices": 1, "num_nodes": 1})
