@@ -309,7 +309,10 @@ class DepthModel(nn.Module):
         for i, blk in enumerate(vit.blocks[: max(wanted) + 1]):
             t = checkpoint(blk, t, use_reentrant=False) if use_ckpt else blk(t)
             if i in wanted:
-                out.append(vit.norm(t)[:, vit.num_prefix_tokens :])
+                # Per-token norm of the patch tokens alone: the same values as norm-then-slice, in
+                # a dense tensor whose (B, C, h, w) view is channels-last as it stands, so the
+                # head's first convolutions (and their backward) need no copy of their input.
+                out.append(vit.norm(t[:, vit.num_prefix_tokens :]))
         return out
 
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:

@@ -379,6 +379,22 @@ def test_encoder_tokens_match_reference(size):
             assert torch.allclose(a, t, atol=1e-5)
 
 
+def test_channels_last_head_gets_its_token_maps_without_a_copy():
+    """The four token maps reach the head's 1x1 projections already dense and channels-last (a
+    view of the encoder's output), so neither those convolutions nor their backward copy them."""
+    model = _tiny()
+    model.depth_head.to(memory_format=torch.channels_last)
+    seen = []
+    hooks = [proj.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+             for proj in model.depth_head.projects]
+    model(torch.randn(2, 3, 56, 84))
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 4
+    for x in seen:
+        assert x.is_contiguous(memory_format=torch.channels_last) and x.shape == (2, x.shape[1], 4, 6)
+
+
 # -------------------------------------------------------------------------------- construction
 
 
