@@ -60,3 +60,19 @@ def resize_bilinear(x: torch.Tensor, size: tuple[int, int], matmul: bool = True)
         return y.view(b, ho, wo, c).permute(0, 3, 1, 2)  # (b, c, ho, wo), channels-last strides
     y = torch.matmul(x.contiguous(), a_w.t())  # (b, c, h, wo): one (b * c * h, w) @ (w, wo) product
     return torch.matmul(a_h, y)  # (b, c, ho, wo): (ho, h) @ (h, wo) per channel
+
+
+def one_channel_projection(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """``conv(x)`` for a 1x1 convolution to one channel, written as a weighted sum over channels.
+
+    The heads end in such a convolution, run in fp32 on an fp32 copy of a full-resolution feature
+    map. Compiled, the convolution is an external kernel: inductor writes that fp32 copy out (in a
+    layout chosen to match the one-channel output, which the convolution then copies again), and
+    the backward writes an fp32 gradient map of the same size. As a sum it fuses with the cast and
+    the ReLU before it into one reduction that reads the bf16 map once. Same values to fp32
+    rounding; ``DepthModel`` uses it when compiled, eager keeps the convolution (bit-identical runs).
+    """
+    if conv.kernel_size != (1, 1) or conv.out_channels != 1 or conv.groups != 1:
+        raise ValueError(f"one_channel_projection needs a 1x1 convolution to one channel, got {conv}")
+    y = (x * conv.weight.reshape(1, -1, 1, 1)).sum(1, keepdim=True)
+    return y if conv.bias is None else y + conv.bias.reshape(1, 1, 1, 1)

@@ -38,7 +38,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from curriculum.layers import resize_bilinear
+from curriculum.layers import one_channel_projection, resize_bilinear
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +256,9 @@ class DepthModel(nn.Module):
         # None: matrix-product upsampling when compiled for CUDA, F.interpolate otherwise (see
         # curriculum.layers); True/False force one.
         self.matmul_resize: bool | None = None
+        # None: the last 1x1 convolutions as channel sums when compiled, convolutions otherwise
+        # (see curriculum.layers.one_channel_projection); True/False force one.
+        self.sum_projection: bool | None = None
 
     # -- introspection ------------------------------------------------------------------------
 
@@ -340,12 +343,16 @@ class DepthModel(nn.Module):
         unc_hidden = None
         if self.uncertainty_head is not None:
             unc_hidden = F.relu(self.uncertainty_head.conv1(feats))
+        sum_projection = self.sum_projection
+        if sum_projection is None:  # eager keeps the convolutions, so eager runs stay bit-identical
+            sum_projection = torch.compiler.is_compiling()
+        project = one_channel_projection if sum_projection else (lambda t, conv: conv(t))
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = oc2[2](hidden.float())
+            logits = project(hidden.float(), oc2[2])
             depth = self._activate(logits.float()).squeeze(1)
             unc = None
             if unc_hidden is not None:
-                raw = self.uncertainty_head.conv2(unc_hidden.float())
+                raw = project(unc_hidden.float(), self.uncertainty_head.conv2)
                 unc = (F.softplus(raw) + 1e-4).squeeze(1)
         return DepthPrediction(depth, unc)
 

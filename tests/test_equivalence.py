@@ -136,10 +136,14 @@ def test_compile_graph_capture_identical(reference):
     """Dynamo capture alone (eager backend) must not change a number; quick enough for every run."""
     model, batch, loss, grads = reference
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="eager")
-    model.zero_grad(set_to_none=True)
-    got, _ = _loss(compiled, batch)
-    got.backward()
+    model.sum_projection = False  # compiled, the last 1x1 convolutions would otherwise run as sums
+    try:
+        compiled = torch.compile(model, backend="eager")
+        model.zero_grad(set_to_none=True)
+        got, _ = _loss(compiled, batch)
+        got.backward()
+    finally:
+        model.sum_projection = None
     torch.testing.assert_close(got.detach(), loss, rtol=0, atol=0)
     _assert_grads_close(_grads(model), grads, rtol=0, atol=0)
     assert not any("_orig_mod" in k for k in model.state_dict())
@@ -316,6 +320,7 @@ def test_compile_switch_captures_model_and_loss_as_one_graph(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counter, **kw))
     torch._dynamo.reset()
     module, batch = _module_and_batch("model.compile=true")
+    module.model.sum_projection = False  # as eager, so capture alone must change no number
     want, want_depth, want_grads = _training_loss_and_grads(module, batch, compiled=False)
     got, got_depth, got_grads = _training_loss_and_grads(module, batch, compiled=True)
     assert counter.frame_count == 1, f"{counter.frame_count} graphs: the model and loss did not trace as one"

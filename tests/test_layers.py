@@ -116,3 +116,58 @@ def test_depth_model_picks_the_resize_path(monkeypatch):
         model.matmul_resize = True
         model(x)
     assert seen and all(seen)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_one_channel_projection_matches_the_convolution(bias, channels_last):
+    from curriculum.layers import one_channel_projection
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 1, 1, bias=bias)
+    x = torch.randn(2, 32, 9, 13)
+    if channels_last:
+        conv = conv.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    want, got = conv(xa), one_channel_projection(xb, conv)
+    assert got.shape == want.shape == (2, 1, 9, 13)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, [xa, *conv.parameters()], g)
+    got_grads = torch.autograd.grad(got, [xb, *conv.parameters()], g)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_one_channel_projection_rejects_other_convolutions():
+    from curriculum.layers import one_channel_projection
+
+    with pytest.raises(ValueError, match="1x1 convolution to one channel"):
+        one_channel_projection(torch.randn(1, 4, 3, 3), torch.nn.Conv2d(4, 2, 1))
+
+
+def test_depth_model_projects_by_channel_sums_only_when_compiled(monkeypatch):
+    import curriculum.model as model_module
+    from curriculum.model import build_model
+
+    calls = []
+    real = model_module.one_channel_projection
+    monkeypatch.setattr(model_module, "one_channel_projection", lambda x, conv: calls.append(1) or real(x, conv))
+    model = build_model({"encoder": "tiny", "head": "log", "min_depth": 0.1, "max_depth": 1000.0,
+                         "uncertainty": True}).eval()
+    x = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        eager = model(x)
+        assert not calls
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager")(x)
+        torch._dynamo.reset()
+    assert len(calls) == 2  # depth and uncertainty
+    torch.testing.assert_close(compiled.depth, eager.depth, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled.uncertainty, eager.uncertainty, rtol=1e-5, atol=1e-6)
+    calls.clear()
+    model.sum_projection = True  # forced on, eager too
+    with torch.no_grad():
+        model(x)
+    assert len(calls) == 2
