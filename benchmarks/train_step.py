@@ -218,12 +218,14 @@ def _sync(device: torch.device) -> None:
 def run_mode(encoder: str, mode: str, args, device: torch.device, flops_per_image: dict) -> dict:
     overrides = [f"model.compile={'true' if mode.endswith('compile') else 'false'}",
                  f"model.grad_checkpointing={'true' if args.grad_checkpointing else 'false'}"]
+    if args.compile_mode:
+        overrides.append(f"model.compile_mode={args.compile_mode}")
     if args.channels_last is not None:
         overrides.append(f"model.channels_last={'true' if args.channels_last else 'false'}")
     recipe = recipe_for(encoder, overrides)
     batch_size = args.batch or (recipe["data"]["batch_size"] if device.type == "cuda" else 2)
     row = {"encoder": encoder, "mode": mode, "batch": batch_size, "size": [args.height, args.width],
-           "channels_last": bool(recipe["model"]["channels_last"]),
+           "channels_last": bool(recipe["model"]["channels_last"]), "compile_mode": recipe["model"]["compile_mode"],
            "grad_checkpointing": bool(recipe["model"]["grad_checkpointing"]),
            "fused_adamw": bool(recipe["optim"]["fused"]) and device.type == "cuda", "grad_check": args.grad_check}
     if device.type == "cuda":
@@ -432,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls in fp32 mode (off: the reference)")
     ap.add_argument("--sdpa", choices=tuple(SDPA_BACKENDS), default="auto",
                     help="the only attention kernel allowed (auto: torch's choice, cuDNN on H100/H200)")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode of the compiled modes (model.compile_mode; default: the recipe's)")
     ap.add_argument("--trainer", action="store_true",
                     help="also time the steps through Lightning's loop as `curriculum train` builds it (the "
                          "'trainer' column)")
@@ -518,7 +522,8 @@ def write_result(args, device: torch.device, encoders: list[str], modes: list[st
                    "steps": args.steps, "warmup": args.warmup, "grad_check": args.grad_check,
                    "tf32": bool(args.tf32), "grad_checkpointing": bool(args.grad_checkpointing),
                    "resize": args.resize, "no_cudnn_benchmark": bool(args.no_cudnn_benchmark),
-                   "fused_sdpa": _fused_attn(), "sdpa": args.sdpa, "trainer": bool(args.trainer)},
+                   "fused_sdpa": _fused_attn(), "sdpa": args.sdpa, "trainer": bool(args.trainer),
+                   "compile_mode": args.compile_mode},
         "rows": [{k: v for k, v in r.items() if k != "profile"} for r in rows],
         "table": table,
     }

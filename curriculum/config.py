@@ -62,6 +62,7 @@ class ModelConfig:
     uncertainty: bool = False
     pretrained: str = ""  # local encoder/official checkpoint; "" = random init
     compile: bool = False  # torch.compile: model + loss as one training graph; the model for validation
+    compile_mode: str = "default"  # default | max-autotune-no-cudagraphs (tuned matmuls, fused epilogues; slower to compile)
     grad_checkpointing: bool = False
     channels_last: bool = False
 
@@ -266,6 +267,11 @@ def load_recipe(files: list[str | Path], overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
+# torch.compile modes a training step can use; the CUDA-graph modes are left out (the optimizer
+# step and the host-side loop run outside the compiled step).
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
 def validate(cfg: DictConfig) -> None:
     """Semantic checks that the schema's types cannot express."""
     from curriculum.masks import build_policy
@@ -288,6 +294,9 @@ def validate(cfg: DictConfig) -> None:
         raise RecipeError(
             f"model.encoder: unknown encoder '{cfg.model.encoder}' (choose from {', '.join(ENCODER_SPECS)})"
         )
+    if cfg.model.compile_mode not in COMPILE_MODES:
+        raise RecipeError(f"model.compile_mode: unknown mode '{cfg.model.compile_mode}' "
+                          f"(choose from {', '.join(COMPILE_MODES)})")
     if cfg.model.head not in ("log", "sigmoid"):
         raise RecipeError(f"model.head: unknown head '{cfg.model.head}' (choose from log, sigmoid)")
     for key in ("crop_height", "crop_width", "val_height", "val_width"):

@@ -50,7 +50,8 @@ class DepthModule(pl.LightningModule):
         # keys (PITFALLS 15). Training compiles the model and the loss as one graph, so the loss's
         # 80-300 element-wise operators over full-resolution maps fuse into a few kernels; the
         # mask policy stays out, so a stage switch does not recompile.
-        object.__setattr__(self, "_forward_model", torch.compile(self.model) if mcfg.get("compile") else self.model)
+        forward_model = torch.compile(self.model, mode=mcfg.get("compile_mode", "default")) if mcfg.get("compile") else self.model
+        object.__setattr__(self, "_forward_model", forward_model)
         self._compile_training_step()
         self.stages = recipe["stages"]
         self.stage_index = -1
@@ -97,7 +98,9 @@ class DepthModule(pl.LightningModule):
         # The plain function is compiled, not the bound method: a bound method held by the
         # instance would tie a deep copy to the original's weights and make the module refer to
         # itself. The wrapper cannot be pickled, so __getstate__ drops it and __setstate__ rebuilds it.
-        step = torch.compile(DepthModule._predict_and_loss) if self.recipe["model"].get("compile") else None
+        mcfg = self.recipe["model"]
+        step = (torch.compile(DepthModule._predict_and_loss, mode=mcfg.get("compile_mode", "default"))
+                if mcfg.get("compile") else None)
         object.__setattr__(self, "_compiled_predict_and_loss", step)
 
     def __getstate__(self) -> dict:

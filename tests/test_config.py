@@ -96,6 +96,9 @@ def test_semantic_checks():
         load_recipe([RECIPES_DIR / "pretrain.yaml"], ["model.encoder=vitg"])
     with pytest.raises(RecipeError, match="exclusive"):
         load_recipe([RECIPES_DIR / "finetune.yaml"], ["init_from=a.ckpt", "resume=b.ckpt"])
+    with pytest.raises(RecipeError, match="model.compile_mode: unknown mode 'reduce-overhead'") as e:
+        load_recipe([RECIPES_DIR / "pretrain.yaml"], ["model.compile_mode=reduce-overhead"])
+    assert "max-autotune-no-cudagraphs" in _one_line(e)
 
 
 def test_missing_recipe_file_and_bad_yaml(tmp_path):

@@ -237,6 +237,19 @@ def test_crop_before_resize_same_support_at_kitti_scale(seed):
         np.testing.assert_array_equal(a, b[:, ::-1] if flipped else b)
 
 
+def test_compile_mode_reaches_both_compiled_callables(monkeypatch):
+    from curriculum.config import load_recipe, to_plain
+    from curriculum.module import DepthModule
+
+    modes = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: modes.append(kw.get("mode")) or real_compile(fn, **kw))
+    recipe = to_plain(load_recipe([RECIPES / "finetune.yaml"],
+                                  ["model.compile=true", "model.compile_mode=max-autotune-no-cudagraphs"]))
+    DepthModule(recipe)
+    assert modes == ["max-autotune-no-cudagraphs"] * 2  # the model (validation) and the training step
+
+
 def test_compiled_module_state_has_no_orig_mod_keys():
     from curriculum.config import load_recipe, to_plain
     from curriculum.module import DepthModule
