@@ -20,7 +20,8 @@ queued back to back with one synchronisation at the end, as training runs them (
 img/s"); on CUDA one more step runs under torch's sync debug mode and the table's ``syncs``
 column counts the calls in it that made the host wait for the device (0 is what lets queued
 steps overlap). With ``--trainer`` the same steps also run through Lightning's loop as
-``curriculum train`` builds it (the ``trainer`` column), reusing the compiled graph. FLOPs are counted once per encoder with ``torch.utils.flop_counter.FlopCounterMode``
+``curriculum train`` builds it (the ``trainer`` column), reusing the compiled graph. FLOPs are
+counted once per encoder with ``torch.utils.flop_counter.FlopCounterMode``
 on one image (forward + backward, matmuls, convolutions and attention; recomputation under
 activation checkpointing not counted), times the batch. On a machine without CUDA it runs the
 tiny encoder at a small size so CI keeps it working; compiling is skipped there unless asked for
@@ -324,7 +325,8 @@ def trainer_rate(module: DepthModule, batch: dict, args, device: torch.device, m
     recipe["logging"]["mode"] = "disabled"  # metrics.csv only
     on_gpu = device.type == "cuda"
     recipe["trainer"].update(accelerator="gpu" if on_gpu else "cpu", devices=[device.index or 0] if on_gpu else 1,
-                             num_nodes=1, strategy="auto", precision="bf16-mixed" if mode.startswith("bf16") else "32-true",
+                             num_nodes=1, strategy="auto",
+                             precision="bf16-mixed" if mode.startswith("bf16") else "32-true",
                              progress=False, val_every_steps=0, ckpt_every_steps=10**9,
                              cudnn_benchmark=bool(torch.backends.cudnn.benchmark))  # as the step figures ran
     host = {k: (v.cpu().pin_memory() if on_gpu else v.cpu()) if isinstance(v, torch.Tensor) else v

@@ -62,7 +62,8 @@ class ModelConfig:
     uncertainty: bool = False
     pretrained: str = ""  # local encoder/official checkpoint; "" = random init
     compile: bool = False  # torch.compile: model + loss as one training graph; the model for validation
-    compile_mode: str = "default"  # default | max-autotune-no-cudagraphs (tuned matmuls, fused epilogues; slower to compile)
+    # default | max-autotune-no-cudagraphs (autotuned matmuls with fused epilogues; slower to compile)
+    compile_mode: str = "default"
     grad_checkpointing: bool = False
     channels_last: bool = False
 

@@ -50,7 +50,8 @@ class DepthModule(pl.LightningModule):
         # keys (PITFALLS 15). Training compiles the model and the loss as one graph, so the loss's
         # 80-300 element-wise operators over full-resolution maps fuse into a few kernels; the
         # mask policy stays out, so a stage switch does not recompile.
-        forward_model = torch.compile(self.model, mode=mcfg.get("compile_mode", "default")) if mcfg.get("compile") else self.model
+        mode = mcfg.get("compile_mode", "default")
+        forward_model = torch.compile(self.model, mode=mode) if mcfg.get("compile") else self.model
         object.__setattr__(self, "_forward_model", forward_model)
         self._compile_training_step()
         self.stages = recipe["stages"]
