@@ -46,14 +46,7 @@ class DepthModule(pl.LightningModule):
         lcfg = recipe["loss"]
         self.loss_args = {"silog_lambda": float(lcfg["silog_lambda"]), "grad_weight": float(lcfg["grad_weight"]),
                           "nll_weight": float(lcfg["nll_weight"])}
-        # Compiled wrappers are kept out of the module tree so state dicts never hold `_orig_mod.`
-        # keys (PITFALLS 15). Training compiles the model and the loss as one graph, so the loss's
-        # 80-300 element-wise operators over full-resolution maps fuse into a few kernels; the
-        # mask policy stays out, so a stage switch does not recompile.
-        mode = mcfg.get("compile_mode", "default")
-        forward_model = torch.compile(self.model, mode=mode) if mcfg.get("compile") else self.model
-        object.__setattr__(self, "_forward_model", forward_model)
-        self._compile_training_step()
+        self._build_step_callables()
         self.stages = recipe["stages"]
         self.stage_index = -1
         self.set_stage(0)
@@ -95,31 +88,43 @@ class DepthModule(pl.LightningModule):
         pred = self.model(images)
         return pred.depth, compute_loss(pred, target, weight, **self.loss_args)
 
-    def _compile_training_step(self) -> None:
-        # The plain function is compiled, not the bound method: a bound method held by the
-        # instance would tie a deep copy to the original's weights and make the module refer to
-        # itself. The wrapper cannot be pickled, so __getstate__ drops it and __setstate__ rebuilds it.
+    _STEP_CALLABLES = ("_forward_model", "_predict_and_loss_fn")
+
+    def _build_step_callables(self) -> None:
+        """What forward and training call: the model and ``_predict_and_loss``, compiled under
+        ``model.compile``. Training compiles the model and the loss as one graph, so the loss's
+        80-300 element-wise operators over full-resolution maps fuse into a few kernels; the mask
+        policy stays out, so a stage switch does not recompile.
+
+        Held outside the module tree, so state dicts never hold `_orig_mod.` keys (PITFALLS 15).
+        The plain function is compiled, not a bound method: one held by the instance would tie a
+        deep copy to the original's weights and make the module refer to itself. Compiled
+        wrappers cannot be pickled, so __getstate__ drops these and __setstate__ rebuilds them."""
         mcfg = self.recipe["model"]
-        step = (torch.compile(DepthModule._predict_and_loss, mode=mcfg.get("compile_mode", "default"))
-                if mcfg.get("compile") else None)
-        object.__setattr__(self, "_compiled_predict_and_loss", step)
+        forward, step = self.model, DepthModule._predict_and_loss
+        if mcfg.get("compile"):
+            mode = mcfg.get("compile_mode", "default")
+            forward, step = torch.compile(forward, mode=mode), torch.compile(step, mode=mode)
+        object.__setattr__(self, "_forward_model", forward)
+        object.__setattr__(self, "_predict_and_loss_fn", step)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state.pop("_compiled_predict_and_loss", None)
+        for name in self._STEP_CALLABLES:
+            state.pop(name, None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self._compile_training_step()
+        self._build_step_callables()
 
     def training_losses(self, batch: dict, compiled: bool = True):
         """(predicted depth, loss weights, ``compute_loss`` parts) of a batch finished by
         ``on_after_batch_transfer``, under the active mask policy. ``compiled=False`` runs the
         eager model and loss even under the compile switch."""
         weight, target = self.policy(batch["depth"], batch["sky"], batch["no_measurement"])
-        step = self._compiled_predict_and_loss if compiled else None
-        depth, losses = (step or DepthModule._predict_and_loss)(self, batch["image"], target, weight)
+        run = self._predict_and_loss_fn if compiled else DepthModule._predict_and_loss
+        depth, losses = run(self, batch["image"], target, weight)
         return depth, weight, losses
 
     def training_step(self, batch, batch_idx):
