@@ -8,6 +8,24 @@ FIXTURES = Path(os.environ.get("CURRICULUM_FIXTURES", Path(__file__).resolve().p
 
 
 @pytest.fixture
+def compile_backend(monkeypatch):
+    """``compile_backend(backend)``: every ``torch.compile`` in the test uses ``backend`` (``"eager"``
+    or a dynamo ``CompileCounter`` for a graph capture in seconds); dynamo's caches are cleared
+    before and after, so no graph crosses tests."""
+    import torch
+
+    real_compile = torch.compile
+
+    def use(backend):
+        torch._dynamo.reset()
+        monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=backend, **kw))
+        return backend
+
+    yield use
+    torch._dynamo.reset()
+
+
+@pytest.fixture
 def add_callback(monkeypatch):
     """``add_callback(cb)``: the trainer of the next ``curriculum.train.train()`` call gets ``cb``
     appended to its callbacks (a hook inside a real run)."""

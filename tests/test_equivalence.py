@@ -322,16 +322,13 @@ def _training_loss_and_grads(module, batch, compiled: bool):
     return losses, depth, _grads(module.model)
 
 
-def test_compile_switch_captures_model_and_loss_as_one_graph(monkeypatch):
+def test_compile_switch_captures_model_and_loss_as_one_graph(compile_backend):
     """Under model.compile the model and the loss are traced together, without graph breaks (one
     graph, so the loss fuses into the model's kernels), the numbers do not change, and a stage
     switch (another mask policy) reuses the graph instead of recompiling."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    counter = CompileCounterWithBackend("eager")
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counter, **kw))
-    torch._dynamo.reset()
+    counter = compile_backend(CompileCounterWithBackend("eager"))
     module, batch = _module_and_batch("model.compile=true")
     module.model.sum_projection = False  # as eager, so capture alone must change no number
     want, want_depth, want_grads = _training_loss_and_grads(module, batch, compiled=False)
@@ -347,7 +344,6 @@ def test_compile_switch_captures_model_and_loss_as_one_graph(monkeypatch):
     module.set_stage(1)  # the 80 m fine-tune policy
     _training_loss_and_grads(module, batch, compiled=True)
     assert counter.frame_count == 1, "a stage switch recompiled the step"
-    torch._dynamo.reset()
 
 
 @pytest.mark.slow
@@ -366,7 +362,7 @@ def test_compile_inductor_model_and_loss_same_loss():
     torch._dynamo.reset()
 
 
-def test_compiled_module_copies_pickles_and_frees_like_a_plain_one(monkeypatch):
+def test_compiled_module_copies_pickles_and_frees_like_a_plain_one(compile_backend):
     """A deep copy's compiled step runs the copy's weights (as Lightning's weight-averaging
     callbacks copy modules), a pickled module (ddp_spawn, torch.save) comes back with a working
     compiled step, and a dropped module is freed at once (no reference cycle through itself)."""
@@ -374,9 +370,7 @@ def test_compiled_module_copies_pickles_and_frees_like_a_plain_one(monkeypatch):
     import pickle
     import weakref
 
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))
-    torch._dynamo.reset()
+    compile_backend("eager")
     module, batch = _module_and_batch("model.compile=true")
     module.model.sum_projection = False  # as eager, so compiled and eager losses are bit-identical
     copy_ = copy.deepcopy(module)
@@ -395,4 +389,3 @@ def test_compiled_module_copies_pickles_and_frees_like_a_plain_one(monkeypatch):
         assert ref() is None, "the module is only freed by the cycle collector"
     finally:
         gc.enable()
-    torch._dynamo.reset()
