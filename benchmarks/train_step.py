@@ -290,10 +290,16 @@ def run_mode(encoder: str, mode: str, args, device: torch.device, flops_per_imag
         try:
             row["trainer_img_per_s"] = trainer_rate(module, batch, args, device, mode)
         except Exception as exc:  # keep the step figures measured above
-            row["trainer_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            traceback.print_exc(limit=3)
+            row["trainer_error"] = _failure(exc)
     del step, module, batch
     return row
+
+
+def _failure(exc: Exception) -> str:
+    """A failure's first line for the row (its traceback goes to stderr)."""
+    traceback.print_exc(limit=3)
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"{type(exc).__name__}: {msg[:200]}"
 
 
 class _RepeatBatch(torch.utils.data.IterableDataset):
@@ -481,9 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 row = run_mode(encoder, mode, args, device, flops)
             except Exception as exc:  # one failing mode (OOM, compiler) must not lose the others
-                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                row = {"encoder": encoder, "mode": mode, "error": f"{type(exc).__name__}: {msg[:200]}"}
-                traceback.print_exc(limit=3)
+                row = {"encoder": encoder, "mode": mode, "error": _failure(exc)}
             rows.append(row)
             if "img_per_s" in row:
                 through = f", {row['trainer_img_per_s']:.1f} through the trainer" if "trainer_img_per_s" in row else ""
