@@ -8,13 +8,24 @@ import argparse
 import sys
 
 
+def _files_and_overrides(prog: str, description: str, argv: list[str]) -> tuple[list[str], list[str]]:
+    """YAML files (later ones win) and dotted key=value overrides, in any order."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("args", nargs="*", metavar="FILE.yaml | key=value",
+                   help="recipe files composed in order, then overrides such as stages.0.steps=100")
+    args = p.parse_args(argv).args
+    files = [a for a in args if "=" not in a]
+    if not files:
+        p.error("give at least one YAML file")
+    return files, [a for a in args if "=" in a]
+
+
 def _train(argv: list[str]) -> int:
     from curriculum.config import load_recipe
 
-    files = [a for a in argv if "=" not in a]
-    overrides = [a for a in argv if "=" in a]
-    if not files:
-        raise SystemExit("usage: curriculum train RECIPE.yaml [MORE.yaml ...] [key=value ...]")
+    files, overrides = _files_and_overrides(
+        "curriculum train", "train the stages of a recipe (see recipes/*.yaml); resumes from "
+        "<run.out_dir>/checkpoints/last.ckpt when it exists", argv)
     cfg = load_recipe(files, overrides)
     from curriculum.train import train
 
@@ -110,11 +121,10 @@ def _predict(argv: list[str]) -> int:
 
 
 def _compare(argv: list[str]) -> int:
-    files = [a for a in argv if "=" not in a]
-    overrides = [a for a in argv if "=" in a]
-    if not files:
-        raise SystemExit("usage: curriculum compare COMPARE.yaml [MORE.yaml ...] [key=value ...] "
-                         "[train.<recipe key>=value ...]")
+    files, overrides = _files_and_overrides(
+        "curriculum compare", "train the baseline and curriculum arms on the same data and budget, "
+        "evaluate them and write a side-by-side report (recipes/compare.yaml); train.<recipe key>=value "
+        "overrides every arm's recipe", argv)
     from curriculum.compare import load_compare, run_compare
 
     result = run_compare(load_compare(files, overrides))
@@ -123,12 +133,27 @@ def _compare(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "compare": _compare}
+SUMMARY = """usage: curriculum {train,eval,predict,compare} ...
+
+  train    RECIPE.yaml [MORE.yaml ...] [key=value ...]   train a recipe's stages
+  eval     --checkpoint CKPT --shards PATTERN ...         near/far/sky metrics of a checkpoint
+  predict  --checkpoint CKPT --input IMG_OR_DIR --out DIR  depth PNG, .npy, point cloud
+  compare  COMPARE.yaml [key=value ...]                   baseline vs curriculum report
+
+curriculum COMMAND --help shows a command's options."""
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        print(f"usage: curriculum {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+    if argv and argv[0] in ("-h", "--help"):
+        print(SUMMARY)
+        return 0
+    if not argv:
+        print(SUMMARY, file=sys.stderr)
+        return 2
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)}; --help lists them)",
+              file=sys.stderr)
         return 2
     from curriculum.checkpoint import CheckpointError
     from curriculum.config import RecipeError

@@ -168,6 +168,21 @@ def test_cli_errors_are_one_line(tiny_shards, tmp_path, capsys, args, needle):
     assert rc == 2 and needle in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "compare"])
+def test_cli_help(command, capsys):
+    """Every command answers --help with its usage (train and compare used to read it as a file)."""
+    with pytest.raises(SystemExit) as exc:
+        cli_main([command, "--help"])
+    assert exc.value.code == 0 and f"usage: curriculum {command}" in capsys.readouterr().out
+    assert cli_main(["--help"]) == 0 and f"  {command} " in capsys.readouterr().out
+
+
+def test_cli_unknown_command_is_one_line(capsys):
+    assert cli_main(["trian"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown command 'trian'" in err and len(err.splitlines()) == 1
+
+
 def test_corrupt_checkpoint_is_refused(tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"PK\x03\x04 truncated")
