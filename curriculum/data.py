@@ -12,7 +12,8 @@ Design, against the traps of webdataset under DDP (see PITFALLS.md 1-9):
   the world size are unchanged.
 - Validation: shards are split over all readers; every image is read by exactly one reader.
 - 16-bit depth is decoded by `data_prep.schema.decode_sample`, never by webdataset's decoders.
-- Bad samples (truncated tars, missing members, undecodable files) are skipped and counted;
+- Bad samples (truncated tars, missing members, undecodable files) are skipped and counted once
+  each (a tar cut short gives up its last, possibly partial, sample: `data_prep.shard_reader`);
   every batch carries how many were dropped, and past `max_bad_samples` the run stops naming the
   shard.
 """
@@ -39,10 +40,10 @@ import torch.nn.functional as F
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from curriculum.worker_buffers import WorkerBuffers, fresh_batch_bytes
 from data_prep.schema import FAR_RAW, SampleError, decode_sample
+from data_prep.shard_reader import iter_tar_samples
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -396,17 +397,13 @@ class _BadSampleCounter:
 
 
 def _raw_samples(urls: list[str], bad: _BadSampleCounter) -> Iterator[dict]:
-    """Raw webdataset samples (bytes) of the given shards; broken tars and partial samples counted."""
+    """Raw samples (bytes) of the given shards. A shard that breaks or ends without its
+    end-of-archive marker gives up its last, possibly partial, sample (``data_prep.shard_reader``);
+    each defect counts once."""
     for url in urls:
-
-        def handler(exc: Exception, url=url) -> bool:
-            bad(url, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            return True
-
         stream = gopen(url)
         try:
-            samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}], handler=handler), handler=handler)
-            yield from _complete(samples, url, bad)
+            yield from _complete(iter_tar_samples(stream, url, functools.partial(bad, url)), url, bad)
         finally:
             stream.close()
 

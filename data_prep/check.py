@@ -1,7 +1,7 @@
 """Validate a shard folder: ``python -m data_prep.check DIR [--quiet]``.
 
-Reads every shard with ``tarfile`` (not through webdataset, which yields partial samples from a
-truncated tar without complaint), decodes every sample with ``schema.decode_sample``, checks
+Reads every shard with ``shard_reader`` (webdataset yields partial samples from a truncated tar
+without complaint), decodes every sample with ``schema.decode_sample``, checks
 that keys are unique across shards and that index.json agrees with the shards, and prints a
 summary table. Exit status 0 when everything is valid, 1 otherwise, with one line per problem:
 ``shard-000003.tar: <key>: <problem>``.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .schema import FAR_RAW, SampleError, decode_sample
+from .shard_reader import iter_tar_samples
 from .writer import INDEX_NAME, read_index
 
 NEAR_LIMIT_M = 80.0
@@ -70,60 +70,25 @@ class Stats:
         return out
 
 
-def _archive_end_ok(path: Path, end_offset: int) -> bool:
-    """A complete tar ends with at least two zero blocks after its last member."""
-    size = path.stat().st_size
-    if size < end_offset + 2 * tarfile.BLOCKSIZE or size % tarfile.BLOCKSIZE:
-        return False
-    with open(path, "rb") as f:
-        f.seek(end_offset)
-        return f.read(2 * tarfile.BLOCKSIZE) == bytes(2 * tarfile.BLOCKSIZE)
-
-
 def read_shard(path: Path, problems: list[str]):
-    """Yield raw sample dicts from one shard (grouped like webdataset: by consecutive key).
-
-    Truncation, read errors and keys that reappear non-consecutively are appended to
-    ``problems``; a sample cut short by truncation is still yielded so its key is reported.
-    """
+    """Yield the complete raw samples of one shard (``shard_reader.iter_tar_samples``); its
+    defects and keys that reappear non-consecutively are appended to ``problems``."""
     name = path.name
     seen_in_shard: set[str] = set()
-    current: dict | None = None
-    end_offset = 0
+
+    def problem(msg: str) -> None:
+        problems.append(f"{name}: {msg}")
+
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            for ti in tar:
-                if not ti.isfile():
-                    continue
-                base = ti.name.rsplit("/", 1)[-1]
-                if "." not in base:
-                    problems.append(f"{name}: member {ti.name!r} has no extension")
-                    continue
-                key, ext = base.split(".", 1)
-                f = tar.extractfile(ti)
-                data = f.read() if f is not None else b""
-                if len(data) != ti.size:
-                    raise tarfile.ReadError(f"member {ti.name} cut short")
-                end_offset = ti.offset_data + ((ti.size + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-                if current is None or current["__key__"] != key:
-                    if current is not None:
-                        yield current
-                    if key in seen_in_shard:
-                        problems.append(f"{name}: {key}: key appears in more than one place in the shard")
-                    seen_in_shard.add(key)
-                    current = {"__key__": key, "__url__": str(path)}
-                if ext in current:
-                    problems.append(f"{name}: {key}: member {ext} repeated")
-                current[ext] = data
-    except (tarfile.TarError, OSError, EOFError) as e:
-        problems.append(f"{name}: truncated or unreadable tar ({e})")
-        if current is not None:
-            yield current
-        return
-    if current is not None:
-        yield current
-    if not _archive_end_ok(path, end_offset):
-        problems.append(f"{name}: truncated tar (no end-of-archive marker after the last member)")
+        with open(path, "rb") as f:
+            for sample in iter_tar_samples(f, str(path), problem):
+                key = sample["__key__"]
+                if key in seen_in_shard:
+                    problem(f"{key}: key appears in more than one place in the shard")
+                seen_in_shard.add(key)
+                yield sample
+    except OSError as e:
+        problem(f"unreadable ({e.strerror or e})")
 
 
 def check_folder(folder: Path, stats: Stats | None = None) -> tuple[list[str], Stats, dict]:

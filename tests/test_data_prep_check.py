@@ -105,7 +105,7 @@ def test_truncated_at_member_boundary(tmp_path, capsys):
     rc, out, _ = run(tmp_path, capsys)
     assert rc == 1
     assert "shard-000000.tar: truncated tar (no end-of-archive marker" in out
-    assert "shard-000000.tar: t_s_1: missing" in out  # the partial sample is named
+    assert "sample t_s_1 dropped as possibly incomplete" in out  # the partial sample is named
 
 
 def test_duplicate_key_across_shards(tmp_path, capsys):

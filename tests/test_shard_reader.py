@@ -1,0 +1,87 @@
+"""data_prep.shard_reader: samples grouped from a tar, truncation caught once, through training's reader too."""
+import io
+import tarfile
+import warnings
+from pathlib import Path
+
+import pytest
+
+from conftest import write_tiny_shards
+from curriculum.data import _BadSampleCounter, _raw_samples
+from data_prep.shard_reader import iter_tar_samples
+
+MEMBERS = ["depth.png", "meta.json", "rgb.png", "sky.png"]
+
+
+def _shard(tmp_path: Path, per_shard: int = 3) -> Path:
+    return Path(write_tiny_shards(tmp_path, n_shards=1, per_shard=per_shard)[0])
+
+
+def _read(path: Path, url: str | None = None) -> tuple[list[dict], list[str]]:
+    problems: list[str] = []
+    with open(path, "rb") as f:
+        samples = list(iter_tar_samples(f, url or str(path), problems.append))
+    return samples, problems
+
+
+def _training_reader(url: str) -> tuple[list[dict], int, list[str]]:
+    bad = _BadSampleCounter(limit=100)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        samples = list(_raw_samples([url], bad))
+    return samples, bad.total, [str(w.message) for w in record]
+
+
+def test_intact_shard_reads_whole_samples_from_a_file_and_a_pipe(tmp_path):
+    path = _shard(tmp_path)
+    samples, problems = _read(path)
+    assert problems == [] and [s["__key__"] for s in samples] == [f"test_s0_{i:04d}" for i in range(3)]
+    assert all(sorted(k for k in s if not k.startswith("__")) == MEMBERS for s in samples)
+    piped, bad, _ = _training_reader(f"pipe:cat {path}")  # not seekable: the marker is read, not sought
+    assert bad == 0 and [s["__key__"] for s in piped] == [s["__key__"] for s in samples]
+    assert all(p["rgb.png"] == s["rgb.png"] for p, s in zip(piped, samples))
+
+
+def test_cut_at_a_member_boundary_drops_the_last_sample_once(tmp_path):
+    """The cut removes only the last sample's sky.png: tarfile reads the rest without an error and
+    the sample would pass as one without sky; it is dropped and counted once."""
+    path = _shard(tmp_path, per_shard=2)
+    with tarfile.open(path) as tar:
+        sky = tar.getmembers()[-1]
+    assert sky.name.endswith("sky.png")
+    path.write_bytes(path.read_bytes()[:sky.offset])
+    samples, bad, messages = _training_reader(str(path))
+    assert [s["__key__"] for s in samples] == ["test_s0_0000"] and bad == 1
+    assert "no end-of-archive marker" in messages[0] and "test_s0_0001 dropped" in messages[0]
+
+
+def test_cut_inside_a_member_counts_once(tmp_path):
+    path = _shard(tmp_path, per_shard=2)
+    with tarfile.open(path) as tar:
+        sky = tar.getmembers()[-1]
+    path.write_bytes(path.read_bytes()[:sky.offset_data + 20])
+    samples, bad, messages = _training_reader(str(path))
+    assert [s["__key__"] for s in samples] == ["test_s0_0000"] and bad == 1, messages
+    assert "truncated or unreadable tar" in messages[0]
+
+
+@pytest.mark.parametrize("cut", [0, 100, 512])
+def test_short_or_empty_file(tmp_path, cut):
+    path = _shard(tmp_path)
+    path.write_bytes(path.read_bytes()[:cut])
+    samples, problems = _read(path)
+    assert samples == [] and len(problems) == 1 and "truncated" in problems[0]
+
+
+def test_repeated_member_drops_its_sample(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in ["a.meta.json", "a.meta.json", "b.meta.json", "noext"]:
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"{}"))
+    path = tmp_path / "t.tar"
+    path.write_bytes(buf.getvalue())
+    samples, problems = _read(path)
+    assert [s["__key__"] for s in samples] == ["b"]
+    assert problems == ["a: member meta.json repeated", "member 'noext' has no extension"]
