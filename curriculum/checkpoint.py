@@ -48,10 +48,26 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if first.startswith("Weights only load failed"):  # torch's advice to load unsafely would not help
+            first = "unpickling refused: not tensors and plain containers"
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first[:200]})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a checkpoint (a {type(ckpt).__name__})")
     return ckpt
+
+
+def taught_far_target(meta: dict) -> float | None:
+    """The largest far target a checkpoint's weights were taught the sky and beyond-range pixels
+    at: by the stages of its own recipe (unclipped or mixed policies with a far weight) or, through
+    init_from, by its ancestors. None if no stage on the way supervised them."""
+    from curriculum.masks import DEFAULT_FAR_TARGET
+
+    targets = [float(meta["parent_far_target"])] if meta.get("parent_far_target") is not None else []
+    for stage in (meta.get("recipe") or {}).get("stages") or []:
+        policy = stage.get("policy") or {}
+        if policy.get("name") in ("unclipped", "mixed") and float(policy.get("far_weight", 1.0)) > 0:
+            targets.append(float(policy.get("far_target", DEFAULT_FAR_TARGET)))
+    return max(targets) if targets else None
 
 
 def metadata(ckpt: dict, path: str | os.PathLike) -> dict:

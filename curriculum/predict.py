@@ -26,9 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from curriculum.checkpoint import META_KEY, MODEL_FIELDS, CheckpointError, model_state, read_checkpoint
+from curriculum.checkpoint import (
+    META_KEY, MODEL_FIELDS, CheckpointError, model_state, read_checkpoint, taught_far_target,
+)
 from curriculum.data import normalize_images
-from curriculum.masks import DEFAULT_FAR_TARGET
 from curriculum.model import PATCH
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -58,16 +59,6 @@ class Predictor:
 
 
 # ------------------------------------------------------------------------------------ loading
-
-def _far_target(recipe: dict) -> float | None:
-    """The far target the recipe's stages taught the sky at (None if no stage supervised it)."""
-    targets = []
-    for stage in recipe.get("stages", []) or []:
-        policy = stage.get("policy", {}) or {}
-        if policy.get("name") in ("unclipped", "mixed") and float(policy.get("far_weight", 1.0)) > 0:
-            targets.append(float(policy.get("far_target", DEFAULT_FAR_TARGET)))
-    return max(targets) if targets else None
-
 
 def _state_dict_like(obj: dict) -> dict | None:
     for wrapper in ("model", "state_dict"):
@@ -109,8 +100,9 @@ def load_predictor(checkpoint: str | os.PathLike, encoder: str | None = None, ma
         recipe = meta.get("recipe", {}) or {}
         data = recipe.get("data", {}) or {}
         default_size = min(int(data.get("val_height", OFFICIAL_INPUT_SIZE)), int(data.get("val_width", OFFICIAL_INPUT_SIZE)))
-        far = _far_target(recipe)
-        # A model taught to put the sky at the far target F: past F/2 it says "sky". One never
+        far = taught_far_target(meta)
+        # A model taught (itself or through init_from) to put the sky at the far target F: past
+        # F/2 it says "sky". One never
         # taught the sky has no depth that means sky; only the top of its range does.
         default_sky = far / 2.0 if far is not None else 0.98 * float(mm["max_depth"])
         source, enc, lo, hi, unc = "checkpoint", mm["encoder"], float(mm["min_depth"]), float(mm["max_depth"]), bool(mm["uncertainty"])

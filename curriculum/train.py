@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from curriculum.callbacks import CurriculumCallback, StepProgressBar
 from curriculum.checkpoint import (
-    check_same_model, file_sha256, metadata, model_state, read_checkpoint,
+    check_same_model, file_sha256, metadata, model_state, read_checkpoint, taught_far_target,
 )
 from curriculum.config import to_plain, total_steps
 from curriculum.datamodule import DepthDataModule
@@ -119,6 +119,7 @@ def init_from_checkpoint(module: DepthModule, path: str, recipe: dict) -> dict:
         "init_from_sha256": file_sha256(path),
         "parent_stage": meta.get("stage"),
         "parent_run": meta.get("wandb_run_id", ""),
+        "parent_far_target": taught_far_target(meta),  # where predict's --drop-sky starts
     }
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import write_tiny_shards
-from curriculum.checkpoint import load_model
+from curriculum.checkpoint import load_model, taught_far_target
 from curriculum.cli import main as cli_main
 from curriculum.config import RECIPES_DIR, load_recipe
 from curriculum.data import normalize_images
@@ -408,3 +408,17 @@ def test_cli_eval_of_a_constant_depth_checkpoint(tmp_path, capsys):
     assert m["near/abs_rel"] == pytest.approx(abs_rel, rel=1e-4)
     assert m["phantom_rate"] == 1.0  # 20 m everywhere: every sky and far pixel lands within 80 m
     assert "phantom rate" in capsys.readouterr().out
+
+
+def test_far_target_taught_along_the_lineage():
+    """--drop-sky's default: a fine-tune whose own stages leave the sky unsupervised keeps the far
+    target its init_from parent taught; recipes that never supervised the sky have none."""
+    def meta(*policies, parent=None):
+        return {"recipe": {"stages": [{"policy": p} for p in policies]}, "parent_far_target": parent}
+
+    pretrain = meta({"name": "unclipped", "far_target": 655.35})
+    assert taught_far_target(pretrain) == 655.35
+    assert taught_far_target(meta({"name": "max_depth"}, parent=taught_far_target(pretrain))) == 655.35
+    assert taught_far_target(meta({"name": "max_depth"})) is None
+    assert taught_far_target(meta({"name": "mixed", "far_weight": 0.0, "far_target": 300.0})) is None
+    assert taught_far_target(meta({"name": "mixed", "far_weight": 0.1, "far_target": 300.0}, parent=200.0)) == 300.0

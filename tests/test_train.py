@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from curriculum.checkpoint import CheckpointError, model_state, read_checkpoint
+from curriculum.checkpoint import CheckpointError, model_state, read_checkpoint, taught_far_target
 from curriculum.cli import main as cli_main
 from curriculum.config import RECIPES_DIR, load_recipe
 from curriculum.train import train
@@ -71,6 +71,8 @@ def test_stage_two_starts_from_stage_one_weights_with_fresh_optimizer(tiny_shard
     assert ckpt["curriculum"]["init_from"] == pre["checkpoint"]
     assert ckpt["curriculum"]["init_from_sha256"] == lineage["init_from_sha256"]
     assert ckpt["curriculum"]["parent_stage"] == "pretrain"
+    # the sky was taught in stage 1, so predict's --drop-sky still starts at half its far target
+    assert taught_far_target(ckpt["curriculum"]) == taught_far_target(pre_ckpt["curriculum"]) == 655.35
     assert ckpt["curriculum"]["recipe"]["logging"]["parent_checkpoint_sha256"] == lineage["init_from_sha256"]
     # a fresh optimizer: AdamW's step count equals stage 2's steps only
     state = ckpt["optimizer_states"][0]["state"]
