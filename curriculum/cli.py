@@ -5,6 +5,7 @@ Every user error ends in one line on stderr and exit status 2; nothing is half-w
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -37,10 +38,12 @@ def _train(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
+    from curriculum.metrics import PROTOCOLS
+
     p = argparse.ArgumentParser(prog="curriculum eval", description="evaluate a checkpoint on shards")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--shards", required=True, help="brace pattern or glob of validation shards")
-    p.add_argument("--protocol", default="synthetic", choices=["synthetic", "none", "kitti_garg", "kitti_eigen", "nyu"])
+    p.add_argument("--protocol", default="synthetic", choices=PROTOCOLS)
     p.add_argument("--out", help="write the report as JSON here")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--height", type=int, help="network input height (default: the checkpoint's recipe)")
@@ -48,6 +51,13 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("--max-depth", type=float, help="must agree with the checkpoint's range if given")
     p.add_argument("--max-images", type=int, default=0)
     args = p.parse_args(argv)
+    for flag, value, lowest in (("--batch-size", args.batch_size, 1), ("--max-images", args.max_images, 0),
+                                ("--height", args.height, 14), ("--width", args.width, 14)):
+        if value is not None and (value < lowest or (flag in ("--height", "--width") and value % 14)):
+            raise ValueError(f"{flag} {value}: must be " + ("a positive multiple of 14 (the patch size)"
+                             if flag in ("--height", "--width") else f"at least {lowest}"))
+    if args.out and os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out}: is a folder, give a file name for the JSON report")
     from curriculum.checkpoint import load_model
     from curriculum.evaluate import evaluate, format_table, write_json
 
@@ -163,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (RecipeError, DataError, CheckpointError, SetupError, NonFiniteError, ValueError,
-            FileNotFoundError) as exc:
+    except (RecipeError, DataError, CheckpointError, SetupError, NonFiniteError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from curriculum.config import RECIPES_DIR, RecipeError, load_recipe, load_yaml_mapping, to_plain, unknown_key
+from curriculum.files import atomic_write_text
 from curriculum.module import EVAL_MAX_DEPTH
 
 ARMS = {
@@ -258,9 +259,7 @@ def _train_one(c: dict, arm: str, seed: int, cfg, log) -> dict:
             "switches": [list(s) for s in result["switches"]], "train_seconds": seconds}
     if result["global_step"] != c["total_steps"]:
         raise RuntimeError(f"{arm} seed {seed} stopped at step {result['global_step']} of {c['total_steps']}")
-    tmp = done_file.with_name(".done.json.tmp")
-    tmp.write_text(json.dumps(done, indent=1, default=float))
-    os.replace(tmp, done_file)
+    atomic_write_text(done_file, json.dumps(done, indent=1, default=float))
     return {**done, "skipped": False}
 
 
@@ -357,9 +356,7 @@ def run_compare(c: dict, log=print) -> dict:
     report["wall_seconds"] = time.perf_counter() - t0
     write_json(report, out / "report.json")
     md = render_markdown(report, figures, first)
-    tmp = out / ".report.md.tmp"
-    tmp.write_text(md)
-    os.replace(tmp, out / "report.md")
+    atomic_write_text(out / "report.md", md)
     log(near_table(report))
     log(f"[compare] done in {_fmt_time(report['wall_seconds'])}: {out / 'report.md'}")
     return {"report": str(out / "report.md"), "json": str(out / "report.json"), "data": report}

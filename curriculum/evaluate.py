@@ -5,14 +5,15 @@ import json
 import math
 import os
 import time
-from pathlib import Path
+import warnings
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from curriculum.checkpoint import load_model
-from curriculum.data import ValStream, expand_shards, normalize_images
+from curriculum.data import DataError, ValStream, expand_shards, normalize_images
+from curriculum.files import atomic_write_text
 from curriculum.metrics import MetricAccumulator, eval_crop
 from curriculum.module import EVAL_MAX_DEPTH
 
@@ -41,17 +42,24 @@ def evaluate(checkpoint: str, shards: str, protocol: str = "synthetic", batch_si
     model = model.to(device).eval()
     stream = ValStream(expand_shards(shards), 0, 1, batch_size, height, width, max_images=max_images)
     acc = MetricAccumulator(min_depth=1e-3, max_depth=EVAL_MAX_DEPTH)
-    start, n = time.perf_counter(), 0
+    start, n, bad, stretched = time.perf_counter(), 0, 0, set()
     bar = tqdm(stream, desc="eval", unit="batch", disable=not progress)
     for batch in bar:
+        bad += int(batch["bad_samples"])
         pred = model(normalize_images(batch["image"].to(device))).depth.float().cpu()
         for i in range(pred.shape[0]):
             h, w = (int(v) for v in batch["size"][i])
+            if abs(math.log((w / h) / (width / height))) > 0.1 and (h, w) not in stretched:
+                stretched.add((h, w))
+                warnings.warn(f"{w}x{h} images are resized to the network input {width}x{height}, changing their "
+                              f"aspect ratio; give --height/--width of the same shape", stacklevel=2)
             p = F.interpolate(pred[i][None, None], size=(h, w), mode="bilinear", align_corners=False)[0]
             valid = batch["valid"][i : i + 1, :h, :w] & eval_crop(h, w, protocol)[None]
             acc.update(p, batch["depth"][i : i + 1, :h, :w], batch["sky"][i : i + 1, :h, :w], valid)
             n += 1
         bar.set_postfix(img_per_s=f"{n / (time.perf_counter() - start):.1f}")
+    if n == 0:
+        raise DataError(f"{shards}: no image evaluated ({bad} bad samples skipped)")
     results = acc.compute()
     return {
         "checkpoint": str(checkpoint),
@@ -61,6 +69,7 @@ def evaluate(checkpoint: str, shards: str, protocol: str = "synthetic", batch_si
         "model": meta.get("model", {}),
         "stage": meta.get("stage"),
         "input_size": [height, width],
+        "bad_samples": bad,
         "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results.items()},
     }
 
@@ -71,7 +80,9 @@ def _fmt(v) -> str:
 
 def format_table(report: dict) -> str:
     m = report["metrics"]
-    lines = [report["protocol_text"], f"images: {int(m.get('images') or 0)}"]
+    lines = [report["protocol_text"], f"images: {int(m.get('images') or 0)}, each resized to "
+             f"{report['input_size'][1]}x{report['input_size'][0]} for the network"
+             + (f"; {report['bad_samples']} bad samples skipped" if report.get("bad_samples") else "")]
     lines.append(f"{'range':<16}" + "".join(f"{c:>10}" for c in METRIC_COLUMNS) + f"{'images':>8}")
     for label, group in GROUPS:
         count = m.get(f"{group}/images")
@@ -83,8 +94,4 @@ def format_table(report: dict) -> str:
 
 
 def write_json(report: dict, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(report, indent=2))

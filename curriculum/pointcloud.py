@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from curriculum.files import atomic_write
 
 Intrinsics = tuple[float, float, float, float]
 
@@ -258,31 +258,6 @@ def format_filter_report(report: dict[str, int]) -> str:
 
 
 # ----------------------------------------------------------------------------- PLY
-
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
-    """Call ``write(f)`` on a temp file in the target folder, then rename it to ``path``.
-
-    An interrupted write leaves nothing under the final name (and the temp file is removed),
-    so readers never see a truncated file.
-    """
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
 
 def _write_vertices(f: IO[bytes], vertices: np.ndarray) -> None:
     # Chunked so that very large clouds are not copied into one huge bytes object.

@@ -30,6 +30,7 @@ from curriculum.checkpoint import (
     META_KEY, MODEL_FIELDS, CheckpointError, model_state, read_checkpoint, taught_far_target,
 )
 from curriculum.data import normalize_images
+from curriculum.files import atomic_write
 from curriculum.model import PATCH
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -267,6 +268,8 @@ def run_predict(checkpoint: str | os.PathLike, inputs: str | os.PathLike, out_di
     from curriculum.pointcloud import filter_points, format_filter_report, load_mask, write_ply
     from curriculum.viz import save_depth_png
 
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise PredictError(f"--out {out_dir}: exists and is not a folder")
     files = list_inputs(inputs)
     # Every input and mask is decoded once before any output is written (and again when used,
     # so a large folder is never held in memory at once).
@@ -293,10 +296,10 @@ def run_predict(checkpoint: str | os.PathLike, inputs: str | os.PathLike, out_di
         rec["png"] = str(save_depth_png(depth, out / f"{stem}_depth.png", vmin, vmax, title=file.name))
         if save_npy:
             rec["npy"] = str(out / f"{stem}_depth.npy")
-            np.save(rec["npy"], depth)
+            atomic_write(rec["npy"], lambda f: np.save(f, depth))
             if unc is not None:
                 rec["uncertainty_npy"] = str(out / f"{stem}_uncertainty.npy")
-                np.save(rec["uncertainty_npy"], unc)
+                atomic_write(rec["uncertainty_npy"], lambda f: np.save(f, unc))
         log(f"{file}: {w}x{h} (network {nw}x{nh}), depth {np.nanmin(depth):.2f}..{np.nanmax(depth):.2f} m "
             f"-> {rec['png']}" + (f", {rec['npy']}" if save_npy else ""))
         if pointcloud is not None:

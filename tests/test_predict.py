@@ -1,7 +1,10 @@
 """`curriculum predict` (sizes, colour PNG, npy, PLY, every point-cloud filter, official checkpoints,
 bad inputs) and `curriculum eval` against hand-computed numbers."""
 import math
+import os
 import re
+import tarfile
+import warnings
 from pathlib import Path
 
 import cv2
@@ -383,11 +386,10 @@ def test_eval_matches_hand_computed_numbers(tmp_path, capsys):
     assert m["beyond_pixels"] == 2 * 28 * W
 
 
-def test_cli_eval_of_a_constant_depth_checkpoint(tmp_path, capsys):
+def _constant_checkpoint(tmp_path: Path) -> Path:
     """A real checkpoint file whose output is 20 m everywhere: zero weights in the last convolution."""
     from curriculum.checkpoint import build_metadata
 
-    _known_shards(tmp_path / "val")
     model = DepthModel("tiny", "log", 0.1, 1000.0)
     last = model.depth_head.scratch.output_conv2[2]
     torch.nn.init.zeros_(last.weight)
@@ -397,9 +399,15 @@ def test_cli_eval_of_a_constant_depth_checkpoint(tmp_path, capsys):
     ckpt = {"curriculum": build_metadata(model.metadata(), {"name": "max_depth"}, "finetune", recipe),
             "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}
     torch.save(ckpt, tmp_path / "const.ckpt")
-    rc = cli_main(["eval", "--checkpoint", str(tmp_path / "const.ckpt"), "--shards", f"{tmp_path}/val/*.tar",
+    return tmp_path / "const.ckpt"
+
+
+def test_cli_eval_of_a_constant_depth_checkpoint(tmp_path, capsys):
+    _known_shards(tmp_path / "val")
+    rc = cli_main(["eval", "--checkpoint", str(_constant_checkpoint(tmp_path)), "--shards", f"{tmp_path}/val/*.tar",
                    "--out", str(tmp_path / "e.json")])
     assert rc == 0
+    assert oct((tmp_path / "e.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
     import json
 
     m = json.loads((tmp_path / "e.json").read_text())["metrics"]
@@ -422,3 +430,52 @@ def test_far_target_taught_along_the_lineage():
     assert taught_far_target(meta({"name": "max_depth"})) is None
     assert taught_far_target(meta({"name": "mixed", "far_weight": 0.0, "far_target": 300.0})) is None
     assert taught_far_target(meta({"name": "mixed", "far_weight": 0.1, "far_target": 300.0}, parent=200.0)) == 300.0
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--max-images", "-1"], "--max-images -1: must be at least 0"),
+    (["--height", "100"], "--height 100: must be a positive multiple of 14"),
+    (["--out", "{tmp}"], "is a folder, give a file name"),
+    (["--shards", "{tmp}/junk.tar"], "no image evaluated"),
+])
+def test_eval_refuses_bad_arguments_and_empty_sets_in_one_line(tmp_path, capsys, args, needle):
+    _known_shards(tmp_path / "val")
+    (tmp_path / "junk.tar").write_text("not a tar")
+    args = [a.format(tmp=tmp_path) for a in args]
+    shards = [] if "--shards" in args else ["--shards", f"{tmp_path}/val/*.tar"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the junk tar's own warning
+        rc = cli_main(["eval", "--checkpoint", str(_constant_checkpoint(tmp_path)), *shards, *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and needle in err[-1] and err[-1].startswith("error: "), err
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_eval_reports_skipped_samples_and_warns_about_stretched_images(tmp_path, capsys):
+    from curriculum.evaluate import evaluate, format_table
+
+    _known_shards(tmp_path / "val")
+    shard = next((tmp_path / "val").glob("*.tar"))
+    with tarfile.open(shard) as tar:
+        last = tar.getmembers()[-1]
+    end = last.offset_data + -(-last.size // 512) * 512
+    shard.write_bytes(shard.read_bytes()[:end])  # no end-of-archive marker: the last frame is dropped
+    with pytest.warns(UserWarning) as record:
+        report = evaluate(str(_constant_checkpoint(tmp_path)), str(shard), height=H, width=2 * W, progress=False)
+    assert report["bad_samples"] == 1 and report["metrics"]["images"] == 1
+    assert any(f"{W}x{H} images are resized to the network input {2 * W}x{H}" in str(w.message) for w in record)
+    assert f"each resized to {2 * W}x{H} for the network; 1 bad samples skipped" in format_table(report)
+
+
+def test_predict_refuses_a_file_as_output_folder_before_loading(trained, images, tmp_path, capsys):
+    folder, _ = images
+    (tmp_path / "afile").write_text("")
+    rc, _, err = _predict(["--checkpoint", trained, "--input", folder, "--out", tmp_path / "afile"], capsys)
+    assert rc == 2 and "--out" in err and "exists and is not a folder" in err and len(err.strip().splitlines()) == 1
