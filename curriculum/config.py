@@ -7,6 +7,7 @@ closest valid key when the name is unknown).
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, Dict, List
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from omegaconf.nodes import FloatNode
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -105,7 +107,7 @@ class TrainerConfig:
     precision: str = "32-true"
     val_every_steps: int = 0  # 0 = once per epoch
     log_every_steps: int = 10
-    ckpt_every_steps: int = 0  # 0 = at the end of each epoch and of the run
+    ckpt_every_steps: int = 500  # last.ckpt every N steps (what a kill -9 can lose); 0 = only at the end
     progress: bool = True
     max_nonfinite_steps: int = 5  # consecutive skipped (non-finite) steps before the run stops
     cudnn_benchmark: bool = False  # let cuDNN time its convolution algorithms (fixed crop sizes)
@@ -143,6 +145,10 @@ def _valid_keys(node: Any, prefix: str = "") -> list[str]:
             path = f"{prefix}{k}"
             keys.append(path)
             keys.extend(_valid_keys(node._get_node(k), path + "."))
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            keys.append(f"{prefix}{i}")
+            keys.extend(_valid_keys(node._get_node(i), f"{prefix}{i}."))
     return keys
 
 
@@ -186,7 +192,7 @@ def _set_override(cfg: DictConfig, key: str, value: Any) -> None:
         else:
             child = node._get_node(part) if part in node.keys() else None
         if not isinstance(child, (DictConfig, ListConfig)):
-            _unknown(".".join(parts[: i + 1]), "command line")
+            _unknown(".".join(parts[: i + 1]), "command line", cfg)
         node = child
     last = parts[-1]
     if isinstance(node, ListConfig):
@@ -195,7 +201,9 @@ def _set_override(cfg: DictConfig, key: str, value: Any) -> None:
         node[int(last)] = value
         return
     if last not in node.keys() and not _is_free_dict(node):
-        _unknown(key, "command line")
+        _unknown(key, "command line", cfg)
+    if isinstance(value, int) and not isinstance(value, bool) and isinstance(node._get_node(last), FloatNode):
+        value = float(value)  # lr=1 means 1.0; omegaconf would warn about the implicit conversion
     node[last] = value
 
 
@@ -205,8 +213,8 @@ def unknown_key(key: str, valid: list[str], source: str) -> RecipeError:
     return RecipeError(f"{source}: unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
 
 
-def _unknown(key: str, source: str) -> None:
-    raise unknown_key(key, _valid_keys(OmegaConf.structured(Recipe)), source)
+def _unknown(key: str, source: str, cfg: DictConfig) -> None:
+    raise unknown_key(key, _valid_keys(cfg), source)
 
 
 def load_yaml_mapping(path: Path, what: str = "recipe") -> dict:
@@ -253,6 +261,8 @@ def load_recipe(files: list[str | Path], overrides: list[str] | tuple[str, ...] 
             _set_override(cfg, key, value)
         except OmegaConfBaseException as exc:
             raise _one_line(exc, "command line") from None
+        except RecipeError:
+            raise
         except (TypeError, ValueError, IndexError, KeyError, AttributeError) as exc:
             # e.g. a key path through a value that an earlier override turned into a scalar
             raise RecipeError(f"command line: '{text}': {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
@@ -271,6 +281,7 @@ def load_recipe(files: list[str | Path], overrides: list[str] | tuple[str, ...] 
 # torch.compile modes a training step can use; the CUDA-graph modes are left out (the optimizer
 # step and the host-side loop run outside the compiled step).
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+PRECISIONS = ("32-true", "32", "bf16-mixed")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -310,8 +321,47 @@ def validate(cfg: DictConfig) -> None:
         raise RecipeError(f"data.num_workers: must be >= 0, got {cfg.data.num_workers}")
     if cfg.logging.mode not in ("auto", "online", "offline", "disabled"):
         raise RecipeError(f"logging.mode: unknown mode '{cfg.logging.mode}' (auto, online, offline, disabled)")
+    for key in ("val_every_steps", "ckpt_every_steps"):
+        if cfg.trainer[key] < 0:
+            raise RecipeError(f"trainer.{key}: must be >= 0 (0 = {'once per epoch' if key[0] == 'v' else 'only at the end'}), "
+                              f"got {cfg.trainer[key]}")
+    for key in ("log_every_steps", "max_nonfinite_steps", "num_nodes"):
+        if cfg.trainer[key] < 1:
+            raise RecipeError(f"trainer.{key}: must be >= 1, got {cfg.trainer[key]}")
+    _check_devices(cfg.trainer.devices)
+    if cfg.trainer.precision not in PRECISIONS:
+        raise RecipeError(f"trainer.precision: '{cfg.trainer.precision}' is not supported (choose from "
+                          f"{', '.join(PRECISIONS)}; fp16's loss scaling would fight the non-finite step skip)")
+    if not cfg.optim.lr > 0 or not cfg.optim.head_lr_mult > 0:
+        raise RecipeError(f"optim.lr and optim.head_lr_mult: must be positive, got {cfg.optim.lr}, {cfg.optim.head_lr_mult}")
+    for key in ("warmup_steps", "weight_decay", "grad_clip"):
+        if cfg.optim[key] < 0:
+            raise RecipeError(f"optim.{key}: must be >= 0, got {cfg.optim[key]}")
+    for i, stage in enumerate(cfg.stages):
+        if stage.rewarm_steps < 0:
+            raise RecipeError(f"stages.{i}.rewarm_steps: must be >= 0, got {stage.rewarm_steps}")
+    if not 0 < cfg.model.min_depth < cfg.model.max_depth or not math.isfinite(cfg.model.max_depth):
+        raise RecipeError(f"model.min_depth, model.max_depth: need 0 < min_depth < max_depth < inf, got "
+                          f"{cfg.model.min_depth}, {cfg.model.max_depth}")
+    for key in ("train_shards", "val_shards"):
+        if not str(cfg.data[key]).strip():
+            raise RecipeError(f"data.{key}: empty; give a shard pattern such as data/train/*.tar")
     if cfg.init_from and cfg.resume:
         raise RecipeError("init_from and resume are exclusive: init_from starts a new stage, resume continues a run")
+
+
+def _check_devices(devices: Any) -> None:
+    """Lightning's forms: a count, "auto", -1 (all), or device indices (a list or "0,1")."""
+    if isinstance(devices, bool):
+        ok = False
+    elif isinstance(devices, int):
+        ok = devices >= 1 or devices == -1
+    elif isinstance(devices, str):  # "2" is a count, "0,1" or "1," are indices
+        ok = devices in ("auto", "-1") or (re.fullmatch(r"\d+(,\d+)*,?", devices) is not None and devices != "0")
+    else:
+        ok = OmegaConf.is_list(devices) and len(devices) > 0 and all(isinstance(d, int) and d >= 0 for d in devices)
+    if not ok:
+        raise RecipeError(f"trainer.devices: {devices!r} is not a device count, 'auto', -1 or a list of indices")
 
 
 def total_steps(cfg) -> int:

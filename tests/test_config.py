@@ -101,6 +101,33 @@ def test_semantic_checks():
     assert "max-autotune-no-cudagraphs" in _one_line(e)
 
 
+@pytest.mark.parametrize("override,message", [
+    ("trainer.devices=two", "trainer.devices: 'two' is not a device count"),
+    ("trainer.devices=0", "trainer.devices: 0 is not a device count"),
+    ("trainer.ckpt_every_steps=-1", "trainer.ckpt_every_steps: must be >= 0"),
+    ("trainer.val_every_steps=-2", "trainer.val_every_steps: must be >= 0"),
+    ("trainer.max_nonfinite_steps=0", "trainer.max_nonfinite_steps: must be >= 1"),
+    ("trainer.precision=16-mixed", "trainer.precision: '16-mixed' is not supported"),
+    ("optim.lr=-1", "optim.lr and optim.head_lr_mult: must be positive"),
+    ("optim.warmup_steps=-3", "optim.warmup_steps: must be >= 0"),
+    ("stages.0.rewarm_steps=-1", "stages.0.rewarm_steps: must be >= 0"),
+    ("model.max_depth=-1", "need 0 < min_depth < max_depth"),
+    ("data.val_shards=", "data.val_shards: empty"),
+    ("stages.0.step=5", "unknown key 'stages.0.step' (did you mean 'stages.0.steps'?)"),
+    ("stages.1.steps=5", "command line: unknown key 'stages.1' (did you mean 'stages.0'?)"),
+])
+def test_bad_values_are_one_line_errors_naming_the_key(override, message):
+    """Values Lightning or the optimizer would only refuse later, with a traceback."""
+    with pytest.raises(RecipeError) as e:
+        load_recipe([RECIPES_DIR / "pretrain.yaml"], [override])
+    assert message in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)
+
+
+@pytest.mark.parametrize("devices", ["2", "auto", "-1", "0,1", "[0, 1]", "1"])
+def test_lightning_device_forms_load(devices):
+    assert load_recipe([RECIPES_DIR / "pretrain.yaml"], [f"trainer.devices={devices}"])
+
+
 def test_missing_recipe_file_and_bad_yaml(tmp_path):
     with pytest.raises(RecipeError, match="not found"):
         load_recipe([tmp_path / "nope.yaml"])
