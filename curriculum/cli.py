@@ -25,8 +25,8 @@ def _train(argv: list[str]) -> int:
     from curriculum.config import load_recipe
 
     files, overrides = _files_and_overrides(
-        "curriculum train", "train the stages of a recipe (see recipes/*.yaml); resumes from "
-        "<run.out_dir>/checkpoints/last.ckpt when it exists", argv)
+        "curriculum train", "train the stages of a recipe (see recipes/*.yaml); init_from=CKPT starts "
+        "a stage from a checkpoint's weights, resume=CKPT continues an interrupted run", argv)
     cfg = load_recipe(files, overrides)
     from curriculum.train import train
 

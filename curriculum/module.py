@@ -262,7 +262,8 @@ class DepthModule(pl.LightningModule):
         self.nonfinite.sync()
         checkpoint[META_KEY] = build_metadata(
             self.model.metadata(), policy_to_dict(self.policy), self.stage_name, self.recipe,
-            {"stage_index": self.stage_index, "skipped_steps": self.skipped_steps, **self.extra_metadata},
+            {"stage_index": self.stage_index, "skipped_steps": self.skipped_steps, "bad_samples": self.bad_samples,
+             **self.extra_metadata},
         )
         # Weights without any compile wrapper prefix (PITFALLS 15).
         checkpoint["state_dict"] = {k.replace("_orig_mod.", ""): v for k, v in checkpoint["state_dict"].items()}
@@ -270,3 +271,4 @@ class DepthModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get(META_KEY, {})
         self.nonfinite = NonFiniteCounter(skipped=int(meta.get("skipped_steps", 0)))
+        self.bad_samples = int(meta.get("bad_samples", 0))  # counted on, as skipped_steps

@@ -1,6 +1,7 @@
 """`curriculum train`: one code path for a single stage, a stage-2 init, or both stages in one run."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import warnings
@@ -10,11 +11,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig
 
 from curriculum.callbacks import CurriculumCallback, StepProgressBar
 from curriculum.checkpoint import (
-    check_same_model, file_sha256, metadata, model_state, read_checkpoint, taught_far_target,
+    CheckpointError, check_same_model, file_sha256, metadata, model_state, read_checkpoint, taught_far_target,
 )
 from curriculum.config import to_plain, total_steps
 from curriculum.datamodule import DepthDataModule
@@ -48,17 +50,58 @@ def wandb_mode(mode: str) -> str:
     return "offline"
 
 
-def make_loggers(recipe: dict, out_dir: Path) -> list:
-    loggers = [CSVLogger(save_dir=str(out_dir), name="", version="")]
+class _ResumedMetricsWriter(ExperimentWriter):
+    """metrics.csv of a resumed run: the rows of the steps before the checkpoint are kept (Lightning's
+    writer deletes the file), the rows of the steps the resumed run trains again are dropped."""
+
+    def __init__(self, log_dir: str, resume_step: int):
+        self.resume_step = resume_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        if not os.path.isfile(self.metrics_file_path):
+            return
+        with open(self.metrics_file_path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = [r for r in reader if not r.get("step") or int(float(r["step"])) < self.resume_step]
+        tmp = f"{self.metrics_file_path}.tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.metrics_file_path)
+        self.metrics_keys = sorted(header)  # new columns widen the header, old ones stay
+
+
+class _MetricsCSV(CSVLogger):
+    def __init__(self, out_dir: Path, resume_step: int | None):
+        super().__init__(save_dir=str(out_dir), name="", version="")
+        self.resume_step = resume_step
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None and self.resume_step is not None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumedMetricsWriter(self.log_dir, self.resume_step)
+        return super().experiment
+
+
+def make_loggers(recipe: dict, out_dir: Path, resumed: dict | None = None) -> list:
+    """metrics.csv, plus W&B unless disabled. ``resumed`` (from ``resume_from_checkpoint``)
+    continues the run's metrics.csv and its W&B run instead of starting over."""
+    loggers = [_MetricsCSV(out_dir, resumed["global_step"] if resumed else None)]
     lcfg = recipe["logging"]
     mode = wandb_mode(lcfg["mode"])
     if mode != "disabled":
         stages = [s["name"] for s in recipe["stages"]]
         job_type = stages[0] if len(stages) == 1 else "curriculum"
         os.environ.setdefault("WANDB_SILENT", "true")
+        run_id = (resumed or {}).get("wandb_run_id") or None
         loggers.append(WandbLogger(
             project=lcfg["project"], name=recipe["run"]["name"], group=lcfg["group"] or recipe["run"]["name"],
             job_type=job_type, save_dir=str(out_dir), offline=(mode == "offline"), config=recipe,
+            id=run_id, resume="allow" if run_id else None,
         ))
     return loggers
 
@@ -114,13 +157,33 @@ def init_from_checkpoint(module: DepthModule, path: str, recipe: dict) -> dict:
     meta = metadata(ckpt, path)
     check_same_model({k: recipe["model"][k] for k in MODEL_KEYS}, meta["model"], f"init_from '{path}'")
     module.model.load_state_dict(model_state(ckpt), strict=True)
+    parent_recipe = meta.get("recipe", {}) or {}
     return {
         "init_from": str(path),
         "init_from_sha256": file_sha256(path),
         "parent_stage": meta.get("stage"),
         "parent_run": meta.get("wandb_run_id", ""),
         "parent_far_target": taught_far_target(meta),  # where predict's --drop-sky starts
+        "parent_group": parent_recipe.get("logging", {}).get("group") or parent_recipe.get("run", {}).get("name", ""),
     }
+
+
+LINEAGE_KEYS = ("init_from", "init_from_sha256", "parent_stage", "parent_run", "parent_far_target", "parent_group")
+
+
+def resume_from_checkpoint(module: DepthModule, path: str, recipe: dict) -> dict:
+    """Checks before a full resume (Lightning restores the state itself): the checkpoint is a
+    training checkpoint of the recipe's model. Returns its step, W&B run and stage-2 lineage,
+    which the resumed run carries on."""
+    ckpt = read_checkpoint(path)
+    meta = metadata(ckpt, path)
+    if "global_step" not in ckpt or "optimizer_states" not in ckpt:
+        raise CheckpointError(f"resume '{path}': holds no training state (optimizer, step); "
+                              "init_from starts a new stage from its weights")
+    check_same_model({k: recipe["model"][k] for k in MODEL_KEYS}, meta["model"], f"resume '{path}'")
+    lineage = {k: meta[k] for k in LINEAGE_KEYS if k in meta}
+    return {"global_step": int(ckpt["global_step"]), "wandb_run_id": meta.get("wandb_run_id", ""),
+            "lineage": lineage, "group": meta.get("recipe", {}).get("logging", {}).get("group", "")}
 
 
 def train(cfg: DictConfig) -> dict:
@@ -136,12 +199,16 @@ def train(cfg: DictConfig) -> dict:
 
         report = load_encoder_weights(module.model, recipe["model"]["pretrained"])
         print(f"encoder initialised from {recipe['model']['pretrained']}: {report}")
-    if recipe["init_from"]:
-        lineage = init_from_checkpoint(module, recipe["init_from"], recipe)
+    resumed = resume_from_checkpoint(module, recipe["resume"], recipe) if recipe["resume"] else None
+    lineage = init_from_checkpoint(module, recipe["init_from"], recipe) if recipe["init_from"] else \
+        (resumed or {}).get("lineage", {})
+    if lineage:
         module.extra_metadata.update(lineage)
-        recipe["logging"]["parent_run"] = lineage["parent_run"]
-        recipe["logging"]["parent_checkpoint_sha256"] = lineage["init_from_sha256"]
-    loggers = make_loggers(recipe, out_dir)
+        recipe["logging"]["parent_run"] = lineage.get("parent_run", "")
+        recipe["logging"]["parent_checkpoint_sha256"] = lineage.get("init_from_sha256", "")
+    if not recipe["logging"]["group"]:  # one W&B group for the stages of one experiment
+        recipe["logging"]["group"] = (resumed or {}).get("group") or lineage.get("parent_group") or recipe["run"]["name"]
+    loggers = make_loggers(recipe, out_dir, resumed)
     wandb_logger = next((lg for lg in loggers if isinstance(lg, WandbLogger)), None)
     trainer = build_trainer(recipe, out_dir, loggers)
     with warnings.catch_warnings():

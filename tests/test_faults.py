@@ -348,6 +348,37 @@ def test_sigint_mid_stage_saves_a_checkpoint_and_stops_with_a_resume_hint(tiny_s
     assert resumed["global_step"] == 3 and resumed["switches"] == [(0, "pretrain"), (2, "finetune")]
 
 
+def test_resume_in_the_same_folder_continues_its_metrics_and_lineage(tiny_shards, tmp_path, probe):
+    """The requeue flow: resume= into the run's own folder. metrics.csv keeps the rows of the steps
+    before the checkpoint and gets the rest once; a stage-2 run keeps its link to stage 1; a
+    checkpoint of another model is refused before any step."""
+    train_dir, val_dir, _, _ = tiny_shards
+    pre = train_mod.train(_recipe(train_dir, val_dir, tmp_path / "pre", "stages.0.steps=1", "logging.group=exp",
+                                  files=("smoke.yaml", "pretrain.yaml")))
+    out = tmp_path / "fine"
+    common = ("stages.0.steps=4", "trainer.log_every_steps=1", "trainer.val_every_steps=0")
+    probe(at_step={2: lambda: os.kill(os.getpid(), signal.SIGINT)})
+    with pytest.raises(RunInterrupted):
+        train_mod.train(_recipe(train_dir, val_dir, out, *common, f"init_from={pre['checkpoint']}",
+                                files=("smoke.yaml", "finetune.yaml")))
+    ckpt_path = out / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(ckpt_path)["global_step"] == 3
+    # the step the run stopped after is in the checkpoint; its own row is not logged (docs/faults.md)
+    assert sorted(int(r["step"]) for r in _metrics(out) if r.get("train/loss")) == [0, 1]
+
+    with pytest.raises(CheckpointError, match=r"resume '.*last.ckpt': model mismatch \(head: 'log' in checkpoint"):
+        train_mod.train(_recipe(train_dir, val_dir, out, *common, f"resume={ckpt_path}", "model.head=sigmoid",
+                                files=("smoke.yaml", "finetune.yaml")))
+    resumed = train_mod.train(_recipe(train_dir, val_dir, out, *common, f"resume={ckpt_path}",
+                                      files=("smoke.yaml", "finetune.yaml")))
+    assert resumed["global_step"] == 4
+    assert sorted(int(r["step"]) for r in _metrics(out) if r.get("train/loss")) == [0, 1, 3]
+    meta = read_checkpoint(resumed["checkpoint"])["curriculum"]
+    assert meta["init_from"] == pre["checkpoint"] and meta["parent_stage"] == "pretrain"
+    assert meta["recipe"]["logging"]["parent_checkpoint_sha256"] == meta["init_from_sha256"]
+    assert meta["recipe"]["logging"]["group"] == "exp"  # stage 2 joins stage 1's W&B group
+
+
 def test_signal_handlers_survive_a_failed_fit_and_agree_without_ddp(tmp_path):
     """The handlers are restored even when fitting ends in an error (no teardown hook then)."""
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}

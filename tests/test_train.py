@@ -315,3 +315,28 @@ def test_ddp_strategy_with_one_device_builds_a_single_device_trainer(tiny_shards
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setenv("SLURM_NTASKS", "2")  # so did srun (Lightning then wants its whole SLURM set-up)
     assert not _one_process({"devices": 1, "num_nodes": 1})
+
+
+def test_resumed_metrics_csv_keeps_earlier_rows_and_drops_the_retrained_ones(tmp_path):
+    """After a kill, rows past the checkpoint's step were logged but their training is lost:
+    the resumed run logs those steps again, so only the rows before the checkpoint stay."""
+    import csv
+
+    from curriculum.train import _MetricsCSV
+
+    with open(tmp_path / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", "train/loss", "val/abs_rel"])
+        writer.writeheader()
+        writer.writerows([{"step": s, "train/loss": 1.0 / (s + 1), "val/abs_rel": "" if s % 2 else 0.5}
+                          for s in range(6)])
+    logger = _MetricsCSV(tmp_path, resume_step=3)
+    logger.log_metrics({"train/loss": 0.1, "train/new_column": 7.0}, step=3)
+    logger.save()
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
+    assert rows[0]["val/abs_rel"] == "0.5" and rows[3]["train/new_column"] == "7.0" and rows[0]["train/new_column"] == ""
+    fresh = _MetricsCSV(tmp_path / "new", resume_step=None)  # a new run starts its own file
+    fresh.log_metrics({"train/loss": 1.0}, step=0)
+    fresh.save()
+    assert (tmp_path / "new" / "metrics.csv").read_text().splitlines()[0] == "step,train/loss"
