@@ -1,6 +1,9 @@
 """The curriculum callback: which mask policy is active, decided from the global step."""
 from __future__ import annotations
 
+import sys
+import time
+
 import lightning.pytorch as pl
 import torch
 
@@ -68,6 +71,8 @@ class StepProgressBar(pl.callbacks.ProgressBar):
         self._start_step = 0
         self._t0 = 0.0
         self._loss = LateRead([float("nan")])
+        self.val_bar = None
+        self._val_images = 0
 
     def disable(self) -> None:
         self._enabled = False
@@ -76,8 +81,6 @@ class StepProgressBar(pl.callbacks.ProgressBar):
         self._enabled = True
 
     def on_train_start(self, trainer, module) -> None:
-        import time
-
         from tqdm import tqdm
 
         if not (self._enabled and trainer.is_global_zero):
@@ -89,8 +92,6 @@ class StepProgressBar(pl.callbacks.ProgressBar):
                         dynamic_ncols=True, smoothing=0.05)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        import time
-
         if self.bar is None or trainer.global_step % self.refresh_steps:
             return
         self.bar.update(trainer.global_step - self.bar.n)
@@ -107,3 +108,31 @@ class StepProgressBar(pl.callbacks.ProgressBar):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    # Validation gets its own bar (batches, images/s) under the training bar; a full-size
+    # validation set takes minutes.
+    def on_validation_start(self, trainer, module) -> None:
+        from tqdm import tqdm
+
+        self.val_bar = None
+        if self._enabled and trainer.is_global_zero and not trainer.sanity_checking:
+            self.val_bar = tqdm(desc="validate", unit="batch", dynamic_ncols=True, leave=False,
+                                position=0 if self.bar is None else 1)
+            self._val_images = 0
+            self._val_t0 = time.perf_counter()
+
+    def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.val_bar is not None:
+            self._val_images += len(batch["key"])
+            self.val_bar.update(1)
+            self.val_bar.set_postfix(images=self._val_images, refresh=False)
+
+    def on_validation_end(self, trainer, module) -> None:
+        if self.val_bar is not None:
+            seconds = time.perf_counter() - self._val_t0
+            self.val_bar.close()
+            self.val_bar = None
+            from tqdm import tqdm
+
+            tqdm.write(f"validation at step {trainer.global_step}: {self._val_images} images in {seconds:.1f} s "
+                       f"({self._val_images / max(seconds, 1e-9):.1f} images/s)", file=sys.stderr)

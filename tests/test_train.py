@@ -1,6 +1,7 @@
 """End-to-end training on tiny shards: stages, init, resume, checkpoints, logging."""
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -340,3 +341,10 @@ def test_resumed_metrics_csv_keeps_earlier_rows_and_drops_the_retrained_ones(tmp
     fresh.log_metrics({"train/loss": 1.0}, step=0)
     fresh.save()
     assert (tmp_path / "new" / "metrics.csv").read_text().splitlines()[0] == "step,train/loss"
+
+
+def test_progress_bars_cover_training_and_validation(tiny_shards, tmp_path, capfd):
+    train(_recipe(tiny_shards, tmp_path / "run", "stages.0.steps=2", "stages.1.steps=1", "trainer.progress=true"))
+    err = capfd.readouterr().err
+    assert "train: 100%" in err and "3/3" in err and "img_s=" in err  # the run's bar: steps, rate, ETA
+    assert "validate:" in err and re.search(r"validation at step 3: 6 images in [0-9.]+ s \([0-9.]+ images/s\)", err)
