@@ -21,7 +21,10 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -191,9 +194,13 @@ def fail(message: str) -> int:
 
 
 def _worker_init() -> None:
-    # The parent handles Ctrl-C (and aborts the writer); workers just get terminated.
+    # The parent handles Ctrl-C (and aborts the writer); workers finish their frame and stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cv2.setNumThreads(1)
+    # A parent killed outright (kill -9) leaves no one to stop the workers: each ends itself.
+    parent = mp.parent_process()
+    if parent is not None:
+        threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
 
 
 def _call(load: Callable, opts: dict, frame: Any) -> tuple[str, Any]:
@@ -249,8 +256,11 @@ def run(
     workers = min(args.workers, len(frames))
     # forkserver, not fork: a forked child inherits OpenCV's thread pool in whatever state the
     # parent left it, and can deadlock on its first cv2 call.
-    pool = mp.get_context("forkserver").Pool(workers, initializer=_worker_init) if workers > 1 else None
-    results = pool.imap(fn, frames, chunksize=1) if pool is not None else map(fn, frames)
+    # An executor, not multiprocessing.Pool: Pool replaces a worker that dies (OOM kill, segfault)
+    # and waits for its frame forever; the executor reports it.
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver"), initializer=_worker_init) \
+        if workers > 1 else None
+    results = pool.map(fn, frames) if pool is not None else map(fn, frames)
     skipped: list[str] = []
     t0 = time.perf_counter()
     bar = tqdm(total=len(frames), desc=name, unit="frame", dynamic_ncols=True, file=sys.stderr,
@@ -275,15 +285,17 @@ def run(
     except _Stop as e:
         bar.close()
         return fail(str(e))
+    except BrokenProcessPool:
+        bar.close()
+        return fail(f"{name}: a conversion worker died (killed, out of memory?); no shards written")
     except KeyboardInterrupt:
         bar.close()
         print(f"interrupted: removed the partial output in {args.out}", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        if pool is not None:  # workers ignore Ctrl-C: pending frames are cancelled, running ones end
+            pool.shutdown(wait=True, cancel_futures=True)
 
     dt = time.perf_counter() - t0
     index = writer.index()

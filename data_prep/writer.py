@@ -9,6 +9,10 @@ index: the folder is left as it was found, and a rerun needs no ``--overwrite``.
 is killed outright (SIGKILL, power loss) can leave complete shards and a stale temporary file
 but never an index.json, so the training side and the checker see the run as incomplete.
 
+With ``overwrite``, the data set already in the folder stays until the new one is complete:
+finished shards wait under hidden names (``.<name>.done``), and only a successful close
+deletes the old shards and index and renames the new ones into place.
+
 ``index.json`` (written atomically on a successful close) is what the training side reads for
 epoch lengths: ``{"schema": 1, "total": N, "shards": [{"name", "samples", "bytes"}, ...]}``.
 """
@@ -71,13 +75,25 @@ def existing_outputs(out_dir: Path) -> list[Path]:
     return found
 
 
+def _replaced_outputs(out_dir: Path, prefix: str) -> list[Path]:
+    """What ``overwrite`` replaces: this prefix's shards, the shards the old index lists, the index."""
+    found = set(out_dir.glob(f"{prefix}-*.tar"))
+    try:
+        found.update(out_dir / s["name"] for s in read_index(out_dir)["shards"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no readable index: only the prefix's shards
+    index = [out_dir / INDEX_NAME] if (out_dir / INDEX_NAME).exists() else []
+    return index + sorted(found)
+
+
 class ShardWriter:
     """Write webdataset samples into rolling, atomically renamed tar shards.
 
     ``max_samples``: samples per shard. ``max_bytes``: a shard is closed before a sample that
     would push it past this size (a single larger sample still gets a shard of its own).
     ``overwrite=False`` refuses (FileExistsError) a folder that already holds ``*.tar`` or
-    index.json; ``overwrite=True`` deletes those first.
+    index.json; ``overwrite=True`` replaces the old data set (``<prefix>-*.tar``, the shards its
+    index.json lists, the index) when the new one closes successfully.
     """
 
     def __init__(
@@ -108,11 +124,11 @@ class ShardWriter:
                 "choose an empty folder or overwrite"
             )
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        for p in old:
-            p.unlink()
+        self._replaces = _replaced_outputs(self.out_dir, prefix) if overwrite else []
         # Temporary files of an earlier killed run are garbage by construction.
-        for p in self.out_dir.glob(f".{prefix}-*.tar.tmp"):
-            p.unlink()
+        for pattern in (f".{prefix}-*.tar.tmp", f".{prefix}-*.tar.done"):
+            for p in self.out_dir.glob(pattern):
+                p.unlink()
         self.shards: list[dict[str, Any]] = []
         self._keys: set[str] = set()
         self._tar: tarfile.TarFile | None = None
@@ -179,7 +195,7 @@ class ShardWriter:
         # Recorded before the rename, so that abort() also removes a shard renamed just before
         # an interrupt arrived.
         self.shards.append({"name": name, "samples": self._count, "bytes": size})
-        os.replace(self._tmp, self.out_dir / name)
+        os.replace(self._tmp, self._finished_path(name))
         _fsync_dir(self.out_dir)
         self._tar = self._file = self._tmp = None
         self._count = 0
@@ -215,9 +231,23 @@ class ShardWriter:
         elif self._tar is not None:
             self._discard_tmp()
         index = self.index()
+        for p in self._replaces:  # the index first: a crash in between leaves an incomplete folder
+            p.unlink(missing_ok=True)
+        if self._deferred:
+            for shard in self.shards:
+                os.replace(self._finished_path(shard["name"]), self.out_dir / shard["name"])
+            _fsync_dir(self.out_dir)
         atomic_write_bytes(self.out_dir / INDEX_NAME, (json.dumps(index, indent=1) + "\n").encode())
         self._closed = True
         return index
+
+    @property
+    def _deferred(self) -> bool:
+        return bool(self._replaces)
+
+    def _finished_path(self, name: str) -> Path:
+        """Where a finished shard waits: its final name, or a hidden one while it replaces a data set."""
+        return self.out_dir / (f".{name}.done" if self._deferred else name)
 
     def index(self) -> dict:
         return {
@@ -240,7 +270,7 @@ class ShardWriter:
         """Remove the temporary shard and the shards finished in this run; write no index."""
         self._discard_tmp()
         for s in self.shards:
-            (self.out_dir / s["name"]).unlink(missing_ok=True)
+            self._finished_path(s["name"]).unlink(missing_ok=True)
         self.shards = []
         self._closed = True
 

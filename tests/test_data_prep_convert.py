@@ -174,6 +174,22 @@ def test_crash_leaves_no_final_shard(tmp_path):
     assert_nothing_final(out)
 
 
+def _dies_on_frame_3(frame, opts):
+    """A load whose worker is killed on one frame, as the OOM killer would."""
+    if frame.params["index"] == 3:
+        os._exit(137)
+    return synthetic.load(frame, opts)
+
+
+def test_a_dead_worker_ends_the_run_in_one_line_instead_of_hanging(tmp_path, capsys):
+    out = tmp_path / "out"
+    frames = synthetic.frames_for(0, 8)
+    assert frames[3].params["index"] == 3
+    rc = convert.run("synthetic", frames, _dies_on_frame_3, OPTS, _args(out, workers=2))
+    assert rc == 2 and "a conversion worker died" in one_line_error(capsys)
+    assert_nothing_final(out)
+
+
 def _start_synthetic(out, frames):
     cmd = [sys.executable, "-m", "data_prep.synthetic", "--out", str(out), "--frames", str(frames),
            "--width", "48", "--height", "24", "--workers", "2", "--shard-size", "2", "--no-progress"]

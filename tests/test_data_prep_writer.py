@@ -116,6 +116,26 @@ def test_overwrite_replaces(tmp_path):
     assert read_index(tmp_path)["total"] == 1
 
 
+def test_failed_overwrite_keeps_the_old_data_set(tmp_path):
+    """The old data set stays usable until the new one is complete; other data sets stay anyway."""
+    with ShardWriter(tmp_path, max_samples=1) as w:
+        for i in range(3):
+            w.write(sample(i))
+    old = {n: (tmp_path / n).read_bytes() for n in tars(tmp_path) + ["index.json"]}
+    (tmp_path / "val-000000.tar").write_bytes(b"another data set")
+    with pytest.raises(RuntimeError, match="bad frame"):
+        with ShardWriter(tmp_path, max_samples=1, overwrite=True) as w:
+            w.write(sample(7))
+            w.write(sample(8))  # one shard finished, waiting under a hidden name
+            assert tars(tmp_path) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "val-000000.tar"]
+            raise RuntimeError("bad frame")
+    assert {n: (tmp_path / n).read_bytes() for n in old} == old and hidden(tmp_path) == []
+    with ShardWriter(tmp_path, max_samples=2, overwrite=True) as w:
+        w.write(sample(9))
+    assert tars(tmp_path) == ["shard-000000.tar", "val-000000.tar"] and hidden(tmp_path) == []
+    assert read_index(tmp_path)["total"] == 1
+
+
 def test_deterministic_bytes(tmp_path):
     for name in ("a", "b"):
         with ShardWriter(tmp_path / name, max_samples=2) as w:

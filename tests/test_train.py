@@ -321,7 +321,6 @@ def test_ddp_strategy_with_one_device_builds_a_single_device_trainer(tiny_shards
 def test_resumed_metrics_csv_keeps_earlier_rows_and_drops_the_retrained_ones(tmp_path):
     """After a kill, rows past the checkpoint's step were logged but their training is lost:
     the resumed run logs those steps again, so only the rows before the checkpoint stay."""
-    import csv
 
     from curriculum.train import _MetricsCSV
 
