@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .schema import FAR_RAW, SampleError, decode_sample
 from .shard_reader import iter_tar_samples
@@ -91,8 +92,9 @@ def read_shard(path: Path, problems: list[str]):
         problem(f"unreadable ({e.strerror or e})")
 
 
-def check_folder(folder: Path, stats: Stats | None = None) -> tuple[list[str], Stats, dict]:
-    """Check every shard in ``folder``; returns (problems, stats, per-shard sample counts)."""
+def check_folder(folder: Path, stats: Stats | None = None, progress: bool = False) -> tuple[list[str], Stats, dict]:
+    """Check every shard in ``folder``; returns (problems, stats, per-shard sample counts).
+    ``progress`` shows samples/s and an ETA on stderr (the total from index.json when readable)."""
     folder = Path(folder)
     stats = stats or Stats()
     problems: list[str] = []
@@ -101,10 +103,17 @@ def check_folder(folder: Path, stats: Stats | None = None) -> tuple[list[str], S
         problems.append(f"{folder}: no *.tar shards")
     counts: dict[str, int] = {}
     keys: dict[str, str] = {}
+    try:
+        expected = read_index(folder)["total"]
+    except (OSError, ValueError, KeyError):
+        expected = None
+    bar = tqdm(total=expected, desc=f"check {folder.name}", unit="sample", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
     for shard in shards:
         n = 0
         for raw in read_shard(shard, problems):
             n += 1
+            bar.update(1)
             key = raw["__key__"]
             if key in keys and keys[key] != shard.name:
                 problems.append(f"{shard.name}: {key}: duplicate key (also in {keys[key]})")
@@ -119,6 +128,7 @@ def check_folder(folder: Path, stats: Stats | None = None) -> tuple[list[str], S
                 continue
             stats.add(dec, "jpg" if "rgb.jpg" in raw else "png")
         counts[shard.name] = n
+    bar.close()
 
     try:
         index = read_index(folder)
@@ -179,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.folder.is_dir():
         print(f"error: {args.folder}: not a folder", file=sys.stderr)
         return 2
-    problems, stats, counts = check_folder(args.folder)
+    problems, stats, counts = check_folder(args.folder, progress=not args.quiet)
     if not args.quiet:
         print(summary_table(args.folder, stats, counts, len(problems)))
     for p in problems:

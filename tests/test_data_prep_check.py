@@ -142,3 +142,12 @@ def test_cli_subprocess(tmp_path):
     (tmp_path / "index.json").unlink()
     r = subprocess.run([sys.executable, "-m", "data_prep.check", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 1
+
+
+def test_progress_on_stderr_unless_quiet(tmp_path, capsys):
+    write(tmp_path, [sample(i) for i in range(3)], max_samples=2)
+    assert check.main([str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "3/3" in err and "sample/s" in err  # against index.json's total: rate and ETA
+    assert check.main([str(tmp_path), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
