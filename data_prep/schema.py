@@ -241,20 +241,22 @@ def _decode_image(data: Any, key: str, what: str, flag: int = cv2.IMREAD_UNCHANG
 
 
 def _decode_jpeg_rgb(data: Any, key: str, what: str) -> np.ndarray:
-    """rgb.jpg -> uint8 RGB. A complete file without EXIF goes through imagecodecs' libjpeg-turbo:
-    the same pixels as OpenCV's decoder, faster with the wheels pinned here (2.3 ms against 2.6 to
-    5.1 ms for a 1242x375 frame on one core, over two measurements). Everything else is left to
-    OpenCV, which turns an EXIF orientation, refuses a truncated file (libjpeg would fill it with
+    """rgb.jpg -> uint8 RGB, as stored: an EXIF orientation is ignored, because the pixels must
+    line up with depth.png on the stored grid (the converters check sizes on that grid, and a
+    rotation would misalign the two or fail the size check). A complete file goes through
+    imagecodecs' libjpeg-turbo: the same pixels as OpenCV's decoder, faster with the wheels pinned
+    here (2.3 ms against 2.6 to 5.1 ms for a 1242x375 frame on one core, over two measurements).
+    Everything else is left to OpenCV, which refuses a truncated file (libjpeg would fill it with
     grey) and converts what libjpeg-turbo will not (CMYK, 12-bit)."""
     buf = _require_bytes(data, key, what)
-    if buf.endswith(b"\xff\xd9") and buf.find(b"Exif\x00\x00", 0, 1 << 16) < 0:
+    if buf.endswith(b"\xff\xd9"):
         try:
             img = imagecodecs.jpeg8_decode(buf, outcolorspace="RGB")
             if img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3:
                 return img
         except Exception:  # Jpeg8Error and friends: OpenCV decides below and names the failure
             pass
-    return _decode_image(buf, key, what, _JPEG_RGB_FLAG)  # callers check that OpenCV has the flag
+    return _decode_image(buf, key, what, _JPEG_RGB_FLAG | cv2.IMREAD_IGNORE_ORIENTATION)  # callers check the flag
 
 
 def _decode_mask_png(data: Any, key: str, what: str) -> np.ndarray:

@@ -227,17 +227,21 @@ def _exif_orientation_6(jpg: bytes) -> bytes:
 
 def test_jpeg_decode_matches_opencv_on_real_frames(fixtures_dir):
     """rgb.jpg: the fast decoder gives OpenCV's pixels exactly (real KITTI frames, grey too); an
-    EXIF-rotated file is still turned as OpenCV turns it; a truncated one is refused."""
+    EXIF orientation is ignored, as the converters ignore it (the pixels stay on depth's grid);
+    a truncated file is refused."""
     frames = sorted((fixtures_dir / "kitti").glob("rgb_*.png"))
     assert frames
     for path in frames:
         bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
         for img in (bgr, cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)):
             jpg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+            want = cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR_RGB)
             for data in (jpg, _exif_orientation_6(jpg)):
-                want = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
                 got = schema._decode_jpeg_rgb(data, "k", "rgb.jpg")
                 assert got.dtype == np.uint8 and got.shape == want.shape and np.array_equal(got, want), path
-            assert got.shape[:2] == img.shape[1::-1]  # the EXIF variant came out rotated
+            assert got.shape[:2] == img.shape[:2]  # the EXIF variant is not rotated
+            exif_by_opencv = schema._decode_image(_exif_orientation_6(jpg), "k", "rgb.jpg",
+                                                  cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+            assert np.array_equal(exif_by_opencv, want)  # the fallback decoder agrees
             with pytest.raises(SampleError, match="k: rgb.jpg cannot be decoded"):
                 schema._decode_jpeg_rgb(jpg[: len(jpg) // 2], "k", "rgb.jpg")
