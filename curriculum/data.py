@@ -9,7 +9,9 @@ Design, against the traps of webdataset under DDP (see PITFALLS.md 1-9):
 - The data of a batch is a pure function of (seed, epoch, rank, batch index): augmentations draw
   from a per-sample generator. A resumed run skips the batches already trained on (without
   decoding them) and sees the same batches an uninterrupted run would, provided `num_workers` and
-  the world size are unchanged.
+  the world size are unchanged. Known limit: the skip counts samples, not decodes, so each sample
+  of the epoch so far that failed to decode shifts its reader's stream by one sample after a
+  resume (the run stays correct; the order differs from the uninterrupted run's).
 - Validation: shards are split over all readers; every image is read by exactly one reader.
 - 16-bit depth is decoded by `data_prep.schema.decode_sample`, never by webdataset's decoders.
 - Bad samples (truncated tars, missing members, undecodable files) are skipped and counted once
