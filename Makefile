@@ -18,7 +18,7 @@ help:
 	@echo "make compare   baseline vs curriculum report"
 	@echo "make bench     training-step and data-pipeline benchmarks"
 
-# torch and torchvision first, pinned: an unpinned resolve may pull multi-GB builds.
+# torch and torchvision first, pinned to the tested pair: an unpinned resolve may pull other multi-GB builds.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -41,6 +41,9 @@ $(DATA)/val/index.json: | $(STAMP)
 
 data: $(DATA)/train/index.json $(DATA)/val/index.json
 
+# The recipes train on data/synthetic; DATA=... points the targets below at another generated set.
+DATA_ARGS := 'data.train_shards=$(DATA)/train/*.tar' 'data.val_shards=$(DATA)/val/*.tar'
+
 smoke: $(STAMP)
 	$(PY) -m curriculum.smoke --out $(RUNS)/smoke
 
@@ -50,9 +53,9 @@ DEMO_FINETUNE_STEPS ?= 400
 DEMO := $(RUNS)/demo
 
 demo: data
-	$(CLI) train recipes/pretrain.yaml recipes/demo.yaml run.name=demo-pretrain run.out_dir=$(DEMO)/pretrain \
+	$(CLI) train recipes/pretrain.yaml recipes/demo.yaml $(DATA_ARGS) run.name=demo-pretrain run.out_dir=$(DEMO)/pretrain \
 		logging.group=demo stages.0.steps=$(DEMO_PRETRAIN_STEPS)
-	$(CLI) train recipes/finetune.yaml recipes/demo.yaml run.name=demo-finetune run.out_dir=$(DEMO)/finetune \
+	$(CLI) train recipes/finetune.yaml recipes/demo.yaml $(DATA_ARGS) run.name=demo-finetune run.out_dir=$(DEMO)/finetune \
 		logging.group=demo stages.0.steps=$(DEMO_FINETUNE_STEPS) init_from=$(DEMO)/pretrain/checkpoints/last.ckpt
 	$(CLI) eval --checkpoint $(DEMO)/pretrain/checkpoints/last.ckpt --shards '$(DATA)/val/*.tar' \
 		--protocol synthetic --out $(DEMO)/eval-pretrain.json
@@ -69,13 +72,13 @@ demo: data
 INIT ?= $(RUNS)/pretrain/checkpoints/last.ckpt
 
 pretrain: data
-	$(CLI) train recipes/pretrain.yaml $(RECIPE_ARGS)
+	$(CLI) train recipes/pretrain.yaml $(DATA_ARGS) $(RECIPE_ARGS)
 
 finetune: data
-	$(CLI) train recipes/finetune.yaml init_from=$(INIT) $(RECIPE_ARGS)
+	$(CLI) train recipes/finetune.yaml init_from=$(INIT) $(DATA_ARGS) $(RECIPE_ARGS)
 
 curriculum: data
-	$(CLI) train recipes/curriculum.yaml $(RECIPE_ARGS)
+	$(CLI) train recipes/curriculum.yaml $(DATA_ARGS) $(RECIPE_ARGS)
 
 compare: data
 	$(CLI) compare recipes/compare.yaml $(RECIPE_ARGS)

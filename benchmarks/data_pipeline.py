@@ -55,7 +55,7 @@ from data_prep.schema import PNG_PARAMS, depth_to_raw, encode_sample, make_key  
 from data_prep.writer import ShardWriter  # noqa: E402
 
 CACHE_VERSION = 2  # 2: PNG filters of data_prep.schema.PNG_PARAMS
-TARGET_RATIO = 5.0  # issue 7: ours per core >= 5x the reference per core
+TARGET_RATIO = 5.0  # the target: ours per core >= 5x the reference per core
 DEPTH_SCALE = 0.01  # vKITTI2: centimetres, 65535 = far clip
 JPEG_QUALITY = 95
 
