@@ -64,6 +64,7 @@ demo: data
 	@echo
 	@echo "demo results in $(DEMO):"
 	@echo "  eval-finetune.json / eval-pretrain.json   metrics per range, sky, phantom rate"
+	@echo "  eval-*.png, eval-*_examples.png           the same as bar charts, and depth panels"
 	@echo "  */checkpoints/last.ckpt                   checkpoints (with recipe and stage metadata)"
 	@echo "  */panels/*.png                            rgb | ground truth | prediction | error panels"
 	@echo "  */metrics.csv, */wandb/                   training curves (W&B offline unless an API key is set)"

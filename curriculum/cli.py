@@ -44,7 +44,8 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--shards", required=True, help="brace pattern or glob of validation shards")
     p.add_argument("--protocol", default="synthetic", choices=PROTOCOLS)
-    p.add_argument("--out", help="write the report as JSON here")
+    p.add_argument("--out", help="write the report as JSON here, with its figures beside it (<name>.png: "
+                   "abs_rel per range and phantom rates; <name>_examples.png: depth panels)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--height", type=int, help="network input height (default: the checkpoint's recipe)")
     p.add_argument("--width", type=int)
@@ -59,18 +60,19 @@ def _eval(argv: list[str]) -> int:
     if args.out and os.path.isdir(args.out):
         raise ValueError(f"--out {args.out}: is a folder, give a file name for the JSON report")
     from curriculum.checkpoint import load_model
-    from curriculum.evaluate import evaluate, format_table, write_json
+    from curriculum.evaluate import evaluate, format_table, save_figures, write_json
 
     model, meta = load_model(args.checkpoint)
     if args.max_depth is not None and args.max_depth != meta["model"]["max_depth"]:
         raise ValueError(f"--max-depth {args.max_depth:g} conflicts with the checkpoint's range "
                          f"{meta['model']['max_depth']:g} m ({args.checkpoint}); drop the flag")
     report = evaluate(args.checkpoint, args.shards, args.protocol, args.batch_size, args.height, args.width,
-                      max_images=args.max_images, model=model, meta=meta)
+                      max_images=args.max_images, model=model, meta=meta, examples=4 if args.out else 0)
     print(format_table(report))
     if args.out:
         write_json(report, args.out)
-        print(f"report written to {args.out}")
+        figures = save_figures(report, os.path.splitext(args.out)[0])
+        print(f"report written to {args.out}; figures: {', '.join(figures)}")
     return 0
 
 

@@ -6,6 +6,7 @@ import math
 import os
 import time
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,9 @@ def protocol_text(protocol: str, min_depth: float, max_depth: float) -> str:
 @torch.no_grad()
 def evaluate(checkpoint: str, shards: str, protocol: str = "synthetic", batch_size: int = 4,
              height: int | None = None, width: int | None = None, device: str | None = None,
-             max_images: int = 0, model=None, meta=None, progress: bool = True) -> dict:
+             max_images: int = 0, model=None, meta=None, progress: bool = True, examples: int = 0) -> dict:
+    """Metrics of a checkpoint over the shards. ``examples`` > 0 also keeps that many depth panels
+    (rgb | ground truth | prediction | error) under ``report["examples"]`` for ``save_figures``."""
     if model is None:
         model, meta = load_model(checkpoint)
     data_cfg = meta.get("recipe", {}).get("data", {})
@@ -42,7 +45,7 @@ def evaluate(checkpoint: str, shards: str, protocol: str = "synthetic", batch_si
     model = model.to(device).eval()
     stream = ValStream(expand_shards(shards), 0, 1, batch_size, height, width, max_images=max_images)
     acc = MetricAccumulator(min_depth=1e-3, max_depth=EVAL_MAX_DEPTH)
-    start, n, bad, stretched = time.perf_counter(), 0, 0, set()
+    start, n, bad, stretched, panels = time.perf_counter(), 0, 0, set(), []
     bar = tqdm(stream, desc="eval", unit="batch", disable=not progress)
     for batch in bar:
         bad += int(batch["bad_samples"])
@@ -56,6 +59,8 @@ def evaluate(checkpoint: str, shards: str, protocol: str = "synthetic", batch_si
             p = F.interpolate(pred[i][None, None], size=(h, w), mode="bilinear", align_corners=False)[0]
             valid = batch["valid"][i : i + 1, :h, :w] & eval_crop(h, w, protocol)[None]
             acc.update(p, batch["depth"][i : i + 1, :h, :w], batch["sky"][i : i + 1, :h, :w], valid)
+            if len(panels) < examples:
+                panels.append(_panel(batch, i, p[0], valid[0]))
             n += 1
         bar.set_postfix(img_per_s=f"{n / (time.perf_counter() - start):.1f}")
     if n == 0:
@@ -71,7 +76,56 @@ def evaluate(checkpoint: str, shards: str, protocol: str = "synthetic", batch_si
         "input_size": [height, width],
         "bad_samples": bad,
         "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results.items()},
+        **({"examples": panels} if examples else {}),
     }
+
+
+PANEL_VMAX = 700.0  # metres at the top of the colour scale: the sky's 655 m stays visible
+
+
+def _panel(batch: dict, i: int, pred: torch.Tensor, valid: torch.Tensor):
+    """rgb | ground truth (sky at its far value) | prediction | error of image ``i`` at its own size."""
+    from curriculum.viz import depth_panel
+
+    h, w = pred.shape
+    gt = batch["depth"][i, :h, :w].clone()
+    gt[batch["sky"][i, :h, :w]] = float("inf")
+    rgb = batch["image"][i].permute(1, 2, 0).numpy()
+    return depth_panel(rgb, gt.numpy(), pred.numpy(), vmin=1.0, vmax=PANEL_VMAX, valid=valid.numpy())
+
+
+def save_figures(report: dict, stem: str | os.PathLike) -> list[str]:
+    """``<stem>.png``: abs_rel per depth range and the phantom rates as bar charts; and
+    ``<stem>_examples.png``: the report's depth panels, one per row (when it kept any)."""
+    import numpy as np
+
+    from matplotlib.figure import Figure
+
+    from curriculum.viz import save_figure, save_image
+
+    m, stem = report["metrics"], str(stem)
+    fig = Figure(figsize=(10.0, 3.8), dpi=100, layout="constrained")
+    fig.suptitle(f"{Path(report['checkpoint']).name} on {int(m.get('images') or 0)} images ({report['protocol']})")
+    charts = (("abs_rel per range", [(label.strip(), m.get(f"{g}/abs_rel")) for label, g in GROUPS]),
+              ("phantom rate (far and sky pixels predicted within 80 m)",
+               [("all", m.get("phantom_rate")), ("far", m.get("far/phantom_rate")), ("sky", m.get("sky/phantom_rate"))]))
+    for k, (title, bars) in enumerate(charts):
+        ax = fig.add_subplot(1, 2, k + 1)
+        values = [np.nan if v is None else float(v) for _, v in bars]
+        ax.bar(range(len(bars)), values, color="C0" if k == 0 else "C3")
+        ax.set_xticks(range(len(bars)), [label for label, _ in bars], fontsize="small")
+        for x, v in enumerate(values):
+            ax.annotate("n/a" if not np.isfinite(v) else f"{v:.3f}", (x, 0 if not np.isfinite(v) else v),
+                        ha="center", va="bottom", fontsize="small")
+        ax.set_title(title, fontsize="medium")
+        ax.grid(axis="y", alpha=0.3)
+    written = [save_figure(fig, f"{stem}.png")]
+    panels = report.get("examples") or []
+    if panels:
+        width = max(p.shape[1] for p in panels)
+        rows = [np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0)), constant_values=255) for p in panels]
+        written.append(save_image(np.concatenate(rows, axis=0), f"{stem}_examples.png"))
+    return [str(p) for p in written]
 
 
 def _fmt(v) -> str:
@@ -94,4 +148,4 @@ def format_table(report: dict) -> str:
 
 
 def write_json(report: dict, path: str | os.PathLike) -> None:
-    atomic_write_text(path, json.dumps(report, indent=2))
+    atomic_write_text(path, json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=2))

@@ -415,7 +415,14 @@ def test_cli_eval_of_a_constant_depth_checkpoint(tmp_path, capsys):
     abs_rel = ((n1 * 2 / 18 + n2 * 10 / 30) / (n1 + n2) + (n1 * 1.0 + n2 * 0.6) / (n1 + n2)) / 2
     assert m["near/abs_rel"] == pytest.approx(abs_rel, rel=1e-4)
     assert m["phantom_rate"] == 1.0  # 20 m everywhere: every sky and far pixel lands within 80 m
-    assert "phantom rate" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "phantom rate" in out and "figures:" in out
+    # the same results as pictures: bars per range and phantom rates, and a panel per image
+    bars = np.asarray(Image.open(tmp_path / "e.png"))
+    assert bars.ndim == 3 and bars.shape[0] > 100
+    examples = np.asarray(Image.open(tmp_path / "e_examples.png"))
+    assert examples.shape == (2 * H, 4 * W, 3)  # rgb | ground truth | prediction | error, one row per frame
+    assert "examples" not in json.loads((tmp_path / "e.json").read_text())
 
 
 def test_far_target_taught_along_the_lineage():
