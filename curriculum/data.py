@@ -268,15 +268,10 @@ def collate_train_crops(samples: list[dict], buffers: WorkerBuffers | None = Non
     return out
 
 
-def nearest_index(n_in: int, n_out: int) -> np.ndarray:
-    """Source index of each output pixel as OpenCV's INTER_NEAREST computes it (in float64), so
-    a device-side gather picks exactly the pixels ``cv2.resize`` picks."""
-    return np.minimum(np.floor(np.arange(n_out) * (1.0 / (n_out / n_in))).astype(np.int64), n_in - 1)
-
-
 @functools.lru_cache(maxsize=64)
 def _nearest_index_on(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
-    """``nearest_index`` computed on the device (the same float64 products, so the same indices):
+    """Source index of each output pixel as OpenCV's INTER_NEAREST computes it (the same float64
+    products), so a gather picks exactly the pixels ``cv2.resize`` picks. Computed on the device:
     scale jitter gives more crop sizes than the cache holds, and copying each miss's indices
     from the host would wait for the device's queue."""
     src = torch.arange(n_out, dtype=torch.float64, device=device) * (1.0 / (n_out / n_in))

@@ -9,7 +9,6 @@ are excluded whatever their weight.
 
 from __future__ import annotations
 
-from typing import Mapping
 
 import torch
 
@@ -157,8 +156,3 @@ def compute_loss(
         total = total + nll_weight * nll + _graph_zero(prediction.uncertainty)
         parts["nll"] = nll.detach()
     return {"loss": total, **parts}
-
-
-def loss_components(losses: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Plain floats of a ``compute_loss`` result (for logging)."""
-    return {k: float(v.detach()) for k, v in losses.items()}

@@ -291,6 +291,8 @@ def decode_sample(sample: dict, metres: bool = True) -> dict:
     validate_meta(meta, key)
     w, h = meta["width"], meta["height"]
 
+    if _get(sample, "rgb.jpg") is not None and _get(sample, "rgb.png") is not None:
+        raise SampleError(f"{key}: holds both rgb.jpg and rgb.png; a sample has one image")
     rgb_name = "rgb.jpg" if _get(sample, "rgb.jpg") is not None else "rgb.png"
     rgb_b = _get(sample, rgb_name)
     if rgb_b is None:

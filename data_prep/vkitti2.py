@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import re
 import sys
 from pathlib import Path
@@ -55,6 +56,8 @@ def read_intrinsics(path: Path) -> dict[tuple[int, int], tuple[float, float, flo
             fx, fy, cx, cy = (float(v) for v in row[2:6])
         except (ValueError, IndexError):
             raise bad(path, f"line {n}: cannot parse {' '.join(row)!r}") from None
+        if not all(math.isfinite(v) and v > 0 for v in (fx, fy, cx, cy)):
+            raise bad(path, f"line {n}: intrinsics must be finite and positive, got {' '.join(row[2:6])}")
         out[(frame, cam)] = (fx, fy, cx, cy)
     return out
 

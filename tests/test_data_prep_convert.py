@@ -98,13 +98,18 @@ def test_size_mismatch_named(tmp_path, capsys):
     assert_nothing_final(tmp_path / "out")
 
 
-@pytest.mark.parametrize("damage", ["no file", "no row"])
+@pytest.mark.parametrize("damage", ["no file", "no row", "zero focal length"])
 def test_missing_intrinsics_named(tmp_path, capsys, damage):
     root = layouts.vkitti2_tree(tmp_path / "src", scenes=("Scene01",), variations=("clone",), n_frames=2)
     p = root / "Scene01/clone/intrinsic.txt"
     if damage == "no file":
         p.unlink()
         expected = f"error: {p}: missing intrinsics file"
+    elif damage == "zero focal length":
+        lines = p.read_text().splitlines()
+        lines[1] = " ".join(lines[1].split()[:2] + ["0"] + lines[1].split()[3:])
+        p.write_text("\n".join(lines) + "\n")
+        expected = f"error: {p}: line 2: intrinsics must be finite and positive"
     else:
         p.write_text("\n".join(p.read_text().splitlines()[:2]) + "\n")  # header + frame 0 camera 0
         expected = f"error: {p}: no intrinsics for frame 1 camera 0"

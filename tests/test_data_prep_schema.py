@@ -245,3 +245,14 @@ def test_jpeg_decode_matches_opencv_on_real_frames(fixtures_dir):
             assert np.array_equal(exif_by_opencv, want)  # the fallback decoder agrees
             with pytest.raises(SampleError, match="k: rgb.jpg cannot be decoded"):
                 schema._decode_jpeg_rgb(jpg[: len(jpg) // 2], "k", "rgb.jpg")
+
+
+def test_a_sample_with_two_images_is_refused():
+    raw = np.full((4, 6), 1000, np.uint16)
+    rgb = np.zeros((4, 6, 3), np.uint8)
+    meta = {"schema": 1, "source": "t", "scene": "s", "frame": 0, "width": 6, "height": 4,
+            "fx": 5.0, "fy": 5.0, "cx": 3.0, "cy": 2.0, "depth_scale": 0.01}
+    sample = encode_sample("k", rgb, raw, meta, rgb_format="png")
+    sample["rgb.jpg"] = cv2.imencode(".jpg", rgb)[1].tobytes()
+    with pytest.raises(SampleError, match="k: holds both rgb.jpg and rgb.png"):
+        decode_sample(sample)
