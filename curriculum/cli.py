@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)}; --help lists them)",
               file=sys.stderr)
         return 2
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from curriculum.checkpoint import CheckpointError
     from curriculum.config import RecipeError
     from curriculum.data import DataError
@@ -177,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[argv[0]](argv[1:])
     except (RecipeError, DataError, CheckpointError, SetupError, NonFiniteError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except MisconfigurationException as exc:  # Lightning's refusal of a trainer setting the recipe check let through
+        print(f"error: trainer: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
 
 

@@ -328,6 +328,8 @@ def validate(cfg: DictConfig) -> None:
     for key in ("log_every_steps", "max_nonfinite_steps", "num_nodes"):
         if cfg.trainer[key] < 1:
             raise RecipeError(f"trainer.{key}: must be >= 1, got {cfg.trainer[key]}")
+    if cfg.trainer.accelerator not in ("auto", "cpu", "gpu", "cuda"):
+        raise RecipeError(f"trainer.accelerator: '{cfg.trainer.accelerator}' is not one of auto, cpu, gpu, cuda")
     _check_devices(cfg.trainer.devices)
     if cfg.trainer.precision not in PRECISIONS:
         raise RecipeError(f"trainer.precision: '{cfg.trainer.precision}' is not supported (choose from "

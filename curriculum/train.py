@@ -191,6 +191,8 @@ def train(cfg: DictConfig) -> dict:
     recipe = to_plain(cfg)
     out_dir = Path(recipe["run"]["out_dir"])
     _check_writable(out_dir)
+    if recipe["trainer"]["accelerator"] in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise SetupError(f"trainer.accelerator={recipe['trainer']['accelerator']}, but no CUDA device is visible")
     datamodule = DepthDataModule(recipe["data"], recipe["run"]["seed"])  # shard checks before heavy work
     pl.seed_everything(recipe["run"]["seed"], workers=True, verbose=False)
     module = DepthModule(recipe)

@@ -104,6 +104,7 @@ def test_semantic_checks():
 @pytest.mark.parametrize("override,message", [
     ("trainer.devices=two", "trainer.devices: 'two' is not a device count"),
     ("trainer.devices=0", "trainer.devices: 0 is not a device count"),
+    ("trainer.accelerator=tpu", "trainer.accelerator: 'tpu' is not one of auto, cpu, gpu, cuda"),
     ("trainer.ckpt_every_steps=-1", "trainer.ckpt_every_steps: must be >= 0"),
     ("trainer.val_every_steps=-2", "trainer.val_every_steps: must be >= 0"),
     ("trainer.max_nonfinite_steps=0", "trainer.max_nonfinite_steps: must be >= 1"),

@@ -162,6 +162,8 @@ def test_cli_train_and_eval(tiny_shards, tmp_path, capsys):
 @pytest.mark.parametrize("args,needle", [
     (["stages.0.steps=1", "data.batch_sise=2"], "data.batch_size"),
     (["data.train_shards=/nonexistent/*.tar"], "matches no shard"),
+    pytest.param(["trainer.accelerator=gpu"], "no CUDA device is visible",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
 ])
 def test_cli_errors_are_one_line(tiny_shards, tmp_path, capsys, args, needle):
     train_dir, val_dir, _, _ = tiny_shards
