@@ -82,7 +82,8 @@ curriculum: data
 	$(CLI) train recipes/curriculum.yaml $(DATA_ARGS) $(RECIPE_ARGS)
 
 compare: data
-	$(CLI) compare recipes/compare.yaml $(RECIPE_ARGS)
+	$(CLI) compare recipes/compare.yaml 'train.data.train_shards=$(DATA)/train/*.tar' \
+		'train.data.val_shards=$(DATA)/val/*.tar' $(RECIPE_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_step.py

@@ -134,5 +134,6 @@ class StepProgressBar(pl.callbacks.ProgressBar):
             self.val_bar = None
             from tqdm import tqdm
 
-            tqdm.write(f"validation at step {trainer.global_step}: {self._val_images} images in {seconds:.1f} s "
+            ranks = f" on rank 0 of {trainer.world_size}" if trainer.world_size > 1 else ""
+            tqdm.write(f"validation at step {trainer.global_step}: {self._val_images} images{ranks} in {seconds:.1f} s "
                        f"({self._val_images / max(seconds, 1e-9):.1f} images/s)", file=sys.stderr)

@@ -57,8 +57,8 @@ def _eval(argv: list[str]) -> int:
         if value is not None and (value < lowest or (flag in ("--height", "--width") and value % 14)):
             raise ValueError(f"{flag} {value}: must be " + ("a positive multiple of 14 (the patch size)"
                              if flag in ("--height", "--width") else f"at least {lowest}"))
-    if args.out and os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out}: is a folder, give a file name for the JSON report")
+    if args.out and (os.path.isdir(args.out) or not args.out.endswith(".json")):
+        raise ValueError(f"--out {args.out}: give a .json file name (the figures are written beside it)")
     from curriculum.checkpoint import load_model
     from curriculum.evaluate import evaluate, format_table, save_figures, write_json
 

@@ -281,7 +281,7 @@ def load_recipe(files: list[str | Path], overrides: list[str] | tuple[str, ...] 
 # torch.compile modes a training step can use; the CUDA-graph modes are left out (the optimizer
 # step and the host-side loop run outside the compiled step).
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-PRECISIONS = ("32-true", "32", "bf16-mixed")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16")  # "bf16" is Lightning's name for bf16-mixed
 
 
 def validate(cfg: DictConfig) -> None:
@@ -332,8 +332,10 @@ def validate(cfg: DictConfig) -> None:
         raise RecipeError(f"trainer.accelerator: '{cfg.trainer.accelerator}' is not one of auto, cpu, gpu, cuda")
     _check_devices(cfg.trainer.devices)
     if cfg.trainer.precision not in PRECISIONS:
+        why = ("fp16 needs loss scaling, which fights the non-finite step skip" if str(cfg.trainer.precision).startswith("16")
+               else "the loss and the final activation are kept in fp32 under mixed precision only")
         raise RecipeError(f"trainer.precision: '{cfg.trainer.precision}' is not supported (choose from "
-                          f"{', '.join(PRECISIONS)}; fp16's loss scaling would fight the non-finite step skip)")
+                          f"{', '.join(PRECISIONS)}; {why})")
     if not cfg.optim.lr > 0 or not cfg.optim.head_lr_mult > 0:
         raise RecipeError(f"optim.lr and optim.head_lr_mult: must be positive, got {cfg.optim.lr}, {cfg.optim.head_lr_mult}")
     for key in ("warmup_steps", "weight_decay", "grad_clip"):
@@ -359,7 +361,8 @@ def _check_devices(devices: Any) -> None:
     elif isinstance(devices, int):
         ok = devices >= 1 or devices == -1
     elif isinstance(devices, str):  # "2" is a count, "0,1" or "1," are indices
-        ok = devices in ("auto", "-1") or (re.fullmatch(r"\d+(,\d+)*,?", devices) is not None and devices != "0")
+        compact = devices.replace(" ", "")
+        ok = compact in ("auto", "-1") or (re.fullmatch(r"\d+(,\d+)*,?", compact) is not None and compact != "0")
     else:
         ok = OmegaConf.is_list(devices) and len(devices) > 0 and all(isinstance(d, int) and d >= 0 for d in devices)
     if not ok:

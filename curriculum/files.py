@@ -41,6 +41,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read without changing it where Linux allows (setting it to read it
+    would open a window in which another thread's files get permissive modes)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -10,41 +10,50 @@ Samples before it are complete and are kept.
 from __future__ import annotations
 
 import tarfile
+import re
 from typing import BinaryIO, Callable, Iterator
 
 END_MARKER = bytes(2 * tarfile.BLOCKSIZE)
+# A member "<folder/>key.ext": the key is everything up to the first dot of the file name, folder
+# included; the extension is lower-cased (webdataset's base_plus_ext and group_by_keys).
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
 class _Tracked:
     """A read-only stream that counts the bytes read and keeps the most recent ones, so the
     end-of-archive marker after the last member can be checked without seeking (pipes)."""
 
+    # tarfile reads ahead by at most a record; the marker starts within the last record read
+    KEEP = 2 * tarfile.RECORDSIZE
+
     def __init__(self, raw: BinaryIO):
         self.raw = raw
         self.pos = 0
-        self.last = self.before = b""  # the two most recent reads, kept by reference (no copies)
+        self.recent = bytearray()  # the stream's last bytes (at least KEEP of them, once read)
 
     def read(self, size: int = -1) -> bytes:
         data = self.raw.read(size)
         if data:
             self.pos += len(data)
-            self.before, self.last = self.last, data
+            self.recent += data
+            if len(self.recent) > 4 * self.KEEP:  # trimmed now and then: amortised copying
+                del self.recent[:-self.KEEP]
         return data
 
     def bytes_at(self, offset: int, size: int) -> bytes:
         """``size`` bytes from ``offset`` on, reading on if needed; short at the end of the stream.
-        ``offset`` must lie within the two most recent reads (tarfile reads whole records)."""
+        ``offset`` must lie within the last KEEP bytes read, whatever size the reads returned."""
         while self.pos < offset + size:
             if not self.read(offset + size - self.pos):
                 break
-        recent = self.before + self.last
-        start = offset - (self.pos - len(recent))
-        return recent[start:start + size] if start >= 0 else b""
+        start = offset - (self.pos - len(self.recent))
+        return bytes(self.recent[start:start + size]) if start >= 0 else b""
 
 
 def iter_tar_samples(stream: BinaryIO, url: str, problem: Callable[[str], None]) -> Iterator[dict]:
     """Samples of one tar stream as ``{"__key__", "__url__", <ext>: bytes, ...}``, grouped by
-    consecutive key (the part of a member's file name before its first dot, as webdataset does).
+    consecutive key (a member's path up to the first dot of its file name; the extension
+    lower-cased, as webdataset does).
     ``problem`` gets one message per defect: a member without an extension (skipped), a repeated
     member (its sample dropped), a read error or a missing end-of-archive marker (the last sample
     dropped)."""
@@ -56,11 +65,11 @@ def iter_tar_samples(stream: BinaryIO, url: str, problem: Callable[[str], None])
             for info in tar:
                 if not info.isfile():
                     continue
-                base = info.name.rsplit("/", 1)[-1]
-                if "." not in base:
+                match = _KEY_EXT.match(info.name)
+                if match is None:
                     problem(f"member {info.name!r} has no extension")
                     continue
-                key, ext = base.split(".", 1)
+                key, ext = match.group(1), match.group(2).lower()
                 member = tar.extractfile(info)
                 data = member.read() if member is not None else b""
                 if len(data) != info.size:

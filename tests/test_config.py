@@ -124,9 +124,14 @@ def test_bad_values_are_one_line_errors_naming_the_key(override, message):
     assert message in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)
 
 
-@pytest.mark.parametrize("devices", ["2", "auto", "-1", "0,1", "[0, 1]", "1"])
+@pytest.mark.parametrize("devices", ["2", "auto", "-1", "0,1", "'0, 1'", "[0, 1]", "1"])
 def test_lightning_device_forms_load(devices):
     assert load_recipe([RECIPES_DIR / "pretrain.yaml"], [f"trainer.devices={devices}"])
+
+
+@pytest.mark.parametrize("precision", ["32-true", "32", "bf16-mixed", "bf16"])
+def test_supported_precisions_load(precision):
+    assert load_recipe([RECIPES_DIR / "pretrain.yaml"], [f"trainer.precision={precision}"])
 
 
 def test_missing_recipe_file_and_bad_yaml(tmp_path):

@@ -449,7 +449,8 @@ def _umask() -> int:
     (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
     (["--max-images", "-1"], "--max-images -1: must be at least 0"),
     (["--height", "100"], "--height 100: must be a positive multiple of 14"),
-    (["--out", "{tmp}"], "is a folder, give a file name"),
+    (["--out", "{tmp}"], "give a .json file name"),
+    (["--out", "{tmp}/report.png"], "give a .json file name"),  # the figure would overwrite it
     (["--shards", "{tmp}/junk.tar"], "no image evaluated"),
 ])
 def test_eval_refuses_bad_arguments_and_empty_sets_in_one_line(tmp_path, capsys, args, needle):

@@ -73,15 +73,50 @@ def test_short_or_empty_file(tmp_path, cut):
     assert samples == [] and len(problems) == 1 and "truncated" in problems[0]
 
 
-def test_repeated_member_drops_its_sample(tmp_path):
+class _Trickle(io.RawIOBase):
+    """A stream whose reads return at most ``n`` bytes, as a raw pipe or a socket may."""
+
+    def __init__(self, data: bytes, n: int):
+        self.data, self.n, self.pos = data, n, 0
+
+    def readable(self):
+        return True
+
+    def read(self, size=-1):
+        size = self.n if size is None or size < 0 else min(size, self.n)
+        out = self.data[self.pos:self.pos + size]
+        self.pos += len(out)
+        return out
+
+
+@pytest.mark.parametrize("chunk", [1, 100, 511, 904, 10240, 1 << 20])
+def test_short_reads_still_find_the_end_of_archive_marker(tmp_path, chunk):
+    data = _shard(tmp_path).read_bytes()
+    problems: list[str] = []
+    samples = list(iter_tar_samples(_Trickle(data, chunk), "pipe", problems.append))
+    assert problems == [] and len(samples) == 3
+
+
+def _tar(path: Path, names: list[str]) -> Path:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name in ["a.meta.json", "a.meta.json", "b.meta.json", "noext"]:
+        for name in names:
             info = tarfile.TarInfo(name)
             info.size = 2
             tar.addfile(info, io.BytesIO(b"{}"))
-    path = tmp_path / "t.tar"
     path.write_bytes(buf.getvalue())
-    samples, problems = _read(path)
+    return path
+
+
+def test_keys_keep_their_folder_and_extensions_are_lower_cased(tmp_path):
+    """As webdataset groups them: a/0001 and b/0001 are two samples; RGB.JPG is rgb.jpg."""
+    samples, problems = _read(_tar(tmp_path / "t.tar", ["a/0001.meta.json", "a/0001.RGB.JPG",
+                                                        "b/0001.meta.json", "b/0001.rgb.jpg"]))
+    assert problems == [] and [s["__key__"] for s in samples] == ["a/0001", "b/0001"]
+    assert all(sorted(k for k in s if not k.startswith("__")) == ["meta.json", "rgb.jpg"] for s in samples)
+
+
+def test_repeated_member_drops_its_sample(tmp_path):
+    samples, problems = _read(_tar(tmp_path / "t.tar", ["a.meta.json", "a.meta.json", "b.meta.json", "noext"]))
     assert [s["__key__"] for s in samples] == ["b"]
     assert problems == ["a: member meta.json repeated", "member 'noext' has no extension"]
