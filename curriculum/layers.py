@@ -24,7 +24,11 @@ def interp_matrix(n_in: int, n_out: int, device=None, dtype=torch.float32) -> to
     """(n_out, n_in) weights of 1-D linear interpolation with ``align_corners=True``.
 
     Source positions and weights are computed in fp32 exactly as PyTorch's CUDA and CPU
-    kernels do (``scale = (n_in - 1) / (n_out - 1)``, ``src = scale * dst``).
+    kernels do (``scale = (n_in - 1) / (n_out - 1)``, ``src = scale * dst``). In a half-precision
+    ``dtype`` each row still sums to exactly 1: the larger of its two weights is rounded and the
+    smaller is its exact complement (a multiple of the larger's spacing, so representable).
+    Rounding both separately would scale every output by up to 0.2 % in bf16, in a pattern
+    that repeats along the axis: a gain error, not noise.
     """
     if n_in < 1 or n_out < 1:
         raise ValueError(f"interp_matrix: sizes must be positive, got {n_in} -> {n_out}")
@@ -33,8 +37,13 @@ def interp_matrix(n_in: int, n_out: int, device=None, dtype=torch.float32) -> to
     i0 = src.floor().clamp_(max=n_in - 1)
     frac = src - i0
     i1 = (i0 + 1).clamp_(max=n_in - 1)
+    w0, w1 = 1.0 - frac, frac
+    if torch.finfo(dtype).bits < 32:
+        first_larger = w0 >= w1
+        larger = torch.where(first_larger, w0, w1).to(dtype).float()
+        w0, w1 = torch.where(first_larger, larger, 1.0 - larger), torch.where(first_larger, 1.0 - larger, larger)
     cols = torch.arange(n_in, device=device, dtype=torch.float32)
-    m = (cols[None, :] == i0[:, None]) * (1.0 - frac)[:, None] + (cols[None, :] == i1[:, None]) * frac[:, None]
+    m = (cols[None, :] == i0[:, None]) * w0[:, None] + (cols[None, :] == i1[:, None]) * w1[:, None]
     return m.to(dtype)
 
 

@@ -303,8 +303,11 @@ class DepthModel(nn.Module):
         t = vit.patch_embed(x)  # (B, h, w, C) with dynamic_img_size
         b = t.shape[0]
         t = t.reshape(b, patch_h * patch_w, t.shape[-1])
-        t = torch.cat([vit.cls_token.expand(b, -1, -1).to(t.dtype), t], dim=1)
-        t = t + _official_pos_embed(vit.pos_embed, patch_h, patch_w).to(t.dtype)
+        # The token stream stays fp32 under autocast, as in timm and the official forward (the
+        # fp32 class token and position embedding promote it): each block adds its residual in
+        # fp32; only the blocks' matrix products run in bf16.
+        t = torch.cat([vit.cls_token.expand(b, -1, -1), t], dim=1)
+        t = t + _official_pos_embed(vit.pos_embed, patch_h, patch_w)
         t = vit.norm_pre(vit.patch_drop(vit.pos_drop(t)))
         wanted = set(self.spec.layers)
         use_ckpt = self._grad_checkpointing and self.training and torch.is_grad_enabled()

@@ -363,6 +363,18 @@ def _reference_tokens(vit, x, layers):
     return out
 
 
+def test_token_stream_stays_fp32_under_bf16_autocast():
+    """As in timm and the official forward: every block adds its residual in fp32 (the fp32 class
+    token and position embedding promote the bf16 patch embedding); only matrix products are bf16."""
+    model = _tiny().eval()
+    seen = []
+    for blk in model.pretrained.blocks:
+        blk.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = model._intermediate_tokens(torch.randn(1, 3, 28, 42), 2, 3)
+    assert seen and set(seen) == {torch.float32} and all(t.dtype == torch.float32 for t in tokens)
+
+
 @pytest.mark.parametrize("size", [(518, 518), (126, 378), (252, 182)])
 def test_encoder_tokens_match_reference(size):
     model = _tiny().eval()
