@@ -9,11 +9,11 @@ import os
 import sys
 
 
-def _files_and_overrides(prog: str, description: str, argv: list[str]) -> tuple[list[str], list[str]]:
+def _files_and_overrides(prog: str, description: str, argv: list[str], example: str) -> tuple[list[str], list[str]]:
     """YAML files (later ones win) and dotted key=value overrides, in any order."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("args", nargs="*", metavar="FILE.yaml | key=value",
-                   help="recipe files composed in order, then overrides such as stages.0.steps=100")
+                   help=f"files composed in order, then overrides such as {example}")
     args = p.parse_args(argv).args
     files = [a for a in args if "=" not in a]
     if not files:
@@ -26,7 +26,8 @@ def _train(argv: list[str]) -> int:
 
     files, overrides = _files_and_overrides(
         "curriculum train", "train the stages of a recipe (see recipes/*.yaml); init_from=CKPT starts "
-        "a stage from a checkpoint's weights, resume=CKPT continues an interrupted run", argv)
+        "a stage from a checkpoint's weights, resume=CKPT continues an interrupted run", argv,
+        "stages.0.steps=100 data.batch_size=8")
     cfg = load_recipe(files, overrides)
     from curriculum.train import train
 
@@ -135,8 +136,9 @@ def _predict(argv: list[str]) -> int:
 def _compare(argv: list[str]) -> int:
     files, overrides = _files_and_overrides(
         "curriculum compare", "train the baseline and curriculum arms on the same data and budget, "
-        "evaluate them and write a side-by-side report (recipes/compare.yaml); train.<recipe key>=value "
-        "overrides every arm's recipe", argv)
+        "evaluate them and write a side-by-side report; its keys are in recipes/compare.yaml, and "
+        "train.<recipe key>=value overrides every arm's training recipe", argv,
+        "total_steps=600 seeds=[0,1] train.data.batch_size=8")
     from curriculum.compare import load_compare, run_compare
 
     result = run_compare(load_compare(files, overrides))
@@ -170,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from curriculum.checkpoint import CheckpointError
+    from curriculum.compare import CompareError
     from curriculum.config import RecipeError
     from curriculum.data import DataError
     from curriculum.module import NonFiniteError
@@ -177,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (RecipeError, DataError, CheckpointError, SetupError, NonFiniteError, ValueError, OSError) as exc:
+    except (RecipeError, DataError, CheckpointError, SetupError, NonFiniteError, CompareError, ValueError,
+            OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except MisconfigurationException as exc:  # Lightning's refusal of a trainer setting the recipe check let through

@@ -9,7 +9,10 @@ budget, learning-rate schedule, data order and initial weights are identical for
 B and C switch at the same step.
 
 Each arm x seed trains into `<out_dir>/<arm>/seed<k>/`; a finished one (its `done.json` and final
-checkpoint exist) is not trained again, so an interrupted comparison continues where it stopped.
+checkpoint exist) is not trained again, and an interrupted one resumes from its last checkpoint,
+so an interrupted comparison continues where it stopped. Every finished run is checked against
+the current setup before any training: the same training recipe (evaluation and logging settings
+aside) and the same training shards (names, sizes, modification times).
 All arms are evaluated with `curriculum.evaluate.evaluate` on the same validation shards, and
 `report.md` / `report.json` state what the numbers are, nothing more.
 """
@@ -32,6 +35,14 @@ from omegaconf.errors import OmegaConfBaseException
 from curriculum.config import RECIPES_DIR, RecipeError, load_recipe, load_yaml_mapping, to_plain, unknown_key
 from curriculum.files import atomic_write_text
 from curriculum.module import EVAL_MAX_DEPTH
+
+class CompareError(RuntimeError):
+    """A comparison that cannot go on, in one line."""
+
+
+# Recipe keys that do not change how an arm trains: a finished arm stays valid when they change.
+NOT_TRAINING = ("resume", "logging", "run.name", "trainer.log_every_steps", "trainer.progress", "data.val_shards",
+                "data.val_height", "data.val_width", "data.val_batch_size", "data.val_max_images")
 
 ARMS = {
     "A": ("baseline", "80 m mask only (Depth-Anything-V2)"),
@@ -136,12 +147,22 @@ def validate_compare(c: dict) -> None:
             raise RecipeError(f"{key}: must be a positive number, got {c[key]}")
     if not (math.isfinite(c["mixed_far_weight"]) and c["mixed_far_weight"] >= 0):
         raise RecipeError(f"mixed_far_weight: must be >= 0, got {c['mixed_far_weight']}")
-    for key in ("eval_batch_size",):
+    for key in ("eval_batch_size", "examples"):
         if c[key] <= 0:
             raise RecipeError(f"{key}: must be positive, got {c[key]}")
-    for key in ("examples", "rewarm_steps"):
-        if c[key] < 0:
-            raise RecipeError(f"{key}: must be >= 0, got {c[key]}")
+    if c["rewarm_steps"] < 0 or c["rewarm_steps"] > c["total_steps"] - stage1_steps(c):
+        raise RecipeError(f"rewarm_steps: must be between 0 and stage 2's {c['total_steps'] - stage1_steps(c)} steps, "
+                          f"got {c['rewarm_steps']}")
+    if not c["far_target"] > c["max_depth"]:
+        raise RecipeError(f"far_target: the sky's target ({c['far_target']:g} m) must lie beyond max_depth "
+                          f"({c['max_depth']:g} m), outside the 80 m mask")
+    from curriculum.metrics import PROTOCOLS
+
+    if c["protocol"] not in PROTOCOLS:
+        raise RecipeError(f"protocol: unknown evaluation protocol '{c['protocol']}' (choose from {', '.join(PROTOCOLS)})")
+    device = str(c["device"])
+    if device not in ("", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise RecipeError(f"device: '{device}' is not '', cpu, cuda or cuda:N")
     for text in c["overrides"]:
         if "=" not in text:
             raise RecipeError(f"overrides: '{text}' is not of the form key=value")
@@ -236,29 +257,84 @@ def _fmt_time(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def _training_part(recipe: dict) -> dict:
+    """The recipe without the keys that do not change how an arm trains (NOT_TRAINING)."""
+    out = json.loads(json.dumps(recipe))
+    for dotted in NOT_TRAINING:
+        *path, last = dotted.split(".")
+        node = out
+        for k in path:
+            node = node.get(k, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
+
+
+def shard_fingerprint(pattern: str) -> list[list]:
+    """(name, size, modification time) of every shard a pattern names: regenerated data differs."""
+    from curriculum.data import expand_shards
+
+    out = []
+    for url in expand_shards(pattern):
+        st = os.stat(url) if os.path.exists(url) else None
+        out.append([url, st.st_size if st else None, st.st_mtime_ns if st else None])
+    return out
+
+
+def _previous_run(c: dict, arm: str, seed: int, cfg) -> tuple[str, dict | None]:
+    """("done", done.json), ("partial", None) for an interrupted run to resume, or ("new", None).
+    A run made with another training recipe or other training shards is an error: the report
+    must compare like with like."""
+    from curriculum.checkpoint import metadata, read_checkpoint
+
+    folder = run_dir(c, arm, seed)
+    done_file, final = folder / "done.json", folder / "checkpoints" / "last.ckpt"
+    recipe = to_plain(cfg)
+    if done_file.is_file() and final.is_file():
+        done = json.loads(done_file.read_text())
+        before, data_before = done.get("recipe"), done.get("train_shards")
+        state = "done"
+    elif final.is_file():
+        before, data_before, done = metadata(read_checkpoint(final), final).get("recipe"), None, None
+        state = "partial"
+    else:
+        return "new", None
+    diff = _first_difference(_training_part(before or {}), _training_part(recipe))
+    if diff:
+        raise RecipeError(f"{folder} holds a run of a different training recipe ({diff}); "
+                          "remove that folder or choose another out_dir")
+    if data_before is not None and data_before != shard_fingerprint(recipe["data"]["train_shards"]):
+        raise RecipeError(f"{folder} was trained on other shards than data.train_shards "
+                          f"'{recipe['data']['train_shards']}' holds now (names, sizes or times differ); "
+                          "remove that folder or choose another out_dir")
+    return state, done
+
+
 def _train_one(c: dict, arm: str, seed: int, cfg, log) -> dict:
-    """Train one arm x seed unless a finished run of the same recipe is there already."""
+    """Train one arm x seed, resume it, or reuse its finished run (checked by _previous_run)."""
     from curriculum.train import train
 
     folder = run_dir(c, arm, seed)
     done_file = folder / "done.json"
     final = folder / "checkpoints" / "last.ckpt"
-    recipe = to_plain(cfg)
-    if done_file.is_file() and final.is_file():
-        done = json.loads(done_file.read_text())
-        diff = _first_difference(done.get("recipe"), json.loads(json.dumps(recipe)))
-        if diff:
-            raise RecipeError(f"{folder} holds a finished run of a different recipe ({diff}); "
-                              "remove that folder or choose another out_dir")
+    state, done = _previous_run(c, arm, seed, cfg)
+    if state == "done":
         log(f"[compare] {arm} seed {seed}: finished checkpoint exists ({final}), skipping training")
         return {**done, "skipped": True}
+    if state == "partial":
+        log(f"[compare] {arm} seed {seed}: resuming the interrupted run from {final}")
+        cfg.resume = str(final)
+    recipe = to_plain(cfg)
+    recipe["resume"] = ""  # what the run is, not how this process got there
+    fingerprint = shard_fingerprint(recipe["data"]["train_shards"])
     start = time.perf_counter()
     result = train(cfg)
     seconds = time.perf_counter() - start
-    done = {"recipe": recipe, "checkpoint": str(final), "global_step": result["global_step"],
-            "switches": [list(s) for s in result["switches"]], "train_seconds": seconds}
+    done = {"recipe": recipe, "train_shards": fingerprint, "checkpoint": str(final),
+            "global_step": result["global_step"], "switches": [list(s) for s in result["switches"]],
+            "train_seconds": seconds}
     if result["global_step"] != c["total_steps"]:
-        raise RuntimeError(f"{arm} seed {seed} stopped at step {result['global_step']} of {c['total_steps']}")
+        raise CompareError(f"{arm} seed {seed} stopped at step {result['global_step']} of {c['total_steps']}")
     atomic_write_text(done_file, json.dumps(done, indent=1, default=float))
     return {**done, "skipped": False}
 
@@ -287,9 +363,14 @@ def run_compare(c: dict, log=print) -> dict:
         # re-run the whole comparison in every rank.
         raise RecipeError(f"trainer.devices={tcfg['devices']}, trainer.num_nodes={tcfg['num_nodes']}: the comparison "
                           "trains every arm on one device (add train.trainer.devices=1)")
+    if not c["max_depth"] < float(first["model"]["max_depth"]):
+        raise RecipeError(f"max_depth: the mask's {c['max_depth']:g} m must lie within the model's range "
+                          f"(model.max_depth {first['model']['max_depth']:g} m)")
     val_shards = c["val_shards"] or first["data"]["val_shards"]
     expand_shards(val_shards)
     expand_shards(first["data"]["train_shards"])
+    for seed, arm in runs:  # every earlier run checked before any training
+        _previous_run(c, arm, seed, cfgs[(seed, arm)])
     log(f"[compare] {len(c['arms'])} arms x {len(c['seeds'])} seeds, {c['total_steps']} steps each "
         f"(switch at step {stage1_steps(c)} for B/C), out {out}")
 
@@ -508,7 +589,7 @@ def make_figures(c: dict, report: dict, cfgs: dict, results: dict, val_shards: s
     figures["bins"] = bar_chart(cats, series, out / "abs_rel_per_bin.png", ylabel="abs_rel (lower is better)",
                                 title="abs_rel per depth bin" + (f" (mean over {seeds} seeds)" if seeds > 1 else ""))
 
-    n = max(1, int(c["examples"]))
+    n = int(c["examples"])
     samples = read_samples(expand_shards(val_shards), n)
     if not samples:
         return figures

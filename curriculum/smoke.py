@@ -38,10 +38,20 @@ def main(argv: list[str] | None = None) -> int:
          f"run.out_dir={args.out}/run", f"trainer.devices={args.devices}", "trainer.strategy=ddp"])
     report = args.out / "eval.json"
     run([sys.executable, "-m", "curriculum.cli", "eval", "--checkpoint", f"{args.out}/run/checkpoints/last.ckpt",
-         "--shards", f"{data}/val/*.tar", "--out", str(report)])
+         "--shards", f"{data}/val/*.tar", "--height", "42", "--width", "112", "--out", str(report)])
     images = json.loads(report.read_text())["metrics"]["images"]
     if images != 6:
         print(f"smoke: evaluation counted {images} images, expected 6", file=sys.stderr)
+        return 1
+    # What the ranks did: the same stage switches, and validation reduced across ranks to every
+    # image once (rank 0 alone reads about half of them).
+    summaries = [json.loads((args.out / "run" / "summary" / f"rank{r}.json").read_text()) for r in range(args.devices)]
+    switches = {json.dumps(s["switches"]) for s in summaries}
+    counted = {float(s["val"].get("images", -1)) for s in summaries}
+    if len(switches) != 1 or len(json.loads(switches.pop())) != 2 or counted != {6.0}:
+        print(f"smoke: ranks disagree (switches {[s['switches'] for s in summaries]}, "
+              f"validation images {[s['val'].get('images') for s in summaries]}); expected 2 switches and 6 images "
+              "on every rank", file=sys.stderr)
         return 1
     print(f"smoke passed in {time.time() - start:.0f} s: {args.out}")
     return 0

@@ -132,10 +132,77 @@ def test_tiny_compare_writes_the_full_report(tmp_path, tiny_shards, capsys):
     assert (folder / "A" / "seed0" / "checkpoints" / "last.ckpt").stat().st_mtime == mtime
     again = json.loads((folder / "report.json").read_text())
     assert again["arms"]["B"]["mean"] == report["arms"]["B"]["mean"]
-    # ... but not one of a different recipe
-    rc = cli_main(["compare", str(path), "total_steps=6"])
+    # ... but not one of a different training recipe, found before any arm trains
+    mtimes = {arm: (folder / arm / "seed0" / "checkpoints" / "last.ckpt").stat().st_mtime for arm in "ABC"}
+    rc = cli_main(["compare", str(path), "total_steps=6", "seeds=[5,0]"])
     err = capsys.readouterr().err
-    assert rc == 2 and "holds a finished run of a different recipe" in err and len(err.strip().splitlines()) == 1
+    assert rc == 2 and "holds a run of a different training recipe" in err and len(err.strip().splitlines()) == 1
+    assert not (folder / "A" / "seed5").exists()
+    # evaluation and logging settings do not change how an arm trains: the arms are reused
+    rc = cli_main(["compare", str(path), "train.trainer.log_every_steps=3", "name=renamed"])
+    assert rc == 0 and capsys.readouterr().out.count("finished checkpoint exists") == 3
+    assert {arm: (folder / arm / "seed0" / "checkpoints" / "last.ckpt").stat().st_mtime for arm in "ABC"} == mtimes
+
+
+def test_arms_trained_on_other_shards_are_not_reused(tmp_path, tiny_shards, capsys):
+    path = _compare_file(tmp_path, tiny_shards, arms="[A]")
+    assert cli_main(["compare", str(path)]) == 0
+    train_dir = tiny_shards[0]
+    shard = sorted(train_dir.glob("*.tar"))[0]
+    shard.write_bytes(shard.read_bytes())  # regenerated data: same name, a new modification time
+    capsys.readouterr()
+    rc = cli_main(["compare", str(path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "was trained on other shards" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_interrupted_arm_resumes_from_its_last_checkpoint(tmp_path, tiny_shards, capsys, add_callback):
+    """A run killed after a checkpoint (last.ckpt, no done.json) continues from it, not from step 0."""
+    import lightning.pytorch as pl
+
+    from curriculum.compare import run_compare
+
+    class KilledAtStep2(pl.Callback):
+        fired = False
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2 and not self.fired:
+                self.fired = True
+                trainer.save_checkpoint(trainer.default_root_dir + "/checkpoints/last.ckpt")
+                raise RuntimeError("killed")
+
+    add_callback(KilledAtStep2())
+    c = load_compare([_compare_file(tmp_path, tiny_shards, arms="[A]")], ["total_steps=6"])
+    with pytest.raises(RuntimeError, match="killed"):
+        run_compare(c)
+    folder = tmp_path / "cmp" / "A" / "seed0"
+    assert (folder / "checkpoints" / "last.ckpt").is_file() and not (folder / "done.json").exists()
+    logged = []
+    run_compare(c, log=logged.append)
+    assert any("resuming the interrupted run" in line for line in logged)
+    done = json.loads((folder / "done.json").read_text())
+    assert done["global_step"] == 6 and done["recipe"]["resume"] == ""
+    steps = [int(r["step"]) for r in _metrics(folder) if r.get("train/loss")]
+    assert steps == sorted(set(steps)) and max(steps) == 5  # one row per step: resumed, not restarted
+
+
+def _metrics(folder):
+    import csv
+
+    with open(folder / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_bad_protocol_device_and_targets_fail_before_training(tmp_path, tiny_shards):
+    path = _compare_file(tmp_path, tiny_shards)
+    for override, message in (("protocol=bogus", "protocol: unknown evaluation protocol 'bogus'"),
+                              ("device=tpu", "device: 'tpu' is not"),
+                              ("far_target=10", "far_target: the sky's target (10 m) must lie beyond max_depth"),
+                              ("rewarm_steps=100", "rewarm_steps: must be between 0 and stage 2's 2 steps"),
+                              ("examples=0", "examples: must be positive")):
+        with pytest.raises(RecipeError, match=re.escape(message)):
+            load_compare([path], [override])
+    assert not (tmp_path / "cmp").exists()
 
 
 def test_summary_uses_the_spread_over_seeds():
