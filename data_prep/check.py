@@ -103,11 +103,11 @@ def check_folder(folder: Path, stats: Stats | None = None, progress: bool = Fals
         problems.append(f"{folder}: no *.tar shards")
     counts: dict[str, int] = {}
     keys: dict[str, str] = {}
-    try:
-        expected = read_index(folder)["total"]
-    except (OSError, ValueError, KeyError):
-        expected = None
-    bar = tqdm(total=expected, desc=f"check {folder.name}", unit="sample", file=sys.stderr, disable=not progress,
+    try:  # read once: its total sizes the progress bar, its shard list is checked at the end
+        index, index_error = read_index(folder), None
+    except (OSError, ValueError) as e:
+        index, index_error = None, e
+    bar = tqdm(total=index["total"] if index else None, desc=f"check {folder.name}", unit="sample", file=sys.stderr, disable=not progress,
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
     for shard in shards:
         n = 0
@@ -130,10 +130,8 @@ def check_folder(folder: Path, stats: Stats | None = None, progress: bool = Fals
         counts[shard.name] = n
     bar.close()
 
-    try:
-        index = read_index(folder)
-    except (OSError, ValueError) as e:
-        problems.append(f"{INDEX_NAME}: {e}")
+    if index_error is not None:
+        problems.append(f"{INDEX_NAME}: {index_error}")
     else:
         listed = {s["name"]: s["samples"] for s in index["shards"]}
         for name in sorted(set(listed) - set(counts)):
