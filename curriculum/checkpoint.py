@@ -38,13 +38,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint with weights_only=True; one-line errors for missing or corrupt files."""
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """Load a checkpoint with weights_only=True; one-line errors for missing or corrupt files.
+    ``mmap`` maps the file instead of reading it: for a look at its metadata and step before
+    Lightning reads the whole of it again (a vitl checkpoint with AdamW state is several GB)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if first.startswith("Weights only load failed"):  # torch's advice to load unsafely would not help

@@ -295,7 +295,7 @@ def _previous_run(c: dict, arm: str, seed: int, cfg) -> tuple[str, dict | None]:
         before, data_before = done.get("recipe"), done.get("train_shards")
         state = "done"
     elif final.is_file():
-        before, data_before, done = metadata(read_checkpoint(final), final).get("recipe"), None, None
+        before, data_before, done = metadata(read_checkpoint(final, mmap=True), final).get("recipe"), None, None
         state = "partial"
     else:
         return "new", None

@@ -175,7 +175,7 @@ def resume_from_checkpoint(module: DepthModule, path: str, recipe: dict) -> dict
     """Checks before a full resume (Lightning restores the state itself): the checkpoint is a
     training checkpoint of the recipe's model. Returns its step, W&B run and stage-2 lineage,
     which the resumed run carries on."""
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, mmap=True)  # Lightning reads the whole file itself
     meta = metadata(ckpt, path)
     if "global_step" not in ckpt or "optimizer_states" not in ckpt:
         raise CheckpointError(f"resume '{path}': holds no training state (optimizer, step); "
