@@ -310,14 +310,15 @@ def _previous_run(c: dict, arm: str, seed: int, cfg) -> tuple[str, dict | None]:
     return state, done
 
 
-def _train_one(c: dict, arm: str, seed: int, cfg, log) -> dict:
-    """Train one arm x seed, resume it, or reuse its finished run (checked by _previous_run)."""
+def _train_one(c: dict, arm: str, seed: int, cfg, previous: tuple[str, dict | None], log) -> dict:
+    """Train one arm x seed, resume it, or reuse its finished run (``previous``: _previous_run's
+    verdict, taken for every run before any trained)."""
     from curriculum.train import train
 
     folder = run_dir(c, arm, seed)
     done_file = folder / "done.json"
     final = folder / "checkpoints" / "last.ckpt"
-    state, done = _previous_run(c, arm, seed, cfg)
+    state, done = previous
     if state == "done":
         log(f"[compare] {arm} seed {seed}: finished checkpoint exists ({final}), skipping training")
         return {**done, "skipped": True}
@@ -369,8 +370,8 @@ def run_compare(c: dict, log=print) -> dict:
     val_shards = c["val_shards"] or first["data"]["val_shards"]
     expand_shards(val_shards)
     expand_shards(first["data"]["train_shards"])
-    for seed, arm in runs:  # every earlier run checked before any training
-        _previous_run(c, arm, seed, cfgs[(seed, arm)])
+    # Every earlier run checked before any training (training one arm leaves the others' folders as they are).
+    previous = {run: _previous_run(c, run[1], run[0], cfgs[run]) for run in runs}
     log(f"[compare] {len(c['arms'])} arms x {len(c['seeds'])} seeds, {c['total_steps']} steps each "
         f"(switch at step {stage1_steps(c)} for B/C), out {out}")
 
@@ -382,7 +383,7 @@ def run_compare(c: dict, log=print) -> dict:
         eta = f", training ETA {_fmt_time(left * float(np.mean(trained_times)))}" if trained_times else ""
         log(f"[compare] run {i + 1}/{len(runs)}: arm {arm} ({ARMS[arm][0]}), seed {seed} -> {run_dir(c, arm, seed)}"
             f"  (elapsed {_fmt_time(elapsed)}{eta})")
-        res = _train_one(c, arm, seed, cfgs[(seed, arm)], log)
+        res = _train_one(c, arm, seed, cfgs[(seed, arm)], previous[(seed, arm)], log)
         if not res["skipped"]:
             trained_times.append(res["train_seconds"])
             log(f"[compare] arm {arm} seed {seed} trained in {_fmt_time(res['train_seconds'])}")
