@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from curriculum.checkpoint import load_model
+from curriculum.config import LoggingConfig
 from curriculum.data import DataError, ValStream, expand_shards, normalize_images
 from curriculum.files import atomic_write_text
 from curriculum.metrics import MetricAccumulator, eval_crop
@@ -45,6 +46,8 @@ def evaluate(checkpoint: str, shards: str, protocol: str = "synthetic", batch_si
     model = model.to(device).eval()
     stream = ValStream(expand_shards(shards), 0, 1, batch_size, height, width, max_images=max_images)
     acc = MetricAccumulator(min_depth=1e-3, max_depth=EVAL_MAX_DEPTH)
+    # the colour range the run's own panels used (logging.depth_vmax)
+    vmax = float(meta.get("recipe", {}).get("logging", {}).get("depth_vmax", LoggingConfig.depth_vmax))
     start, n, bad, stretched, panels = time.perf_counter(), 0, 0, set(), []
     bar = tqdm(stream, desc="eval", unit="batch", disable=not progress)
     for batch in bar:
@@ -60,7 +63,7 @@ def evaluate(checkpoint: str, shards: str, protocol: str = "synthetic", batch_si
             valid = batch["valid"][i : i + 1, :h, :w] & eval_crop(h, w, protocol)[None]
             acc.update(p, batch["depth"][i : i + 1, :h, :w], batch["sky"][i : i + 1, :h, :w], valid)
             if len(panels) < examples:
-                panels.append(_panel(batch, i, p[0], valid[0]))
+                panels.append(_panel(batch, i, p[0], valid[0], vmax))
             n += 1
         bar.set_postfix(img_per_s=f"{n / (time.perf_counter() - start):.1f}")
     if n == 0:
@@ -80,10 +83,7 @@ def evaluate(checkpoint: str, shards: str, protocol: str = "synthetic", batch_si
     }
 
 
-PANEL_VMAX = 700.0  # metres at the top of the colour scale: the sky's 655 m stays visible
-
-
-def _panel(batch: dict, i: int, pred: torch.Tensor, valid: torch.Tensor):
+def _panel(batch: dict, i: int, pred: torch.Tensor, valid: torch.Tensor, vmax: float):
     """rgb | ground truth (sky at its far value) | prediction | error of image ``i`` at its own size."""
     from curriculum.viz import depth_panel
 
@@ -91,7 +91,7 @@ def _panel(batch: dict, i: int, pred: torch.Tensor, valid: torch.Tensor):
     gt = batch["depth"][i, :h, :w].clone()
     gt[batch["sky"][i, :h, :w]] = float("inf")
     rgb = batch["image"][i].permute(1, 2, 0).numpy()
-    return depth_panel(rgb, gt.numpy(), pred.numpy(), vmin=1.0, vmax=PANEL_VMAX, valid=valid.numpy())
+    return depth_panel(rgb, gt.numpy(), pred.numpy(), vmin=1.0, vmax=vmax, valid=valid.numpy())
 
 
 def save_figures(report: dict, stem: str | os.PathLike) -> list[str]:
