@@ -53,11 +53,12 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("--max-depth", type=float, help="must agree with the checkpoint's range if given")
     p.add_argument("--max-images", type=int, default=0)
     args = p.parse_args(argv)
-    for flag, value, lowest in (("--batch-size", args.batch_size, 1), ("--max-images", args.max_images, 0),
-                                ("--height", args.height, 14), ("--width", args.width, 14)):
-        if value is not None and (value < lowest or (flag in ("--height", "--width") and value % 14)):
-            raise ValueError(f"{flag} {value}: must be " + ("a positive multiple of 14 (the patch size)"
-                             if flag in ("--height", "--width") else f"at least {lowest}"))
+    for flag, value, lowest in (("--batch-size", args.batch_size, 1), ("--max-images", args.max_images, 0)):
+        if value < lowest:
+            raise ValueError(f"{flag} {value}: must be at least {lowest}")
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and (value < 14 or value % 14):
+            raise ValueError(f"{flag} {value}: must be a positive multiple of 14 (the patch size)")
     if args.out and (os.path.isdir(args.out) or not args.out.endswith(".json")):
         raise ValueError(f"--out {args.out}: give a .json file name (the figures are written beside it)")
     from curriculum.checkpoint import load_model

@@ -103,8 +103,8 @@ def load_predictor(checkpoint: str | os.PathLike, encoder: str | None = None, ma
         default_size = min(int(data.get("val_height", OFFICIAL_INPUT_SIZE)), int(data.get("val_width", OFFICIAL_INPUT_SIZE)))
         far = taught_far_target(meta)
         # A model taught (itself or through init_from) to put the sky at the far target F: past
-        # F/2 it says "sky". One never
-        # taught the sky has no depth that means sky; only the top of its range does.
+        # F/2 it says "sky". One never taught the sky has no depth that means sky; only the top
+        # of its range does.
         default_sky = far / 2.0 if far is not None else 0.98 * float(mm["max_depth"])
         source, enc, lo, hi, unc = "checkpoint", mm["encoder"], float(mm["min_depth"]), float(mm["max_depth"]), bool(mm["uncertainty"])
     else:

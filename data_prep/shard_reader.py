@@ -9,8 +9,8 @@ Samples before it are complete and are kept.
 """
 from __future__ import annotations
 
-import tarfile
 import re
+import tarfile
 from typing import BinaryIO, Callable, Iterator
 
 END_MARKER = bytes(2 * tarfile.BLOCKSIZE)
