@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import warnings
@@ -20,6 +21,7 @@ from curriculum.checkpoint import (
 )
 from curriculum.config import to_plain, total_steps
 from curriculum.datamodule import DepthDataModule
+from curriculum.files import atomic_write_text
 from curriculum.faults import ReportingCheckpointIO, SignalCheckpoint
 from curriculum.module import MODEL_KEYS, DepthModule
 
@@ -65,12 +67,11 @@ class _ResumedMetricsWriter(ExperimentWriter):
             reader = csv.DictReader(f)
             header = list(reader.fieldnames or [])
             rows = [r for r in reader if not r.get("step") or int(float(r["step"])) < self.resume_step]
-        tmp = f"{self.metrics_file_path}.tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.metrics_file_path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.metrics_file_path, text.getvalue())
         self.metrics_keys = sorted(header)  # new columns widen the header, old ones stay
 
 
