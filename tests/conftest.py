@@ -85,6 +85,14 @@ def tiny_shards(tmp_path):
     return tmp_path / "train", tmp_path / "val", train, val
 
 
+def read_metrics(out_dir) -> list[dict]:
+    """The rows of a run's metrics.csv."""
+    import csv
+
+    with open(Path(out_dir) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def read_folder(folder: Path) -> dict:
     """Every sample of a shard folder, decoded and keyed by ``__key__`` (raw dict kept under
     ``raw_sample``); the shards must read without a problem."""

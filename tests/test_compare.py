@@ -5,6 +5,7 @@ import re
 import pytest
 from PIL import Image
 
+from conftest import read_metrics
 from curriculum.cli import main as cli_main
 from curriculum.compare import arm_recipe, arm_stages, load_compare
 from curriculum.config import RECIPES_DIR, RecipeError, to_plain
@@ -182,15 +183,8 @@ def test_an_interrupted_arm_resumes_from_its_last_checkpoint(tmp_path, tiny_shar
     assert any("resuming the interrupted run" in line for line in logged)
     done = json.loads((folder / "done.json").read_text())
     assert done["global_step"] == 6 and done["recipe"]["resume"] == ""
-    steps = [int(r["step"]) for r in _metrics(folder) if r.get("train/loss")]
+    steps = [int(r["step"]) for r in read_metrics(folder) if r.get("train/loss")]
     assert steps == sorted(set(steps)) and max(steps) == 5  # one row per step: resumed, not restarted
-
-
-def _metrics(folder):
-    import csv
-
-    with open(folder / "metrics.csv") as f:
-        return list(csv.DictReader(f))
 
 
 def test_bad_protocol_device_and_targets_fail_before_training(tmp_path, tiny_shards):

@@ -25,7 +25,7 @@ import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from conftest import write_tiny_shards
+from conftest import read_metrics, write_tiny_shards
 from curriculum import module as module_mod
 from curriculum import train as train_mod
 from curriculum.checkpoint import AtomicCheckpointIO, CheckpointError, model_state, read_checkpoint
@@ -123,13 +123,6 @@ def _overrides(train_dir, val_dir, out, *extra) -> list[str]:
 
 def _recipe(train_dir, val_dir, out, *extra, files=("smoke.yaml",)):
     return load_recipe([RECIPES_DIR / f for f in files], _overrides(train_dir, val_dir, out, *extra))
-
-
-def _metrics(out) -> list[dict]:
-    import csv
-
-    with open(Path(out) / "metrics.csv") as f:
-        return list(csv.DictReader(f))
 
 
 def _column(rows: list[dict], name: str) -> list[float]:
@@ -264,7 +257,7 @@ def test_training_run_skips_bad_samples_and_logs_the_count(tmp_path):
     with pytest.warns(UserWarning, match="skipping bad sample"):
         result = train_mod.train(cfg)
     assert result["global_step"] == 2
-    logged = _column(_metrics(tmp_path / "run"), "train/bad_samples")
+    logged = _column(read_metrics(tmp_path / "run"), "train/bad_samples")
     assert len(logged) == 2 and logged == sorted(logged) and logged[-1] >= 2  # cumulative, never silent
 
 
@@ -321,7 +314,7 @@ def test_nonfinite_steps_are_skipped_counted_and_k_in_a_row_stop_with_the_last_g
     assert _same_weights(model_state(ckpt), p.weights[3])  # the last good state, before steps 3 and 4
     assert ckpt["curriculum"]["skipped_steps"] == 3
     # logged with the step that follows the skip
-    assert {int(r["step"]): float(r["train/skipped_steps"]) for r in _metrics(out)
+    assert {int(r["step"]): float(r["train/skipped_steps"]) for r in read_metrics(out)
             if r.get("train/skipped_steps")}[2] >= 1
 
 
@@ -364,7 +357,7 @@ def test_resume_in_the_same_folder_continues_its_metrics_and_lineage(tiny_shards
     ckpt_path = out / "checkpoints" / "last.ckpt"
     assert read_checkpoint(ckpt_path)["global_step"] == 3
     # the step the run stopped after is in the checkpoint; its own row is not logged (docs/faults.md)
-    assert sorted(int(r["step"]) for r in _metrics(out) if r.get("train/loss")) == [0, 1]
+    assert sorted(int(r["step"]) for r in read_metrics(out) if r.get("train/loss")) == [0, 1]
 
     with pytest.raises(CheckpointError, match=r"resume '.*last.ckpt': model mismatch \(head: 'log' in checkpoint"):
         train_mod.train(_recipe(train_dir, val_dir, out, *common, f"resume={ckpt_path}", "model.head=sigmoid",
@@ -372,7 +365,7 @@ def test_resume_in_the_same_folder_continues_its_metrics_and_lineage(tiny_shards
     resumed = train_mod.train(_recipe(train_dir, val_dir, out, *common, f"resume={ckpt_path}",
                                       files=("smoke.yaml", "finetune.yaml")))
     assert resumed["global_step"] == 4
-    assert sorted(int(r["step"]) for r in _metrics(out) if r.get("train/loss")) == [0, 1, 3]
+    assert sorted(int(r["step"]) for r in read_metrics(out) if r.get("train/loss")) == [0, 1, 3]
     meta = read_checkpoint(resumed["checkpoint"])["curriculum"]
     assert meta["init_from"] == pre["checkpoint"] and meta["parent_stage"] == "pretrain"
     assert meta["recipe"]["logging"]["parent_checkpoint_sha256"] == meta["init_from_sha256"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from curriculum.checkpoint import CheckpointError, model_state, read_checkpoint, taught_far_target
+from conftest import read_metrics
 from curriculum.cli import main as cli_main
 from curriculum.config import RECIPES_DIR, load_recipe
 from curriculum.train import train
@@ -20,16 +21,11 @@ def _recipe(tiny_shards, out, *extra, files=("smoke.yaml",)):
     return load_recipe([RECIPES_DIR / f for f in files], overrides)
 
 
-def _metrics(out) -> list[dict]:
-    with open(Path(out) / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
 def test_curriculum_switches_policy_at_the_exact_step(tiny_shards, tmp_path):
     result = train(_recipe(tiny_shards, tmp_path / "run", "stages.0.steps=3", "stages.1.steps=2"))
     assert result["global_step"] == 5
     assert result["switches"] == [(0, "pretrain"), (3, "finetune")]
-    rows = [r for r in _metrics(tmp_path / "run") if r.get("curriculum/stage")]
+    rows = [r for r in read_metrics(tmp_path / "run") if r.get("curriculum/stage")]
     stage_at = {int(r["step"]): float(r["curriculum/stage"]) for r in rows}
     assert [stage_at[s] for s in range(5)] == [0, 0, 0, 1, 1]
     ckpt = read_checkpoint(result["checkpoint"])  # weights_only=True
@@ -38,7 +34,7 @@ def test_curriculum_switches_policy_at_the_exact_step(tiny_shards, tmp_path):
     assert meta["model"]["head"] == "log" and meta["model"]["max_depth"] == 1000.0
     assert meta["schema_version"] == 1 and meta["recipe"]["stages"][1]["name"] == "finetune"
     assert not any("_orig_mod" in k for k in ckpt["state_dict"])
-    val_rows = [r for r in _metrics(tmp_path / "run") if r.get("val/images")]
+    val_rows = [r for r in read_metrics(tmp_path / "run") if r.get("val/images")]
     assert val_rows and float(val_rows[-1]["val/images"]) == 6
     assert any(k.startswith("val/near/") for k in val_rows[-1]) and "val/phantom_rate" in val_rows[-1]
 
@@ -48,7 +44,7 @@ def test_device_resize_trains(tiny_shards, tmp_path):
     result = train(_recipe(tiny_shards, tmp_path / "run", "stages.0.steps=2", "stages.1.steps=1",
                            "data.device_resize=true", "data.scale_jitter=0.4", "data.num_workers=1"))
     assert result["global_step"] == 3
-    losses = [float(r["train/loss"]) for r in _metrics(tmp_path / "run") if r.get("train/loss")]
+    losses = [float(r["train/loss"]) for r in read_metrics(tmp_path / "run") if r.get("train/loss")]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
 
 
@@ -136,7 +132,7 @@ def test_wandb_offline_logs_are_written(tiny_shards, tmp_path):
     assert list((out / "panels").glob("train_panel_step*.png"))
     ckpt = read_checkpoint(result["checkpoint"])
     assert ckpt["curriculum"]["wandb_run_id"] == result["wandb_run_id"]
-    names = set().union(*(r.keys() for r in _metrics(out)))
+    names = set().union(*(r.keys() for r in read_metrics(out)))
     for name in ("train/loss", "train/valid_fraction", "train/lr_encoder", "train/lr_head", "curriculum/stage",
                  "val/near/abs_rel", "val/near/0_20/abs_rel", "val/sky/phantom_rate", "val/phantom_rate"):
         assert name in names, name
@@ -283,7 +279,7 @@ def test_compile_switch_trains_both_stages_with_one_training_graph(tiny_shards, 
     training_graphs = [g for g in counter.graphs if any("sqrt" in str(n.target) for n in g.graph.nodes)]
     assert len(training_graphs) == 1, f"{len(training_graphs)} training graphs (one expected)"
     assert counter.frame_count > 1, "validation did not run the compiled model"
-    losses = [float(r["train/loss"]) for r in _metrics(tmp_path / "run") if r.get("train/loss")]
+    losses = [float(r["train/loss"]) for r in read_metrics(tmp_path / "run") if r.get("train/loss")]
     assert len(losses) == 5 and all(torch.isfinite(torch.tensor(losses)))
     ckpt = read_checkpoint(result["checkpoint"])
     assert not any("_orig_mod" in k for k in ckpt["state_dict"])
