@@ -9,9 +9,10 @@ Design, against the traps of webdataset under DDP (see PITFALLS.md 1-9):
 - The data of a batch is a pure function of (seed, epoch, rank, batch index): augmentations draw
   from a per-sample generator. A resumed run skips the batches already trained on (without
   decoding them) and sees the same batches an uninterrupted run would, provided `num_workers` and
-  the world size are unchanged. Known limit: the skip counts samples, not decodes, so each sample
-  of the epoch so far that failed to decode shifts its reader's stream by one sample after a
-  resume (the run stays correct; the order differs from the uninterrupted run's).
+  the world size are unchanged. Every batch carries its stream's position (raw samples drawn,
+  failed decodes included); checkpoints keep the last trained one of every stream of every rank
+  (`StreamPositions`), so the skip is exact after bad samples too. Without positions (a
+  checkpoint that lacks them) the skip assumes no failed decode.
 - Validation: shards are split over all readers; every image is read by exactly one reader.
 - 16-bit depth is decoded by `data_prep.schema.decode_sample`, never by webdataset's decoders.
 - Bad samples (truncated tars, missing members, undecodable files) are skipped and counted once
@@ -459,8 +460,27 @@ class TrainStream(IterableDataset):
         # Known epoch length: progress bars get an ETA and Lightning ends epochs on count.
         return self.spec.batches_per_rank
 
-    def set_position(self, global_step: int) -> None:
+    def set_position(self, global_step: int, resume: tuple[int, list[int]] | None = None) -> None:
+        """The global step the next iterator starts at and, for a resume, ``(epoch, drawn)`` of
+        ``StreamPositions``: how many raw samples each stream had drawn when the checkpoint was
+        written. ``resume`` is read by the workers started after this call (a resume starts a
+        new loader, so new workers); it applies only to the step it was given with."""
         self.position.value = int(global_step)
+        self.resume = (int(global_step), resume)
+
+    def _resume_start(self, step: int, epoch: int, stream: int, streams: int, already: int) -> int:
+        """Raw samples of `stream` to skip: its recorded position, or one batch per trained
+        batch where none is recorded for this step (no failed decode assumed)."""
+        at, resume = getattr(self, "resume", (None, None))
+        trained = already * self.spec.batch_size
+        if at != step or resume is None or resume[0] != epoch or len(resume[1]) != streams:
+            return trained
+        drawn = int(resume[1][stream])
+        if drawn < trained:
+            raise DataError(f"resume position of training stream {stream} ({drawn} samples drawn) is behind its "
+                            f"{already} trained batches of {self.spec.batch_size}: the checkpoint does not fit "
+                            "this data configuration")
+        return drawn
 
     def _stream_samples(self, epoch: int, slot: int, slots: int, bad: _BadSampleCounter) -> Iterator[dict]:
         """This reader's shards, cycled; each pass is shuffled on its own, so a pass over shards
@@ -493,8 +513,8 @@ class TrainStream(IterableDataset):
         slot = self.rank * nw + stream
         bad = _BadSampleCounter(spec.max_bad_samples)
         samples = self._stream_samples(epoch, slot, self.world_size * nw, bad)
-        counter = 0
-        for _ in range(already * spec.batch_size):  # resume: skip what was trained on, undecoded
+        counter = 0  # raw samples drawn from this stream in this epoch, failed decodes included
+        for _ in range(self._resume_start(step, epoch, stream, nw, already)):  # trained on: skipped, undecoded
             next(samples)
             counter += 1
         batch: list[dict] = []
@@ -524,10 +544,33 @@ class TrainStream(IterableDataset):
             if len(batch) == spec.batch_size:
                 collate = collate_train_crops if spec.device_resize else collate_train
                 out = collate(batch, self.buffers)
-                out["bad_samples"] = bad.take()  # a plain int: no tensor to share
+                out["bad_samples"] = bad.take()  # plain ints: no tensor to share
+                out["stream_position"] = (epoch, stream, counter)
                 yield out
                 batch = []
                 quota -= 1
+
+
+class StreamPositions:
+    """Where the training streams of one rank stand: per stream, the raw samples it had drawn in
+    the current epoch (failed decodes included) when its last trained batch was made. The trainer
+    notes every trained batch's ``stream_position``; checkpoints keep these, and a resumed stream
+    skips exactly that many samples (``TrainStream.set_position``)."""
+
+    def __init__(self, streams: int, epoch: int = -1, drawn: list[int] | None = None):
+        self.epoch = epoch
+        self.drawn = list(drawn) if drawn is not None else [0] * streams
+        if len(self.drawn) != streams:
+            raise ValueError(f"{len(self.drawn)} stream positions for {streams} streams")
+
+    def note(self, position: tuple[int, int, int]) -> None:
+        epoch, stream, drawn = position
+        if epoch != self.epoch:  # a new epoch: every stream starts again
+            self.epoch, self.drawn = epoch, [0] * len(self.drawn)
+        self.drawn[stream] = drawn
+
+    def resume(self) -> tuple[int, list[int]]:
+        return self.epoch, list(self.drawn)
 
 
 class ValStream(IterableDataset):
@@ -598,15 +641,19 @@ class _Loader(DataLoader):
         return it
 
 
-class _PositionedLoader(_Loader):
-    """Tells the stream the global step each time an epoch's iterator is created."""
+ResumeFn = Callable[[], "tuple[int, list[int]] | None"]
 
-    def __init__(self, dataset: TrainStream, position_fn: Callable[[], int], **kw):
+
+class _PositionedLoader(_Loader):
+    """Tells the stream the global step (and stream positions) each time an epoch's iterator is
+    created."""
+
+    def __init__(self, dataset: TrainStream, position_fn: Callable[[], int], resume_fn: ResumeFn, **kw):
         super().__init__(dataset, batch_size=None, **kw)
-        self.position_fn = position_fn
+        self.position_fn, self.resume_fn = position_fn, resume_fn
 
     def __iter__(self):
-        self.dataset.set_position(self.position_fn())
+        self.dataset.set_position(self.position_fn(), self.resume_fn())
         return super().__iter__()
 
 
@@ -623,7 +670,10 @@ def _worker_init(_: int) -> None:
 _PREFETCH_FACTOR = 4
 
 
-def train_loader(stream: TrainStream, position_fn: Callable[[], int], num_workers: int) -> DataLoader:
+def train_loader(stream: TrainStream, position_fn: Callable[[], int], num_workers: int,
+                 resume_fn: ResumeFn = lambda: None) -> DataLoader:
+    """``position_fn``: the global step; ``resume_fn``: ``StreamPositions.resume()`` of the
+    trained batches (restored from a checkpoint), or None; both asked at each epoch's start."""
     # Each loader its own copy of the stream (sharing its position) with its own buffers: a stream
     # may feed a reloaded loader while the old one's workers still send batches.
     stream = copy.copy(stream)
@@ -633,6 +683,7 @@ def train_loader(stream: TrainStream, position_fn: Callable[[], int], num_worker
     return _PositionedLoader(
         stream,
         position_fn,
+        resume_fn,
         num_workers=num_workers,
         worker_init_fn=_worker_init if num_workers > 0 else None,
         pin_memory=torch.cuda.is_available(),

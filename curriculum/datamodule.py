@@ -52,7 +52,9 @@ class DepthDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self):
-        return train_loader(self.train_stream, lambda: self.trainer.global_step, self.cfg["num_workers"])
+        # The trained batches' stream positions live in the module (noted per step, kept in checkpoints).
+        return train_loader(self.train_stream, lambda: self.trainer.global_step, self.cfg["num_workers"],
+                            resume_fn=lambda: self.trainer.lightning_module.stream_positions.resume())
 
     def val_dataloader(self):
         return val_loader(self.val_stream, min(self.cfg["num_workers"], 1))

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from curriculum.checkpoint import META_KEY, build_metadata
-from curriculum.data import finish_train_batch, normalize_images
+from curriculum.data import StreamPositions, finish_train_batch, normalize_images
 from curriculum.losses import compute_loss
 from curriculum.masks import build_policy, policy_to_dict
 from curriculum.metrics import MetricAccumulator
@@ -54,6 +54,7 @@ class DepthModule(pl.LightningModule):
         self.max_nonfinite = int(recipe["trainer"]["max_nonfinite_steps"])
         self.nonfinite = NonFiniteCounter()
         self.bad_samples = 0
+        self.stream_positions = StreamPositions(max(1, int(recipe["data"]["num_workers"])))
         self.train_batches = 0  # batches this rank trained on in this process
         self._t_last = None
         self.extra_metadata: dict = {}
@@ -129,7 +130,9 @@ class DepthModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         depth, weight, losses = self.training_losses(batch)
-        self.bad_samples += batch.get("bad_samples", 0)  # a plain int from the loader: no device sync
+        self.bad_samples += batch.get("bad_samples", 0)  # plain ints from the loader: no device sync
+        if "stream_position" in batch:
+            self.stream_positions.note(batch["stream_position"])
         self.train_batches += 1
         bs = batch["image"].shape[0]
         log = {f"train/{k}": v.detach().float() for k, v in losses.items()}
@@ -263,12 +266,36 @@ class DepthModule(pl.LightningModule):
         checkpoint[META_KEY] = build_metadata(
             self.model.metadata(), policy_to_dict(self.policy), self.stage_name, self.recipe,
             {"stage_index": self.stage_index, "skipped_steps": self.skipped_steps, "bad_samples": self.bad_samples,
-             **self.extra_metadata},
+             "data_position": self._data_position(), **self.extra_metadata},
         )
         # Weights without any compile wrapper prefix (PITFALLS 15).
         checkpoint["state_dict"] = {k.replace("_orig_mod.", ""): v for k, v in checkpoint["state_dict"].items()}
 
+    def _data_position(self) -> dict:
+        """Every rank's bad-sample count and stream positions, gathered: the file is written by
+        rank 0, but each rank resumes its own streams. Every rank saves every checkpoint (Lightning's
+        save is collective), so the gather is too."""
+        row = [self.bad_samples, self.stream_positions.epoch, *self.stream_positions.drawn]
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            rows = self.all_gather(torch.tensor(row, dtype=torch.int64, device=self.device)).tolist()
+        else:
+            rows = [row]
+        return {"world_size": world, "batch_size": int(self.recipe["data"]["batch_size"]),
+                "streams": len(self.stream_positions.drawn), "bad_samples": [r[0] for r in rows],
+                "epoch": [r[1] for r in rows], "drawn": [r[2:] for r in rows]}
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get(META_KEY, {})
         self.nonfinite = NonFiniteCounter(skipped=int(meta.get("skipped_steps", 0)))
-        self.bad_samples = int(meta.get("bad_samples", 0))  # counted on, as skipped_steps
+        # counted on, as skipped_steps; each rank its own count and stream positions where the
+        # checkpoint has them for this world size (else rank 0's count, and the stream skips one
+        # sample per trained sample: see curriculum.data)
+        self.bad_samples = int(meta.get("bad_samples", 0))
+        position, rank = meta.get("data_position"), self.global_rank
+        if not position or position["world_size"] != self.trainer.world_size:
+            return
+        self.bad_samples = int(position["bad_samples"][rank])
+        streams = len(self.stream_positions.drawn)
+        if position["streams"] == streams and position["batch_size"] == self.recipe["data"]["batch_size"]:
+            self.stream_positions = StreamPositions(streams, int(position["epoch"][rank]), position["drawn"][rank])

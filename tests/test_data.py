@@ -50,7 +50,7 @@ def test_far_value_survives_to_the_batch(tiny_shards):
     _, _, train, _ = tiny_shards
     stream = TrainStream(train, _spec(batches_per_rank=2, crop_height=56, crop_width=112, hflip=False), 0, 1, 0)
     batch = next(iter(stream))
-    assert set(batch) == {"packed", "layout", "key", "bad_samples"}  # one tensor per batch crosses from a worker
+    assert set(batch) == {"packed", "layout", "key", "bad_samples", "stream_position"}  # one tensor crosses
     assert batch["packed"].dtype == torch.uint8 and batch["packed"].dim() == 1
     batch = unpack_batch(batch)
     assert batch["depth_raw"].dtype == torch.int16 and "depth" not in batch  # metres are made on the device

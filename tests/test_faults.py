@@ -31,7 +31,7 @@ from curriculum import train as train_mod
 from curriculum.checkpoint import AtomicCheckpointIO, CheckpointError, model_state, read_checkpoint
 from curriculum.cli import main as cli_main
 from curriculum.config import RECIPES_DIR, RecipeError, load_recipe
-from curriculum.data import DataError, TrainSpec, TrainStream, ValStream
+from curriculum.data import DataError, StreamPositions, TrainSpec, TrainStream, ValStream, train_loader
 from curriculum.faults import ReportingCheckpointIO, RunInterrupted, SignalCheckpoint
 from curriculum.losses import compute_loss
 from curriculum.masks import build_policy
@@ -217,6 +217,83 @@ def test_bad_sample_limit_stops_the_stream_naming_the_shard(tmp_path):
                      max_bad_samples=1)
     with pytest.warns(UserWarning), pytest.raises(DataError, match=rf"{shards[0]}: more than 1 bad samples"):
         list(TrainStream(shards, spec, 0, 1, 0))
+
+
+# failed decodes draw a raw sample without making a crop
+_DECODE_FAILURES = [["normal", "bad_json", "normal", "depth8", "normal", "bad_image", "normal", "normal"]]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_resumed_after_failed_decodes_sees_the_uninterrupted_batches(tmp_path, workers):
+    """The stream positions of the trained batches (what a checkpoint keeps) make a resumed stream
+    skip the samples that failed to decode too; a skip of one sample per trained sample (all a
+    resume without positions can do) lands elsewhere."""
+    shards = _write_shards(tmp_path / "d", _DECODE_FAILURES * 2)
+    spec = TrainSpec(batch_size=2, batches_per_rank=6, crop_height=28, crop_width=56, shuffle_buffer=1,
+                     color_jitter=0.2, scale_jitter=0.3)
+
+    def run(step, resume_fn=lambda: None):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return list(train_loader(TrainStream(shards, spec, 0, 1, 5), lambda: step, workers, resume_fn))
+
+    full = run(0)
+    assert sum(b["bad_samples"] for b in full[:3]) >= 2
+    positions = StreamPositions(max(1, workers))
+    for b in full[:3]:
+        positions.note(b["stream_position"])
+    resumed = run(3, positions.resume)
+    assert [b["key"] for b in resumed] == [b["key"] for b in full[3:]]
+    assert all(torch.equal(a["packed"], b["packed"]) for a, b in zip(full[3:], resumed))  # augmentations too
+    assert [b["stream_position"] for b in resumed] == [b["stream_position"] for b in full[3:]]
+    assert [b["key"] for b in run(3)] != [b["key"] for b in full[3:]]
+    # positions of another epoch, or of another step, are not this resume's
+    assert [b["key"] for b in run(3, lambda: (1, positions.drawn))] == [b["key"] for b in run(3)]
+    stream = TrainStream(shards, spec, 0, 1, 5)  # read in this process: one stream
+    stream.set_position(3, (0, [0]))
+    with pytest.raises(DataError, match=r"resume position of training stream 0 \(0 samples drawn\) is behind its 3"):
+        next(iter(stream))
+
+
+def test_a_run_resumed_after_failed_decodes_ends_where_an_uninterrupted_one_does(tmp_path, probe):
+    """Two loader workers (two streams), failed decodes before the stop: the checkpoint keeps
+    each stream's position and the rank's bad-sample count; the resumed run reaches the
+    uninterrupted run's weights and count."""
+    _write_shards(tmp_path / "train", _DECODE_FAILURES * 4)
+    write_tiny_shards(tmp_path / "val", n_shards=1, per_shard=2, seed=1)
+    common = ("stages.0.steps=3", "stages.1.steps=2", "data.num_workers=2", "data.shuffle_buffer=1",
+              "data.color_jitter=0.2")
+
+    def train(out, *extra):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return train_mod.train(_recipe(tmp_path / "train", tmp_path / "val", tmp_path / out, *common, *extra))
+
+    whole = train("whole")
+    probe(at_step={3: lambda: os.kill(os.getpid(), signal.SIGINT)})
+    with pytest.raises(RunInterrupted):
+        train("run")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    position = read_checkpoint(ckpt)["curriculum"]["data_position"]
+    assert position["world_size"] == 1 and position["streams"] == 2 and position["epoch"] == [0]
+    assert position["bad_samples"][0] >= 2 and sum(position["drawn"][0]) > 4 * 2  # 4 batches of 2 and failures
+    resumed = train("resumed", f"resume={ckpt}")
+    assert resumed["global_step"] == whole["global_step"] == 5
+    final = [read_checkpoint(r["checkpoint"]) for r in (whole, resumed)]
+    assert _same_weights(model_state(final[0]), model_state(final[1]))
+    assert final[0]["curriculum"]["bad_samples"] == final[1]["curriculum"]["bad_samples"]
+    assert final[0]["curriculum"]["data_position"] == final[1]["curriculum"]["data_position"]
+
+
+def test_stream_positions_start_again_each_epoch():
+    positions = StreamPositions(2)
+    positions.note((0, 1, 5))
+    positions.note((0, 0, 7))
+    assert positions.resume() == (0, [7, 5])
+    positions.note((1, 1, 2))
+    assert positions.resume() == (1, [0, 2])
+    with pytest.raises(ValueError, match="3 stream positions for 2 streams"):
+        StreamPositions(2, 0, [1, 2, 3])
 
 
 def test_nan_and_inf_depth_from_a_converted_source():
@@ -1003,6 +1080,41 @@ def test_kill_9_loses_at_most_the_steps_since_the_last_periodic_checkpoint(kill_
     assert read_checkpoint(ckpt)["global_step"] == 4  # steps 5 and 6 (the one killed) are lost
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["last.ckpt"]
     _resume_and_compare(kill_data, uninterrupted, out, ckpt)
+
+
+@pytest.mark.slow
+def test_each_ddp_rank_resumes_its_own_streams_and_bad_sample_count(tmp_path):
+    """Failed decodes, more on one rank than the other: the checkpoint rank 0 writes holds both
+    ranks' stream positions and counts, and each resumed rank trains on exactly the batches of
+    an uninterrupted run."""
+    train_dir, val_dir = tmp_path / "train", tmp_path / "val"
+    _write_shards(train_dir, [*_DECODE_FAILURES, ["normal", "bad_json"] + ["normal"] * 6, ["normal"] * 8,
+                              ["depth8"] + ["normal"] * 7])
+    write_tiny_shards(val_dir, n_shards=2, per_shard=1, seed=1)
+    runner = _runner(tmp_path)
+
+    def run(out, *extra, pause_at=None):
+        cmd = [sys.executable, str(runner), *_ddp_args(train_dir, val_dir, out, *KILL_STAGES,
+                                                        "data.shuffle_buffer=1", *extra)]
+        if pause_at is None:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        else:
+            rc, stderr = _pause_and_signal(cmd, out, pause_at, signal.SIGTERM)
+            assert rc == 128 + signal.SIGTERM, stderr[-3000:]
+        return _ranks(out), read_checkpoint(Path(out) / "checkpoints" / "last.ckpt")["curriculum"]
+
+    whole, whole_meta = run(tmp_path / "whole")
+    _, stopped = run(tmp_path / "run", pause_at=2)
+    position = stopped["data_position"]
+    assert position["world_size"] == 2 and len(position["drawn"]) == len(position["bad_samples"]) == 2
+    assert position["bad_samples"][0] != position["bad_samples"][1]  # each rank its own count
+    resumed, resumed_meta = run(tmp_path / "resumed", f"resume={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}")
+    for rank in (0, 1):
+        want = {row["step"]: row["keys"] for row in whole[rank]["rows"] if row["step"] > 3}
+        assert {row["step"]: row["keys"] for row in resumed[rank]["rows"]} == want, rank
+    assert resumed_meta["data_position"] == whole_meta["data_position"]
+    assert resumed[0]["weights"] == whole[0]["weights"]
 
 
 @pytest.mark.slow
