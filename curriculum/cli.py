@@ -4,14 +4,15 @@ Every user error ends in one line on stderr and exit status 2; nothing is half-w
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+
+from data_prep.arguments import ArgumentParser
 
 
 def _files_and_overrides(prog: str, description: str, argv: list[str], example: str) -> tuple[list[str], list[str]]:
     """YAML files (later ones win) and dotted key=value overrides, in any order."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = ArgumentParser(prog=prog, description=description)
     p.add_argument("args", nargs="*", metavar="FILE.yaml | key=value",
                    help=f"files composed in order, then overrides such as {example}")
     args = p.parse_args(argv).args
@@ -41,7 +42,7 @@ def _train(argv: list[str]) -> int:
 def _eval(argv: list[str]) -> int:
     from curriculum.metrics import PROTOCOLS
 
-    p = argparse.ArgumentParser(prog="curriculum eval", description="evaluate a checkpoint on shards")
+    p = ArgumentParser(prog="curriculum eval", description="evaluate a checkpoint on shards")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--shards", required=True, help="brace pattern or glob of validation shards")
     p.add_argument("--protocol", default="synthetic", choices=PROTOCOLS)
@@ -79,7 +80,7 @@ def _eval(argv: list[str]) -> int:
 
 
 def _predict(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="curriculum predict",
+    p = ArgumentParser(prog="curriculum predict",
                                 description="depth for an image or a folder of images: colour PNG, .npy, PLY")
     p.add_argument("--checkpoint", required=True, help="this project's checkpoint or an official Depth-Anything-V2 "
                    "metric checkpoint (then --max-depth is required)")

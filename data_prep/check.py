@@ -9,7 +9,6 @@ summary table. Exit status 0 when everything is valid, 1 otherwise, with one lin
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .arguments import ArgumentParser
 from .schema import FAR_RAW, SampleError, decode_sample
 from .shard_reader import iter_tar_samples
 from .writer import INDEX_NAME, read_index
@@ -180,7 +180,7 @@ def summary_table(folder: Path, stats: Stats, counts: dict, n_bad: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_prep.check", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m data_prep.check", description=__doc__.split("\n")[0])
     ap.add_argument("folder", type=Path, help="folder holding <prefix>-%%06d.tar shards and index.json")
     ap.add_argument("--quiet", action="store_true", help="print only problems and the verdict")
     args = ap.parse_args(argv)

@@ -19,7 +19,6 @@ to 65.534 m); a frame deeper than that is reported as bad, naming the file: rais
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .arguments import ArgumentParser
 from . import convert
 from .convert import Frame, bad
 from .schema import depth_to_raw, make_key
@@ -110,7 +110,7 @@ def load(frame: Frame, opts: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_prep.hypersim", description="Hypersim -> shards")
+    ap = ArgumentParser(prog="python -m data_prep.hypersim", description="Hypersim -> shards")
     ap.add_argument("--root", type=Path, required=True, help="folder holding the scene folders (ai_001_001, ...)")
     ap.add_argument("--depth-scale", type=float, default=DEPTH_SCALE,
                     help="metres per raw unit in depth.png (default 0.001: mm, up to 65.534 m)")

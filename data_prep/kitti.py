@@ -25,12 +25,12 @@ either of the two layouts used by common KITTI split files:
 
 from __future__ import annotations
 
-import argparse
 import functools
 import re
 import sys
 from pathlib import Path
 
+from .arguments import ArgumentParser
 from . import convert
 from .convert import Frame, bad
 from .schema import SampleError, make_key
@@ -135,7 +135,7 @@ def load(frame: Frame, opts: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_prep.kitti", description="KITTI raw + annotated depth -> shards")
+    ap = ArgumentParser(prog="python -m data_prep.kitti", description="KITTI raw + annotated depth -> shards")
     ap.add_argument("--raw", type=Path, required=True, help="KITTI raw root (holds 2011_09_26/ ...)")
     ap.add_argument("--depth", type=Path, required=True, help="annotated depth root (holds train/ and val/)")
     ap.add_argument("--split", type=Path, default=None, help="file listing the frames to convert")

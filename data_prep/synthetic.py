@@ -22,13 +22,13 @@ disjoint seeds (the Makefile: ``--seed 0`` for train, ``--seed 1000000`` for val
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 
+from .arguments import ArgumentParser
 from . import convert
 from .schema import depth_to_raw, encode_sample, make_key
 
@@ -771,7 +771,7 @@ def frames_for(seed: int, n: int) -> list[convert.Frame]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_prep.synthetic",
+    ap = ArgumentParser(prog="python -m data_prep.synthetic",
                                  description="procedural outdoor road scenes -> shards")
     ap.add_argument("--frames", type=int, required=True, help="number of frames")
     ap.add_argument("--seed", type=int, default=0,

@@ -18,7 +18,6 @@ otherwise.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import re
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .arguments import ArgumentParser
 from . import convert
 from .convert import Frame, bad
 from .schema import make_key
@@ -131,7 +131,7 @@ def load(frame: Frame, opts: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_prep.vkitti2", description="Virtual KITTI 2 -> shards")
+    ap = ArgumentParser(prog="python -m data_prep.vkitti2", description="Virtual KITTI 2 -> shards")
     ap.add_argument("--root", type=Path, required=True, help="folder holding Scene01, Scene02, ...")
     ap.add_argument("--scenes", nargs="+", default=None, help="e.g. Scene01 Scene20 (default: all)")
     ap.add_argument("--variations", nargs="+", default=None, help="e.g. clone fog (default: all)")

@@ -178,6 +178,29 @@ def test_cli_help(command, capsys):
     assert cli_main(["--help"]) == 0 and f"  {command} " in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("module,argv", [
+    ("curriculum.cli", ["eval", "--checkpoint", "x.ckpt"]),
+    ("curriculum.cli", ["predict", "--input", "a.png", "--bogus"]),
+    ("curriculum.cli", ["train"]),
+    ("curriculum.cli", ["eval", "--checkpoint", "x", "--shards", "y", "--batch-size", "two"]),
+    ("data_prep.synthetic", ["--frames", "2"]),
+    ("data_prep.check", []),
+    ("data_prep.kitti", ["--out", "x"]),
+    ("data_prep.vkitti2", ["--out", "x"]),
+    ("data_prep.hypersim", ["--out", "x"]),
+])
+def test_usage_errors_of_every_command_are_one_line(module, argv, capsys):
+    """argparse's own refusals (missing or unknown flags, bad types) end in the one error line
+    every other error is, not after the usage block."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert "(--help lists the options)" in err
+
+
 def test_cli_unknown_command_is_one_line(capsys):
     assert cli_main(["trian"]) == 2
     err = capsys.readouterr().err.strip()
