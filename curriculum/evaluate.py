@@ -63,7 +63,7 @@ def evaluate(checkpoint: str, shards: str, protocol: str = "synthetic", batch_si
             valid = batch["valid"][i : i + 1, :h, :w] & eval_crop(h, w, protocol)[None]
             acc.update(p, batch["depth"][i : i + 1, :h, :w], batch["sky"][i : i + 1, :h, :w], valid)
             if len(panels) < examples:
-                panels.append(_panel(batch, i, p[0], valid[0], vmax))
+                panels.append(image_panel(batch, i, p[0], vmax, valid=valid[0]))
             n += 1
         bar.set_postfix(img_per_s=f"{n / (time.perf_counter() - start):.1f}")
     if n == 0:
@@ -83,15 +83,18 @@ def evaluate(checkpoint: str, shards: str, protocol: str = "synthetic", batch_si
     }
 
 
-def _panel(batch: dict, i: int, pred: torch.Tensor, valid: torch.Tensor, vmax: float):
-    """rgb | ground truth (sky at its far value) | prediction | error of image ``i`` at its own size."""
+def image_panel(batch: dict, i: int, pred: torch.Tensor, vmax: float, rgb_key: str = "image",
+                valid: torch.Tensor | None = None):
+    """rgb | ground truth (sky at its far value) | prediction | error of image ``i`` of a batch, at
+    the size of ``pred`` (H, W): evaluation's example panels and the training run's logged ones."""
     from curriculum.viz import depth_panel
 
     h, w = pred.shape
-    gt = batch["depth"][i, :h, :w].clone()
-    gt[batch["sky"][i, :h, :w]] = float("inf")
-    rgb = batch["image"][i].permute(1, 2, 0).numpy()
-    return depth_panel(rgb, gt.numpy(), pred.numpy(), vmin=1.0, vmax=vmax, valid=valid.numpy())
+    gt = batch["depth"][i, :h, :w].detach().float().cpu().clone()
+    gt[batch["sky"][i, :h, :w].cpu()] = float("inf")
+    rgb = batch[rgb_key][i].permute(1, 2, 0).cpu().numpy()  # depth_panel brings it to (h, w)
+    return depth_panel(rgb, gt.numpy(), pred.detach().float().cpu().numpy(), vmin=1.0, vmax=vmax,
+                       valid=None if valid is None else valid.cpu().numpy())
 
 
 def save_figures(report: dict, stem: str | os.PathLike) -> list[str]:

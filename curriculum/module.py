@@ -221,18 +221,11 @@ class DepthModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ images
     def _log_panel(self, key, batch, pred, i, size=None):
-        from curriculum.viz import depth_panel
+        from curriculum.evaluate import image_panel
 
         h, w = size or pred.shape[-2:]
-        rgb = batch["image_uint8"][i].permute(1, 2, 0).cpu().numpy()
-        if rgb.shape[:2] != (h, w):
-            import cv2
-
-            rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
-        gt = batch["depth"][i, :h, :w].float().cpu().numpy()
         p = pred[i] if pred.dim() == 3 else pred
-        panel = depth_panel(rgb, gt, p[:h, :w].float().cpu().numpy(), vmin=1.0,
-                            vmax=self.recipe["logging"]["depth_vmax"])
+        panel = image_panel(batch, i, p[:h, :w], self.recipe["logging"]["depth_vmax"], rgb_key="image_uint8")
         out = Path(self.recipe["run"]["out_dir"]) / "panels"
         out.mkdir(parents=True, exist_ok=True)
         name = f"{key.replace('/', '_')}_step{self.global_step:07d}.png"

@@ -487,3 +487,26 @@ def test_predict_refuses_a_file_as_output_folder_before_loading(trained, images,
     (tmp_path / "afile").write_text("")
     rc, _, err = _predict(["--checkpoint", trained, "--input", folder, "--out", tmp_path / "afile"], capsys)
     assert rc == 2 and "--out" in err and "exists and is not a folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_image_panels_show_sky_at_the_far_colour_whatever_its_stored_depth():
+    """The one panel maker of evaluation and of the training run's logged panels: sky pixels are
+    ground truth at the far value even where a data set stores a finite depth there; a larger
+    rgb is brought to the prediction's size."""
+    from curriculum.evaluate import image_panel
+    from curriculum.viz import depth_panel
+
+    depth = torch.full((1, 6, 8), 12.0)
+    depth[0, :2] = 30.0  # a finite depth stored under the sky mask
+    sky = torch.zeros(1, 6, 8, dtype=torch.bool)
+    sky[0, :2] = True
+    rgb = torch.randint(0, 255, (1, 3, 12, 16), dtype=torch.uint8)
+    pred = torch.full((6, 8), 11.0)
+    panel = image_panel({"depth": depth, "sky": sky, "rgb": rgb}, 0, pred, 700.0, rgb_key="rgb")
+    gt = depth[0].numpy().copy()
+    gt[:2] = np.inf
+    want = depth_panel(cv2.resize(rgb[0].permute(1, 2, 0).numpy(), (8, 6)), gt, pred.numpy(), vmin=1.0, vmax=700.0)
+    assert panel.shape == (6, 32, 3)
+    assert np.array_equal(panel[:, 8:], want[:, 8:])  # ground truth, prediction and error
+    stored = depth_panel(rgb[0].permute(1, 2, 0).numpy(), depth[0].numpy(), pred.numpy(), vmin=1.0, vmax=700.0)
+    assert not np.array_equal(panel[:2, 8:16], stored[:2, 8:16])  # not at the stored 30 m's colour
