@@ -33,8 +33,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from curriculum.config import RECIPES_DIR, RecipeError, load_recipe, load_yaml_mapping, to_plain, unknown_key
-from curriculum.files import atomic_write_text
 from curriculum.module import EVAL_MAX_DEPTH
+from data_prep.files import atomic_write_text
+
 
 class CompareError(RuntimeError):
     """A comparison that cannot go on, in one line."""

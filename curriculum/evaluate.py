@@ -15,9 +15,9 @@ from tqdm import tqdm
 from curriculum.checkpoint import load_model
 from curriculum.config import LoggingConfig
 from curriculum.data import DataError, ValStream, expand_shards, normalize_images
-from curriculum.files import atomic_write_text
 from curriculum.metrics import MetricAccumulator, eval_crop
 from curriculum.module import EVAL_MAX_DEPTH
+from data_prep.files import atomic_write_text
 
 METRIC_COLUMNS = ("d1", "abs_rel", "sq_rel", "rmse", "rmse_log", "silog")
 GROUPS = (("near (<= 80 m)", "near"), ("  [0, 20)", "near/0_20"), ("  [20, 40)", "near/20_40"),

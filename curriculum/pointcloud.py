@@ -23,7 +23,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from curriculum.files import atomic_write
+from data_prep.files import atomic_write
 
 Intrinsics = tuple[float, float, float, float]
 

@@ -30,8 +30,8 @@ from curriculum.checkpoint import (
     META_KEY, MODEL_FIELDS, CheckpointError, model_state, read_checkpoint, taught_far_target,
 )
 from curriculum.data import normalize_images
-from curriculum.files import atomic_write
 from curriculum.model import PATCH
+from data_prep.files import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 OFFICIAL_INPUT_SIZE = 518  # Depth-Anything-V2's default inference size (shorter side)

@@ -21,9 +21,9 @@ from curriculum.checkpoint import (
 )
 from curriculum.config import to_plain, total_steps
 from curriculum.datamodule import DepthDataModule
-from curriculum.files import atomic_write_text
 from curriculum.faults import ReportingCheckpointIO, SignalCheckpoint
 from curriculum.module import MODEL_KEYS, DepthModule
+from data_prep.files import atomic_write_text
 
 
 class SetupError(RuntimeError):

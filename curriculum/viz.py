@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from curriculum.files import atomic_write
+from data_prep.files import atomic_write
 
 GREY = (128, 128, 128)  # pixels with no depth / no error to show
 

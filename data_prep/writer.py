@@ -26,6 +26,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from .files import _fsync_dir, atomic_write_bytes
 from .schema import SCHEMA_VERSION, check_key
 
 INDEX_NAME = "index.json"
@@ -38,30 +39,6 @@ _RECORD = tarfile.RECORDSIZE
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def existing_outputs(out_dir: Path) -> list[Path]:

@@ -1,4 +1,5 @@
-"""Writing result files atomically: a temp file in the target folder, renamed when complete."""
+"""Writing files atomically: a temp file in the target folder, renamed when complete. Used for
+index.json here and for every result file of training, evaluation and prediction."""
 from __future__ import annotations
 
 import os
@@ -27,6 +28,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(folder)  # the rename itself survives a power loss
     except BaseException:
         try:
             os.unlink(tmp)
@@ -38,6 +40,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
