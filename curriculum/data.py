@@ -454,6 +454,7 @@ class TrainStream(IterableDataset):
         self.urls, self.spec = list(urls), spec
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.position = mp.Value("q", 0)  # global step at iterator creation, shared with workers
+        self.resume: tuple[int | None, tuple[int, list[int]] | None] = (None, None)  # see set_position
         self.buffers: WorkerBuffers | None = None  # set by train_loader for loader workers
 
     def __len__(self) -> int:
@@ -471,7 +472,7 @@ class TrainStream(IterableDataset):
     def _resume_start(self, step: int, epoch: int, stream: int, streams: int, already: int) -> int:
         """Raw samples of `stream` to skip: its recorded position, or one batch per trained
         batch where none is recorded for this step (no failed decode assumed)."""
-        at, resume = getattr(self, "resume", (None, None))
+        at, resume = self.resume
         trained = already * self.spec.batch_size
         if at != step or resume is None or resume[0] != epoch or len(resume[1]) != streams:
             return trained
