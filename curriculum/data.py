@@ -470,18 +470,15 @@ class TrainStream(IterableDataset):
         self.resume = (int(global_step), resume)
 
     def _resume_start(self, step: int, epoch: int, stream: int, streams: int, already: int) -> int:
-        """Raw samples of `stream` to skip: its recorded position, or one batch per trained
-        batch where none is recorded for this step (no failed decode assumed)."""
+        """Raw samples of `stream` to skip: its recorded position, or one sample per trained
+        sample where none is recorded for this step (no failed decode assumed). A recorded
+        position short of that is one the run never learnt (a resume without positions saved
+        again before this stream's next batch) and counts as none."""
         at, resume = self.resume
         trained = already * self.spec.batch_size
         if at != step or resume is None or resume[0] != epoch or len(resume[1]) != streams:
             return trained
-        drawn = int(resume[1][stream])
-        if drawn < trained:
-            raise DataError(f"resume position of training stream {stream} ({drawn} samples drawn) is behind its "
-                            f"{already} trained batches of {self.spec.batch_size}: the checkpoint does not fit "
-                            "this data configuration")
-        return drawn
+        return max(int(resume[1][stream]), trained)
 
     def _stream_samples(self, epoch: int, slot: int, slots: int, bad: _BadSampleCounter) -> Iterator[dict]:
         """This reader's shards, cycled; each pass is shuffled on its own, so a pass over shards

@@ -55,6 +55,7 @@ class DepthModule(pl.LightningModule):
         self.nonfinite = NonFiniteCounter()
         self.bad_samples = 0
         self.stream_positions = StreamPositions(max(1, int(recipe["data"]["num_workers"])))
+        self._pending_batch: tuple | None = None  # (step, stream position, bad samples) until the step is taken
         self.train_batches = 0  # batches this rank trained on in this process
         self._t_last = None
         self.extra_metadata: dict = {}
@@ -130,9 +131,9 @@ class DepthModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         depth, weight, losses = self.training_losses(batch)
+        self._take_pending_batch()
         self.bad_samples += batch.get("bad_samples", 0)  # plain ints from the loader: no device sync
-        if "stream_position" in batch:
-            self.stream_positions.note(batch["stream_position"])
+        self._pending_batch = (self.global_step, batch.get("stream_position"), batch.get("bad_samples", 0))
         self.train_batches += 1
         bs = batch["image"].shape[0]
         log = {f"train/{k}": v.detach().float() for k, v in losses.items()}
@@ -264,31 +265,54 @@ class DepthModule(pl.LightningModule):
         # Weights without any compile wrapper prefix (PITFALLS 15).
         checkpoint["state_dict"] = {k.replace("_orig_mod.", ""): v for k, v in checkpoint["state_dict"].items()}
 
+    def _take_pending_batch(self) -> None:
+        """The last trained batch counts as consumed once its step is taken (the global step has
+        moved past it): a checkpoint saved inside the step (the non-finite stop) resumes at that
+        step and so must read the batch again."""
+        if self._pending_batch is not None and self._pending_batch[0] < self.global_step:
+            if self._pending_batch[1] is not None:
+                self.stream_positions.note(self._pending_batch[1])
+            self._pending_batch = None
+
+    def _data_layout(self) -> dict:
+        """What stream positions hold for: a resume with another layout falls back (curriculum.data)."""
+        trainer = self._trainer
+        world = trainer.world_size if trainer is not None else 1
+        datamodule = getattr(trainer, "datamodule", None)
+        return {"world_size": world, "streams": len(self.stream_positions.drawn),
+                "batch_size": int(self.recipe["data"]["batch_size"]),
+                "batches_per_rank": datamodule.batches_per_rank(world) if datamodule is not None else 0}
+
     def _data_position(self) -> dict:
         """Every rank's bad-sample count and stream positions, gathered: the file is written by
         rank 0, but each rank resumes its own streams. Every rank saves every checkpoint (Lightning's
         save is collective), so the gather is too."""
-        row = [self.bad_samples, self.stream_positions.epoch, *self.stream_positions.drawn]
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1:
-            rows = self.all_gather(torch.tensor(row, dtype=torch.int64, device=self.device)).tolist()
+        self._take_pending_batch()
+        bad = self.bad_samples - (self._pending_batch[2] if self._pending_batch is not None else 0)
+        row = [bad, self.stream_positions.epoch, *self.stream_positions.drawn]
+        layout = self._data_layout()
+        if layout["world_size"] > 1:
+            # the strategy's device: after fit, Lightning moves the module to the CPU, which NCCL cannot gather
+            device = self.trainer.strategy.root_device
+            rows = self.all_gather(torch.tensor(row, dtype=torch.int64, device=device)).tolist()
         else:
             rows = [row]
-        return {"world_size": world, "batch_size": int(self.recipe["data"]["batch_size"]),
-                "streams": len(self.stream_positions.drawn), "bad_samples": [r[0] for r in rows],
-                "epoch": [r[1] for r in rows], "drawn": [r[2:] for r in rows]}
+        return {**layout, "bad_samples": [r[0] for r in rows], "epoch": [r[1] for r in rows],
+                "drawn": [r[2:] for r in rows]}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get(META_KEY, {})
         self.nonfinite = NonFiniteCounter(skipped=int(meta.get("skipped_steps", 0)))
-        # counted on, as skipped_steps; each rank its own count and stream positions where the
-        # checkpoint has them for this world size (else rank 0's count, and the stream skips one
-        # sample per trained sample: see curriculum.data)
+        # counted on, as skipped_steps; each rank its own count where the checkpoint has them for
+        # this world size (else rank 0's), and its stream positions where the whole data layout
+        # is unchanged (else the stream skips one sample per trained sample: see curriculum.data)
         self.bad_samples = int(meta.get("bad_samples", 0))
+        self._pending_batch = None
         position, rank = meta.get("data_position"), self.global_rank
         if not position or position["world_size"] != self.trainer.world_size:
             return
         self.bad_samples = int(position["bad_samples"][rank])
-        streams = len(self.stream_positions.drawn)
-        if position["streams"] == streams and position["batch_size"] == self.recipe["data"]["batch_size"]:
-            self.stream_positions = StreamPositions(streams, int(position["epoch"][rank]), position["drawn"][rank])
+        layout = self._data_layout()
+        if all(position.get(k) == v for k, v in layout.items()):
+            self.stream_positions = StreamPositions(layout["streams"], int(position["epoch"][rank]),
+                                                    position["drawn"][rank])
