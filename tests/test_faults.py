@@ -3,6 +3,7 @@
 Fast tests run in `make test`; the multi-process and kill tests are marked slow (`make test-faults`).
 The table of what survives what is docs/faults.md.
 """
+import copy
 import errno
 import json
 import os
@@ -314,6 +315,62 @@ def test_ranks_gather_their_positions_on_the_strategys_device(monkeypatch):
     position = module._data_position()
     assert devices == [torch.device("meta")]
     assert position["bad_samples"] == [3, 1] and position["drawn"] == [[9], [8]] and position["world_size"] == 2
+
+
+@pytest.fixture(scope="module")
+def failure_shards(tmp_path_factory):
+    """Four shards whose failed decodes fall at different places (one shard has none)."""
+    kinds = [["normal", "bad_json", "normal", "depth8", "normal", "normal"],
+             ["bad_image", "normal", "normal", "normal", "bad_json", "normal"],
+             ["normal"] * 6,
+             ["depth8", "bad_json", "normal", "normal", "normal", "bad_image"]]
+    return _write_shards(tmp_path_factory.mktemp("failures"), kinds)
+
+
+def _worker_batches(stream: TrainStream, workers: int, monkeypatch) -> list[list[dict]]:
+    """What each of `workers` loader workers yields from the stream, read in this process."""
+    from types import SimpleNamespace
+
+    from curriculum import data as data_mod
+
+    out = []
+    for wid in range(workers):
+        monkeypatch.setattr(data_mod, "get_worker_info", lambda: SimpleNamespace(id=wid, num_workers=workers))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out.append(list(copy.copy(stream)))
+    return out
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(workers=st.integers(1, 3), batch_size=st.integers(1, 3), batches_per_rank=st.integers(2, 5),
+       stop=st.integers(1, 9), world=st.sampled_from([(0, 1), (1, 2)]), seed=st.integers(0, 3))
+def test_resume_at_any_step_with_any_workers_sees_the_uninterrupted_batches(
+        failure_shards, monkeypatch, workers, batch_size, batches_per_rank, stop, world, seed):
+    """Property: for any worker count, batch size, epoch length, rank and stop step, the
+    positions of the batches trained before the stop make the resumed streams yield exactly the
+    rest of the uninterrupted epoch. Batches arrive round-robin over the workers, as from a
+    DataLoader; a resumed worker j plays stream (j + stop) % workers."""
+    rank, world_size = world
+    if len(failure_shards) < world_size * workers:
+        return  # every reader needs a shard (check_readers refuses the run)
+    spec = TrainSpec(batch_size=batch_size, batches_per_rank=batches_per_rank, crop_height=28, crop_width=56,
+                     shuffle_buffer=2, color_jitter=0.1)
+    stream = TrainStream(failure_shards, spec, rank, world_size, seed)
+    epoch, skip = divmod(stop, batches_per_rank)
+    stream.set_position(epoch * batches_per_rank)
+    per_worker = _worker_batches(stream, workers, monkeypatch)
+    whole = [per_worker[k % workers][k // workers] for k in range(batches_per_rank)]  # the DataLoader's order
+    positions = StreamPositions(workers)
+    if epoch:
+        positions.note((epoch - 1, 0, 5))  # the last epoch's positions must not leak into this one
+    for b in whole[:skip]:
+        positions.note(b["stream_position"])
+    stream.set_position(stop, positions.resume())
+    per_worker = _worker_batches(stream, workers, monkeypatch)
+    resumed = [per_worker[k % workers][k // workers] for k in range(batches_per_rank - skip)]
+    assert [b["key"] for b in resumed] == [b["key"] for b in whole[skip:]]
+    assert all(torch.equal(a["packed"], b["packed"]) for a, b in zip(resumed, whole[skip:]))
 
 
 def test_stream_positions_start_again_each_epoch():
