@@ -257,10 +257,12 @@ class DepthModule(pl.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.nonfinite.sync()
+        position = self._data_position()
         checkpoint[META_KEY] = build_metadata(
             self.model.metadata(), policy_to_dict(self.policy), self.stage_name, self.recipe,
-            {"stage_index": self.stage_index, "skipped_steps": self.skipped_steps, "bad_samples": self.bad_samples,
-             "data_position": self._data_position(), **self.extra_metadata},
+            {"stage_index": self.stage_index, "skipped_steps": self.skipped_steps,
+             "bad_samples": position["bad_samples"][0],  # rank 0's, as logged
+             "data_position": position, **self.extra_metadata},
         )
         # Weights without any compile wrapper prefix (PITFALLS 15).
         checkpoint["state_dict"] = {k.replace("_orig_mod.", ""): v for k, v in checkpoint["state_dict"].items()}
