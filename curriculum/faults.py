@@ -157,7 +157,7 @@ class SignalCheckpoint(pl.Callback):
             return
         signum = _BY_PRIORITY[code]
         name = signal.Signals(signum).name
-        trainer.save_checkpoint(self.checkpoint)
+        trainer.save_checkpoint(self.checkpoint, weights_only=False)
         requeued = False
         if signum == signal.SIGUSR1 and os.environ.get("SLURM_JOB_ID") and trainer.is_global_zero:
             requeued = self._requeue()

@@ -182,7 +182,7 @@ class DepthModule(pl.LightningModule):
         if self.nonfinite.streak >= self.max_nonfinite:
             self.nonfinite.sync()
             path = Path(self.recipe["run"]["out_dir"]) / "checkpoints" / "nonfinite-stop.ckpt"
-            self.trainer.save_checkpoint(path)
+            self.trainer.save_checkpoint(path, weights_only=False)
             raise NonFiniteError(
                 f"{self.nonfinite.streak} consecutive steps with non-finite loss or gradients at step "
                 f"{self.global_step}; last good weights saved to {path}"

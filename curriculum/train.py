@@ -223,7 +223,7 @@ def train(cfg: DictConfig) -> dict:
         if not (val_every and trainer.global_step % val_every == 0):
             trainer.validate(module, datamodule=datamodule, verbose=False)  # the final model, always
     final = out_dir / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(final)
+    trainer.save_checkpoint(final, weights_only=False)  # the full state, resumable
     run_id = module.extra_metadata.get("wandb_run_id", "")
     if wandb_logger is not None and trainer.is_global_zero:
         wandb_logger.experiment.finish()
