@@ -81,7 +81,7 @@ def _eval(argv: list[str]) -> int:
 
 def _predict(argv: list[str]) -> int:
     p = ArgumentParser(prog="curriculum predict",
-                                description="depth for an image or a folder of images: colour PNG, .npy, PLY")
+                       description="depth for an image or a folder of images: colour PNG, .npy, PLY")
     p.add_argument("--checkpoint", required=True, help="this project's checkpoint or an official Depth-Anything-V2 "
                    "metric checkpoint (then --max-depth is required)")
     p.add_argument("--input", required=True, help="an image file or a folder of images")

@@ -210,6 +210,12 @@ def run_dir(c: dict, arm: str, seed: int) -> Path:
     return Path(c["out_dir"]) / arm / f"seed{seed}"
 
 
+def _run_files(c: dict, arm: str, seed: int) -> tuple[Path, Path, Path]:
+    """(folder, done.json, final checkpoint) of one arm x seed."""
+    folder = run_dir(c, arm, seed)
+    return folder, folder / "done.json", folder / "checkpoints" / "last.ckpt"
+
+
 def arm_recipe(c: dict, arm: str, seed: int):
     """The full training recipe of one arm and seed."""
     folder = run_dir(c, arm, seed)
@@ -288,8 +294,7 @@ def _previous_run(c: dict, arm: str, seed: int, cfg) -> tuple[str, dict | None]:
     must compare like with like."""
     from curriculum.checkpoint import metadata, read_checkpoint
 
-    folder = run_dir(c, arm, seed)
-    done_file, final = folder / "done.json", folder / "checkpoints" / "last.ckpt"
+    folder, done_file, final = _run_files(c, arm, seed)
     recipe = to_plain(cfg)
     if done_file.is_file() and final.is_file():
         done = json.loads(done_file.read_text())
@@ -316,9 +321,7 @@ def _train_one(c: dict, arm: str, seed: int, cfg, previous: tuple[str, dict | No
     verdict, taken for every run before any trained)."""
     from curriculum.train import train
 
-    folder = run_dir(c, arm, seed)
-    done_file = folder / "done.json"
-    final = folder / "checkpoints" / "last.ckpt"
+    _, done_file, final = _run_files(c, arm, seed)
     state, done = previous
     if state == "done":
         log(f"[compare] {arm} seed {seed}: finished checkpoint exists ({final}), skipping training")

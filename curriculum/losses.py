@@ -9,7 +9,6 @@ are excluded whatever their weight.
 
 from __future__ import annotations
 
-
 import torch
 
 from curriculum.model import DepthPrediction

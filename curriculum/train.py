@@ -172,7 +172,7 @@ def init_from_checkpoint(module: DepthModule, path: str, recipe: dict) -> dict:
 LINEAGE_KEYS = ("init_from", "init_from_sha256", "parent_stage", "parent_run", "parent_far_target", "parent_group")
 
 
-def resume_from_checkpoint(module: DepthModule, path: str, recipe: dict) -> dict:
+def resume_from_checkpoint(path: str, recipe: dict) -> dict:
     """Checks before a full resume (Lightning restores the state itself): the checkpoint is a
     training checkpoint of the recipe's model. Returns its step, W&B run and stage-2 lineage,
     which the resumed run carries on."""
@@ -202,7 +202,7 @@ def train(cfg: DictConfig) -> dict:
 
         report = load_encoder_weights(module.model, recipe["model"]["pretrained"])
         print(f"encoder initialised from {recipe['model']['pretrained']}: {report}")
-    resumed = resume_from_checkpoint(module, recipe["resume"], recipe) if recipe["resume"] else None
+    resumed = resume_from_checkpoint(recipe["resume"], recipe) if recipe["resume"] else None
     lineage = init_from_checkpoint(module, recipe["init_from"], recipe) if recipe["init_from"] else \
         (resumed or {}).get("lineage", {})
     if lineage:

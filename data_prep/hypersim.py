@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .arguments import ArgumentParser
 from . import convert
+from .arguments import ArgumentParser
 from .convert import Frame, bad
 from .schema import depth_to_raw, make_key
 

@@ -30,8 +30,8 @@ import re
 import sys
 from pathlib import Path
 
-from .arguments import ArgumentParser
 from . import convert
+from .arguments import ArgumentParser
 from .convert import Frame, bad
 from .schema import SampleError, make_key
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .arguments import ArgumentParser
 from . import convert
+from .arguments import ArgumentParser
 from .schema import depth_to_raw, encode_sample, make_key
 
 SOURCE = "synthetic"
@@ -772,7 +772,7 @@ def frames_for(seed: int, n: int) -> list[convert.Frame]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(prog="python -m data_prep.synthetic",
-                                 description="procedural outdoor road scenes -> shards")
+                        description="procedural outdoor road scenes -> shards")
     ap.add_argument("--frames", type=int, required=True, help="number of frames")
     ap.add_argument("--seed", type=int, default=0,
                     help="data set seed; use disjoint seeds for train and validation (default 0)")

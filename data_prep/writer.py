@@ -26,7 +26,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from .files import _fsync_dir, atomic_write_bytes
+from .files import atomic_write_bytes, fsync_dir
 from .schema import SCHEMA_VERSION, check_key
 
 INDEX_NAME = "index.json"
@@ -173,7 +173,7 @@ class ShardWriter:
         # an interrupt arrived.
         self.shards.append({"name": name, "samples": self._count, "bytes": size})
         os.replace(self._tmp, self._finished_path(name))
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
         self._tar = self._file = self._tmp = None
         self._count = 0
         self._bytes = 0
@@ -213,7 +213,7 @@ class ShardWriter:
         if self._deferred:
             for shard in self.shards:
                 os.replace(self._finished_path(shard["name"]), self.out_dir / shard["name"])
-            _fsync_dir(self.out_dir)
+            fsync_dir(self.out_dir)
         atomic_write_bytes(self.out_dir / INDEX_NAME, (json.dumps(index, indent=1) + "\n").encode())
         self._closed = True
         return index
