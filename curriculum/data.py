@@ -630,12 +630,23 @@ def _end_live_workers() -> None:
 
 
 class _Loader(DataLoader):
-    """A DataLoader whose workers end when the process does (see _LIVE_ITERATORS)."""
+    """A DataLoader whose workers end when the process does (see _LIVE_ITERATORS) and can be
+    forked after this process used OpenCV."""
 
     def _get_iterator(self):
-        it = super()._get_iterator()
-        if self.num_workers > 0:
-            _LIVE_ITERATORS.add(it)
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        # Workers are forked here. A fork taken while OpenCV's thread pool is alive (any cv2 call
+        # in this process before: an in-process validation or evaluation, a panel) leaves the child
+        # waiting forever on the pool's locks at its first cv2 call (_worker_init's); the pool is
+        # stopped for the fork and comes back after it.
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            it = super()._get_iterator()
+        finally:
+            cv2.setNumThreads(threads)
+        _LIVE_ITERATORS.add(it)
         return it
 
 

@@ -274,6 +274,31 @@ def test_packed_masks_unpack_to_the_same_mask(h, w, seed):
     assert torch.equal(unpack_mask(bits, w), torch.from_numpy(mask))
 
 
+def test_loader_workers_start_after_this_process_used_opencv_threads(tiny_shards, tmp_path):
+    """Forked while OpenCV's thread pool was alive, a worker used to hang at its first cv2 call
+    (19 forks in 20 in a reproduction); the loader stops the pool for the fork."""
+    _, _, train, _ = tiny_shards
+    script = tmp_path / "fork_after_cv2.py"
+    script.write_text(
+        "import cv2, numpy as np\n"
+        "from curriculum.data import TrainSpec, TrainStream, train_loader\n"
+        "img = np.random.rand(2000, 3000).astype(np.float32)\n"
+        "for _ in range(3):\n"
+        "    cv2.resize(img, (1500, 1000), interpolation=cv2.INTER_CUBIC)\n"
+        "    cv2.GaussianBlur(img, (9, 9), 0)\n"
+        "threads = cv2.getNumThreads()\n"
+        "spec = TrainSpec(batch_size=2, batches_per_rank=4, crop_height=28, crop_width=56, shuffle_buffer=4)\n"
+        f"for _ in range(3):\n"
+        f"    assert len(list(train_loader(TrainStream({train!r}, spec, 0, 1, 0), lambda: 0, 2))) == 4\n"
+        "assert cv2.getNumThreads() == threads  # this process keeps its thread pool\n"
+        "print('ok')\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 def test_a_script_ending_on_an_exception_with_live_workers_exits(tiny_shards, tmp_path):
     """Workers ignore SIGTERM (a signal to the process group is for the trainer), so
     multiprocessing's exit handler, which SIGTERMs and then joins them, used to wait forever."""
