@@ -515,6 +515,9 @@ class TrainStream(IterableDataset):
         for _ in range(self._resume_start(step, epoch, stream, nw, already)):  # trained on: skipped, undecoded
             next(samples)
             counter += 1
+        # samples the reader dropped on the way (missing members, a cut tar) were counted with
+        # the trained batches; the limit still sees them, the next batch's count does not
+        bad.take()
         batch: list[dict] = []
         while quota > 0:
             raw = next(samples)

@@ -319,9 +319,10 @@ def test_ranks_gather_their_positions_on_the_strategys_device(monkeypatch):
 
 @pytest.fixture(scope="module")
 def failure_shards(tmp_path_factory):
-    """Four shards whose failed decodes fall at different places (one shard has none)."""
+    """Four shards whose failed decodes fall at different places (one shard has none), and a
+    sample the reader drops (no depth.png: never a raw sample, counted all the same)."""
     kinds = [["normal", "bad_json", "normal", "depth8", "normal", "normal"],
-             ["bad_image", "normal", "normal", "normal", "bad_json", "normal"],
+             ["bad_image", "normal", "no_depth", "normal", "bad_json", "normal"],
              ["normal"] * 6,
              ["depth8", "bad_json", "normal", "normal", "normal", "bad_image"]]
     return _write_shards(tmp_path_factory.mktemp("failures"), kinds)
@@ -371,6 +372,8 @@ def test_resume_at_any_step_with_any_workers_sees_the_uninterrupted_batches(
     resumed = [per_worker[k % workers][k // workers] for k in range(batches_per_rank - skip)]
     assert [b["key"] for b in resumed] == [b["key"] for b in whole[skip:]]
     assert all(torch.equal(a["packed"], b["packed"]) for a, b in zip(resumed, whole[skip:]))
+    # each bad sample counted once: the resumed batches count what the uninterrupted ones did
+    assert [b["bad_samples"] for b in resumed] == [b["bad_samples"] for b in whole[skip:]]
 
 
 def test_stream_positions_start_again_each_epoch():
