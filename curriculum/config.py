@@ -347,6 +347,16 @@ def validate(cfg: DictConfig) -> None:
     if not 0 < cfg.model.min_depth < cfg.model.max_depth or not math.isfinite(cfg.model.max_depth):
         raise RecipeError(f"model.min_depth, model.max_depth: need 0 < min_depth < max_depth < inf, got "
                           f"{cfg.model.min_depth}, {cfg.model.max_depth}")
+    for i, stage in enumerate(cfg.stages):
+        # A target beyond the head's range is unreachable (a sigmoid x 80 head cannot put the sky
+        # at 655 m): the loss would push the output into saturation and the sky stays a phantom.
+        policy = build_policy(OmegaConf.to_container(stage.policy))
+        for field in ("far_target", "max_depth"):
+            value = getattr(policy, field, None)
+            if value is not None and value > cfg.model.max_depth:
+                raise RecipeError(f"stages.{i}.policy.{field}: {value:g} m lies beyond the model's range "
+                                  f"(model.max_depth {cfg.model.max_depth:g} m); raise model.max_depth "
+                                  f"(model.head=log covers the unclipped range)")
     for key in ("train_shards", "val_shards"):
         if not str(cfg.data[key]).strip():
             raise RecipeError(f"data.{key}: empty; give a shard pattern such as data/train/*.tar")

@@ -104,8 +104,10 @@ def load_predictor(checkpoint: str | os.PathLike, encoder: str | None = None, ma
         far = taught_far_target(meta)
         # A model taught (itself or through init_from) to put the sky at the far target F: past
         # F/2 it says "sky". One never taught the sky has no depth that means sky; only the top
-        # of its range does.
-        default_sky = far / 2.0 if far is not None else 0.98 * float(mm["max_depth"])
+        # of its range does (also the cap for a far target the head could not reach, which recipes
+        # now refuse but older checkpoints may carry).
+        top = 0.98 * float(mm["max_depth"])
+        default_sky = min(far / 2.0, top) if far is not None else top
         source, enc, lo, hi, unc = "checkpoint", mm["encoder"], float(mm["min_depth"]), float(mm["max_depth"]), bool(mm["uncertainty"])
     else:
         sd = _state_dict_like(ckpt)
@@ -128,6 +130,9 @@ def load_predictor(checkpoint: str | os.PathLike, encoder: str | None = None, ma
     size = int(input_size or default_size)
     if size <= 0 or size % PATCH:
         raise PredictError(f"--input-size must be a positive multiple of {PATCH}, got {size}")
+    if sky_depth is not None and not lo < sky_depth <= hi:
+        raise PredictError(f"--sky-depth {sky_depth:g} m lies outside the model's range ({lo:g}-{hi:g} m): "
+                           "no prediction would reach it")
     return Predictor(model=model.to(device).eval(), source=source, encoder=enc, min_depth=lo, max_depth=hi,
                      input_size=size, sky_depth=float(sky_depth if sky_depth is not None else default_sky),
                      has_uncertainty=unc, device=device, notes=notes)

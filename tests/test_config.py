@@ -114,6 +114,8 @@ def test_semantic_checks():
     ("stages.0.rewarm_steps=-1", "stages.0.rewarm_steps: must be >= 0"),
     ("model.max_depth=-1", "need 0 < min_depth < max_depth"),
     ("data.val_shards=", "data.val_shards: empty"),
+    ("model.max_depth=80", "stages.0.policy.far_target: 655.35 m lies beyond the model's range (model.max_depth 80 m)"),
+    ("stages.0.policy.far_target=2000", "stages.0.policy.far_target: 2000 m lies beyond the model's range"),
     ("stages.0.step=5", "unknown key 'stages.0.step' (did you mean 'stages.0.steps'?)"),
     ("stages.1.steps=5", "command line: unknown key 'stages.1' (did you mean 'stages.0'?)"),
 ])
@@ -154,3 +156,11 @@ def test_schedule_is_a_function_of_step():
     # re-warm-up at the stage switch: half of the poly value on the first step of stage b
     assert lr_factor(10, stages, 0, 1.0) == pytest.approx((1 - 10 / 15) * 0.5)
     assert lr_factor(12, stages, 0, 1.0) == pytest.approx(1 - 12 / 15)
+
+
+def test_policy_targets_within_the_heads_range():
+    """Depth-Anything-V2's own setup (sigmoid x 80 head, 80 m mask) loads; a mask beyond the head does not."""
+    assert load_recipe([RECIPES_DIR / "finetune.yaml"], ["model.head=sigmoid", "model.max_depth=80"])
+    with pytest.raises(RecipeError) as e:
+        load_recipe([RECIPES_DIR / "finetune.yaml"], ["model.head=sigmoid", "model.max_depth=20"])
+    assert "stages.0.policy.max_depth: 80 m lies beyond the model's range (model.max_depth 20 m)" in _one_line(e)

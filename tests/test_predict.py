@@ -231,6 +231,22 @@ def test_conflicting_max_depth_is_an_error(trained, images, tmp_path, capsys):
     assert rc == 0, err  # the same range is accepted
     rc, _, err = _predict(["--checkpoint", trained, "--input", folder, "--out", out, "--encoder", "vits"], capsys)
     assert rc == 2 and "conflicts with the checkpoint's encoder tiny" in err
+    rc, _, err = _predict(["--checkpoint", trained, "--input", folder, "--out", out, "--pointcloud", "--drop-sky",
+                           "--sky-depth", 2000], capsys)
+    assert rc == 2 and "--sky-depth 2000 m lies outside the model's range (0.1-1000 m)" in err
+
+
+def test_default_sky_depth_stays_within_the_models_range(trained, tmp_path):
+    """A checkpoint whose recorded far target lies beyond its head's range (recipes refuse that now;
+    older checkpoints may carry it) gets a --drop-sky threshold its predictions can reach."""
+    from curriculum.checkpoint import META_KEY
+    from curriculum.predict import load_predictor
+
+    ckpt = torch.load(trained, map_location="cpu", weights_only=False)
+    assert load_predictor(trained).sky_depth == pytest.approx(655.35 / 2)
+    ckpt[META_KEY]["parent_far_target"] = 5000.0
+    torch.save(ckpt, tmp_path / "far.ckpt")
+    assert load_predictor(tmp_path / "far.ckpt").sky_depth == pytest.approx(0.98 * 1000)
 
 
 def test_filters_need_a_point_cloud_and_an_uncertainty_head(trained, images, tmp_path, capsys):
