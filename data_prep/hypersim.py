@@ -60,8 +60,8 @@ def read_distance(path: Path) -> np.ndarray:
         raise bad(path, "missing file")
     try:
         with h5py.File(path, "r") as f:
-            if "dataset" not in f:
-                raise bad(path, "no 'dataset' in the HDF5 file")
+            if not isinstance(f.get("dataset"), h5py.Dataset):
+                raise bad(path, "no 'dataset' array in the HDF5 file")
             d = f["dataset"][()]
     except OSError as e:
         raise bad(path, f"unreadable HDF5 ({e})") from None

@@ -77,7 +77,7 @@ def validate_meta(meta: dict, key: str) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise SampleError(f"{key}: meta.json misses {', '.join(missing)}")
-    if meta["schema"] != SCHEMA_VERSION:
+    if isinstance(meta["schema"], bool) or meta["schema"] != SCHEMA_VERSION:  # true == 1 in Python
         raise SampleError(f"{key}: meta.json schema is {meta['schema']!r}, expected {SCHEMA_VERSION}")
     for k in ("source", "scene"):
         if not isinstance(meta[k], str) or not meta[k]:

@@ -125,3 +125,9 @@ def test_unreadable_hdf5_named(fixtures_dir, tmp_path, capsys):
     assert convert(root, tmp_path / "out") == 2
     assert f"error: {p}: unreadable HDF5" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
+    # an HDF5 file whose 'dataset' is a group, not an array: named, and skippable
+    p.unlink()
+    with h5py.File(p, "w") as f:
+        f.create_group("dataset")
+    assert convert(root, tmp_path / "out") == 2
+    assert f"error: {p}: no 'dataset' array in the HDF5 file" in capsys.readouterr().err

@@ -125,6 +125,7 @@ def test_multichannel_depth_refused():
         (lambda s: s.pop("meta.json"), "missing meta.json"),
         (lambda s: s.__setitem__("meta.json", b"{not json"), "not valid JSON"),
         (lambda s: s.__setitem__("meta.json", json.dumps(meta(schema=2)).encode()), "schema is 2"),
+        (lambda s: s.__setitem__("meta.json", json.dumps(meta(schema=True)).encode()), "schema is True"),
         (lambda s: s.__setitem__("meta.json", json.dumps({"schema": 1, "source": "x"}).encode()), "misses"),
         (lambda s: s.__setitem__("meta.json", json.dumps(meta(schema=1, width=W + 1)).encode()), "but meta says"),
         (lambda s: s.__setitem__("meta.json", json.dumps(meta(schema=1, fx=0)).encode()), "fx must be a positive"),
