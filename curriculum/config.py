@@ -336,11 +336,20 @@ def validate(cfg: DictConfig) -> None:
                else "the loss and the final activation are kept in fp32 under mixed precision only")
         raise RecipeError(f"trainer.precision: '{cfg.trainer.precision}' is not supported (choose from "
                           f"{', '.join(PRECISIONS)}; {why})")
+    _check_finite(cfg)
     if not cfg.optim.lr > 0 or not cfg.optim.head_lr_mult > 0:
         raise RecipeError(f"optim.lr and optim.head_lr_mult: must be positive, got {cfg.optim.lr}, {cfg.optim.head_lr_mult}")
-    for key in ("warmup_steps", "weight_decay", "grad_clip"):
-        if cfg.optim[key] < 0:
-            raise RecipeError(f"optim.{key}: must be >= 0, got {cfg.optim[key]}")
+    for section, key in _NON_NEGATIVE:
+        if cfg[section][key] < 0:
+            raise RecipeError(f"{section}.{key}: must be >= 0, got {cfg[section][key]}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= cfg.optim[key] < 1:
+            raise RecipeError(f"optim.{key}: must lie in [0, 1), got {cfg.optim[key]}")
+    if not cfg.logging.depth_vmax > 0:
+        raise RecipeError(f"logging.depth_vmax: must be positive, got {cfg.logging.depth_vmax}")
+    if not cfg.loss.silog_lambda <= 1:
+        # above 1 the variance term can go negative: the loss then sits at its floor with no gradient
+        raise RecipeError(f"loss.silog_lambda: must lie in [0, 1], got {cfg.loss.silog_lambda}")
     for i, stage in enumerate(cfg.stages):
         if stage.rewarm_steps < 0:
             raise RecipeError(f"stages.{i}.rewarm_steps: must be >= 0, got {stage.rewarm_steps}")
@@ -351,10 +360,10 @@ def validate(cfg: DictConfig) -> None:
         # A target beyond the head's range is unreachable (a sigmoid x 80 head cannot put the sky
         # at 655 m): the loss would push the output into saturation and the sky stays a phantom.
         policy = build_policy(OmegaConf.to_container(stage.policy))
-        for field in ("far_target", "max_depth"):
-            value = getattr(policy, field, None)
+        for name in ("far_target", "max_depth"):
+            value = getattr(policy, name, None)
             if value is not None and value > cfg.model.max_depth:
-                raise RecipeError(f"stages.{i}.policy.{field}: {value:g} m lies beyond the model's range "
+                raise RecipeError(f"stages.{i}.policy.{name}: {value:g} m lies beyond the model's range "
                                   f"(model.max_depth {cfg.model.max_depth:g} m); raise model.max_depth "
                                   f"(model.head=log covers the unclipped range)")
     for key in ("train_shards", "val_shards"):
@@ -362,6 +371,25 @@ def validate(cfg: DictConfig) -> None:
             raise RecipeError(f"data.{key}: empty; give a shard pattern such as data/train/*.tar")
     if cfg.init_from and cfg.resume:
         raise RecipeError("init_from and resume are exclusive: init_from starts a new stage, resume continues a run")
+
+
+# Values a sign error would turn into something else without a word (a negative jitter or buffer
+# reads as none, a negative loss weight switches the term off).
+_NON_NEGATIVE = (
+    ("optim", "warmup_steps"), ("optim", "weight_decay"), ("optim", "grad_clip"), ("optim", "poly_power"),
+    ("loss", "silog_lambda"), ("loss", "grad_weight"), ("loss", "nll_weight"),
+    ("data", "scale_jitter"), ("data", "color_jitter"), ("data", "shuffle_buffer"), ("data", "epoch_samples"),
+    ("data", "max_bad_samples"), ("data", "val_max_images"), ("logging", "image_every_steps"),
+)
+
+
+def _check_finite(cfg: DictConfig) -> None:
+    """No float of a recipe may be NaN or infinite: an infinite learning rate or a NaN decay power
+    trains the weights into NaN without a non-finite loss or gradient to stop it first."""
+    for section in ("data", "model", "loss", "optim", "trainer", "logging"):
+        for key, value in cfg[section].items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RecipeError(f"{section}.{key}: must be a finite number, got {value}")
 
 
 def _check_devices(devices: Any) -> None:
