@@ -181,12 +181,15 @@ class DepthModule(pl.LightningModule):
         # the streak as of this step on the CPU, as of the step before on a device (read late, unsynced)
         if self.nonfinite.streak >= self.max_nonfinite:
             self.nonfinite.sync()
+            what = (f"{self.nonfinite.streak} consecutive steps with non-finite loss or gradients at step "
+                    f"{self.global_step}")
+            # skipped steps leave the weights as they were; only weights that are finite are "good"
+            if not all(bool(torch.isfinite(p).all()) for p in params):
+                raise NonFiniteError(f"{what}; the weights themselves are non-finite, so no checkpoint was "
+                                     "saved: resume from an earlier one")
             path = Path(self.recipe["run"]["out_dir"]) / "checkpoints" / "nonfinite-stop.ckpt"
             self.trainer.save_checkpoint(path, weights_only=False)
-            raise NonFiniteError(
-                f"{self.nonfinite.streak} consecutive steps with non-finite loss or gradients at step "
-                f"{self.global_step}; last good weights saved to {path}"
-            )
+            raise NonFiniteError(f"{what}; last good weights saved to {path}")
 
     @property
     def skipped_steps(self) -> int:

@@ -488,6 +488,27 @@ def test_nonfinite_steps_are_skipped_counted_and_k_in_a_row_stop_with_the_last_g
             if r.get("train/skipped_steps")}[2] >= 1
 
 
+def test_nonfinite_weights_are_never_saved_as_the_last_good_ones(tiny_shards, tmp_path, probe):
+    """Skipped steps keep the weights; weights that are non-finite all the same (an update made them
+    so) give a stop without a 'good' checkpoint."""
+    train_dir, val_dir, _, _ = tiny_shards
+    holder = {}
+
+    def setup(trainer, module):
+        holder["module"] = module
+        module.max_nonfinite = 2
+
+    def poison():
+        with torch.no_grad():
+            next(holder["module"].parameters()).fill_(float("nan"))
+
+    probe(on_setup=setup, at_step={2: poison})
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match=r"the weights themselves are non-finite, so no checkpoint was saved"):
+        train_mod.train(_recipe(train_dir, val_dir, out, "stages.0.steps=3", "stages.1.steps=3"))
+    assert not (out / "checkpoints" / "nonfinite-stop.ckpt").exists()
+
+
 # ---------------------------------------------------------------------------- 4. signals (in process)
 
 
