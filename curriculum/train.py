@@ -219,9 +219,11 @@ def train(cfg: DictConfig) -> dict:
         warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
         trainer.fit(module, datamodule=datamodule, ckpt_path=recipe["resume"] or None,
                     weights_only=False if recipe["resume"] else None)
-        val_every = recipe["trainer"]["val_every_steps"]
-        if not (val_every and trainer.global_step % val_every == 0):
-            trainer.validate(module, datamodule=datamodule, verbose=False)  # the final model, always
+        # the final model, always, unless the run's own schedule just validated it (every N steps,
+        # or once per epoch when the last step ended an epoch)
+        every = recipe["trainer"]["val_every_steps"] or datamodule.batches_per_rank(trainer.world_size)
+        if trainer.global_step % every:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
     final = out_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(final, weights_only=False)  # the full state, resumable
     run_id = module.extra_metadata.get("wandb_run_id", "")

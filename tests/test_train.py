@@ -368,3 +368,15 @@ def test_progress_bars_cover_training_and_validation(tiny_shards, tmp_path, capf
     err = capfd.readouterr().err
     assert "train: 100%" in err and "3/3" in err and "img_s=" in err  # the run's bar: steps, rate, ETA
     assert "validate:" in err and re.search(r"validation at step 3: 6 images in [0-9.]+ s \([0-9.]+ images/s\)", err)
+
+
+@pytest.mark.parametrize("steps,validated_at", [
+    (("stages.0.steps=4", "stages.1.steps=4"), [7]),  # one epoch of 8 batches: its validation is the final one
+    (("stages.0.steps=4", "stages.1.steps=1"), [5]),  # ends mid-epoch: validated at the end
+    (("stages.0.steps=5", "stages.1.steps=5", "trainer.val_every_steps=5"), [4, 9]),
+])
+def test_the_final_model_is_validated_once(tiny_shards, tmp_path, steps, validated_at):
+    """(Validation inside fit logs at the step it follows, the final one at the step count.)"""
+    train(_recipe(tiny_shards, tmp_path / "run", *steps))
+    rows = [r for r in read_metrics(tmp_path / "run") if r.get("val/near/abs_rel")]
+    assert [int(r["step"]) for r in rows] == validated_at
