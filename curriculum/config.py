@@ -6,6 +6,7 @@ closest valid key when the name is unknown).
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import re
@@ -159,7 +160,7 @@ def _check_keys(user: Any, schema: DictConfig, source: str, prefix: str = "") ->
     for key, value in user.items():
         path = f"{prefix}{key}"
         if key not in schema.keys():
-            raise unknown_key(path, _valid_keys(OmegaConf.structured(Recipe)), source)
+            raise unknown_key(path, _valid_keys(schema, prefix) + _valid_keys(OmegaConf.structured(Recipe)), source)
         child = schema._get_node(key)
         if isinstance(child, DictConfig) and not _is_free_dict(child):
             _check_keys(value, child, source, path + ".")
@@ -195,13 +196,24 @@ def _set_override(cfg: DictConfig, key: str, value: Any) -> None:
             _unknown(".".join(parts[: i + 1]), "command line", cfg)
         node = child
     last = parts[-1]
+    prefix = ".".join(parts[:-1]) + "." if len(parts) > 1 else ""
     if isinstance(node, ListConfig):
         if not last.isdigit() or int(last) >= len(node):
             raise RecipeError(f"command line: no list item '{key}'")
+        item_type = node._metadata.element_type
+        if isinstance(value, dict) and dataclasses.is_dataclass(item_type):  # stages.1={name: ..., steps: ...}
+            _check_keys(value, OmegaConf.structured(item_type), "command line", f"{key}.")
+            value = OmegaConf.merge(OmegaConf.structured(item_type), value)
         node[int(last)] = value
         return
     if last not in node.keys() and not _is_free_dict(node):
         _unknown(key, "command line", cfg)
+    if isinstance(value, (dict, list)) and not _is_free_dict(node):
+        # a whole section or list, as a recipe file could give it (stages=[...]): merged, so that
+        # its items take the schema's types and defaults, with its keys checked first
+        _check_keys({last: value}, node, "command line", prefix)
+        node.merge_with({last: value})
+        return
     if isinstance(value, int) and not isinstance(value, bool) and isinstance(node._get_node(last), FloatNode):
         value = float(value)  # lr=1 means 1.0; omegaconf would warn about the implicit conversion
     node[last] = value

@@ -175,3 +175,20 @@ def test_policy_targets_within_the_heads_range():
     with pytest.raises(RecipeError) as e:
         load_recipe([RECIPES_DIR / "finetune.yaml"], ["model.head=sigmoid", "model.max_depth=20"])
     assert "stages.0.policy.max_depth: 80 m lies beyond the model's range (model.max_depth 20 m)" in _one_line(e)
+
+
+def test_command_line_gives_whole_sections_and_lists_as_a_recipe_file_would():
+    cfg = load_recipe([RECIPES_DIR / "smoke.yaml"], ["stages=[{name: a, steps: 3, policy: {name: unclipped}}]"])
+    assert len(cfg.stages) == 1 and cfg.stages[0].steps == 3 and cfg.stages[0].rewarm_steps == 0
+    cfg = load_recipe([RECIPES_DIR / "curriculum.yaml"], ["stages.1={name: near, steps: 7, policy: {name: max_depth}}"])
+    assert [s.name for s in cfg.stages] == ["pretrain", "near"] and cfg.stages[1].policy == {"name": "max_depth"}
+    assert load_recipe([RECIPES_DIR / "smoke.yaml"], ["model={encoder: vits}"]).model.encoder == "vits"
+    for override, message in [
+        ("stages=[{name: a, step: 3}]", "command line: unknown key 'stages.0.step' (did you mean 'stages.0.steps'?)"),
+        ("stages.0={name: a, stepz: 3}", "command line: unknown key 'stages.0.stepz'"),
+        ("model={encodr: vits}", "command line: unknown key 'model.encodr' (did you mean 'model.encoder'?)"),
+        ("stages=[{name: a}]", "missing required value 'stages.0.steps'"),
+    ]:
+        with pytest.raises(RecipeError) as e:
+            load_recipe([RECIPES_DIR / "smoke.yaml"], [override])
+        assert message in _one_line(e), (override, str(e.value))
