@@ -15,7 +15,7 @@ from tqdm import tqdm
 from curriculum.checkpoint import load_model
 from curriculum.config import LoggingConfig
 from curriculum.data import DataError, ValStream, expand_shards, normalize_images
-from curriculum.metrics import MetricAccumulator, eval_crop
+from curriculum.metrics import MIN_PIXELS, MetricAccumulator, eval_crop
 from curriculum.module import EVAL_MAX_DEPTH
 from data_prep.files import atomic_write_text
 
@@ -27,8 +27,8 @@ GROUPS = (("near (<= 80 m)", "near"), ("  [0, 20)", "near/0_20"), ("  [20, 40)",
 def protocol_text(protocol: str, min_depth: float, max_depth: float) -> str:
     crop = {"kitti_garg": "Garg crop", "kitti_eigen": "Eigen crop", "nyu": "NYU crop"}.get(protocol, "no crop")
     return (f"protocol {protocol}: {crop}; near range {min_depth:g}..{max_depth:g} m; far = measured > "
-            f"{max_depth:g} m; sky = sky mask or beyond sensor range; metrics per image, then averaged over images; "
-            f"phantom rate over pixels")
+            f"{max_depth:g} m; sky = sky mask or beyond sensor range; metrics per image (an image counts in a range "
+            f"with >= {MIN_PIXELS} pixels there), then averaged over images; phantom rate over pixels")
 
 
 @torch.no_grad()

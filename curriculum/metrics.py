@@ -24,6 +24,10 @@ import torch
 
 METRIC_NAMES = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
 RANGE_BINS = (("0_20", 0, 20), ("20_40", 20, 40), ("40_80", 40, 80))  # 40_80 includes 80
+# An image counts in a group (near, a range bin, far) only with at least this many of its pixels
+# there, as Depth-Anything-V2's evaluation skips images with fewer than 10 valid pixels: a handful
+# of pixels would otherwise weigh as much as a whole image in the per-image average.
+MIN_PIXELS = 10
 GROUPS = ("near",) + tuple(f"near/{name}" for name, _, _ in RANGE_BINS) + ("far",)
 PHANTOM_KINDS = ("", "far/", "sky/")
 PROTOCOLS = ("none", "synthetic", "kitti_garg", "kitti_eigen", "nyu")
@@ -78,7 +82,7 @@ class MetricAccumulator:
     ``state_names()``); to reduce across DDP ranks, all_reduce(SUM) it and ``load_state`` the result.
     """
 
-    def __init__(self, min_depth: float = 1e-3, max_depth: float = 80.0, min_pixels: int = 1):
+    def __init__(self, min_depth: float = 1e-3, max_depth: float = 80.0, min_pixels: int = MIN_PIXELS):
         if not (0 < min_depth < max_depth):
             raise ValueError(f"need 0 < min_depth < max_depth, got {min_depth}, {max_depth}")
         if min_pixels < 1:

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from curriculum.metrics import (
     GROUPS,
     METRIC_NAMES,
+    MIN_PIXELS,
     PROTOCOLS,
     RANGE_BINS,
     MetricAccumulator,
@@ -71,7 +72,7 @@ def _image(gt_values, pred_values, sky=None, valid=None):
 
 
 def test_accumulator_averages_per_image():
-    acc = MetricAccumulator()
+    acc = MetricAccumulator(min_pixels=1)  # one-pixel images: the threshold is tested below
     acc.update(*_image([10.0], [15.0]))  # abs_rel 0.5 from one pixel
     acc.update(*_image([10.0] * 50, [10.0] * 50))  # abs_rel 0 from 50 pixels
     out = acc.compute()
@@ -83,7 +84,7 @@ def test_accumulator_averages_per_image():
 def test_accumulator_bins_and_far_group():
     gt = [5.0, 20.0, 39.0, 40.0, 80.0, 84.9, 0.0]
     pred = [5.0, 30.0, 39.0, 60.0, 80.0, 84.9, 3.0]
-    acc = MetricAccumulator()
+    acc = MetricAccumulator(min_pixels=1)
     acc.update(*_image(gt, pred))
     out = acc.compute()
     near = _by_hand(pred[:5], gt[:5])
@@ -100,7 +101,7 @@ def test_accumulator_phantom_rate():
     pred = [50.0, 100.0, 70.0, 700.0, 10.0, 20.0]
     sky = [False, False, True, True, False, False]
     valid = [True, True, True, True, True, False]  # the last pixel is cropped away
-    acc = MetricAccumulator()
+    acc = MetricAccumulator(min_pixels=1)
     acc.update(*_image(gt, pred, sky, valid))
     out = acc.compute()
     # beyond 80 m or sky: inf (50 -> phantom), 90 (100 -> ok), sky (70 -> phantom), sky (700 -> ok)
@@ -111,8 +112,22 @@ def test_accumulator_phantom_rate():
     assert out["near/images"] == 1 and out["near/abs_rel"] == pytest.approx(0.0)
 
 
-def test_empty_groups_are_nan_not_errors():
+def test_an_image_counts_in_a_range_only_with_ten_pixels_there():
+    """Depth-Anything-V2's evaluation skips images with fewer than 10 valid pixels; per range, a
+    few stray far pixels would otherwise weigh as much as a whole image of them."""
+    assert MIN_PIXELS == 10
     acc = MetricAccumulator()
+    acc.update(*_image([10.0] * 10 + [90.0] * 9, [15.0] * 10 + [45.0] * 9))  # 9 far pixels, badly predicted
+    acc.update(*_image([10.0] * 20 + [90.0] * 10, [10.0] * 20 + [90.0] * 10))  # 10 far pixels, exact
+    out = acc.compute()
+    assert out["near/images"] == 2 and out["near/abs_rel"] == pytest.approx(0.25)
+    assert out["far/images"] == 1 and out["far/abs_rel"] == pytest.approx(0.0)
+    assert out["near/20_40/images"] == 0 and math.isnan(out["near/20_40/abs_rel"])
+    assert out["far/phantom_rate"] == pytest.approx(9 / 19)  # phantom pixels are pooled: every one counts
+
+
+def test_empty_groups_are_nan_not_errors():
+    acc = MetricAccumulator(min_pixels=1)
     out = acc.compute()
     assert out["images"] == 0 and all(math.isnan(out[f"{g}/abs_rel"]) for g in GROUPS)
     assert math.isnan(out["phantom_rate"])
