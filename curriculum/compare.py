@@ -565,16 +565,16 @@ def _predict_sample(model, rgb: np.ndarray, height: int, width: int, device: str
     """As evaluate() does: resize to the network size, predict, resize back bilinearly."""
     import cv2
     import torch
-    import torch.nn.functional as F
 
     from curriculum.data import normalize_images
+    from curriculum.layers import upsample_depth
 
     h, w = rgb.shape[:2]
     x = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_CUBIC)
     t = torch.from_numpy(x).permute(2, 0, 1)[None].to(device)
     with torch.no_grad():
         pred = model(normalize_images(t)).depth.float().cpu()
-    return F.interpolate(pred[:, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+    return upsample_depth(pred, (h, w))[0].numpy()
 
 
 def make_figures(c: dict, report: dict, cfgs: dict, results: dict, val_shards: str, out: Path) -> dict:

@@ -9,12 +9,12 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from curriculum.checkpoint import load_model
 from curriculum.config import LoggingConfig
 from curriculum.data import DataError, ValStream, expand_shards, normalize_images
+from curriculum.layers import upsample_depth
 from curriculum.metrics import MIN_PIXELS, MetricAccumulator, eval_crop
 from curriculum.module import EVAL_MAX_DEPTH
 from data_prep.files import atomic_write_text
@@ -59,7 +59,7 @@ def evaluate(checkpoint: str, shards: str, protocol: str = "synthetic", batch_si
                 stretched.add((h, w))
                 warnings.warn(f"{w}x{h} images are resized to the network input {width}x{height}, changing their "
                               f"aspect ratio; give --height/--width of the same shape", stacklevel=2)
-            p = F.interpolate(pred[i][None, None], size=(h, w), mode="bilinear", align_corners=False)[0]
+            p = upsample_depth(pred[i][None], (h, w))
             valid = batch["valid"][i : i + 1, :h, :w] & eval_crop(h, w, protocol)[None]
             acc.update(p, batch["depth"][i : i + 1, :h, :w], batch["sky"][i : i + 1, :h, :w], valid)
             if len(panels) < examples:

@@ -85,3 +85,10 @@ def one_channel_projection(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tens
         raise ValueError(f"one_channel_projection needs a 1x1 convolution to one channel, got {conv}")
     y = (x * conv.weight.reshape(1, -1, 1, 1)).sum(1, keepdim=True)
     return y if conv.bias is None else y + conv.bias.reshape(1, 1, 1, 1)
+
+
+def upsample_depth(depth: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A (B, H, W) prediction resized to ``size`` (B, h, w) in fp32: bilinear with
+    ``align_corners=True``, as Depth-Anything-V2 resizes its output to the image (``infer_image``)
+    and to the ground truth in its evaluation, so official checkpoints give the same maps here."""
+    return F.interpolate(depth.float()[:, None], size=tuple(size), mode="bilinear", align_corners=True)[:, 0]

@@ -14,10 +14,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from curriculum.checkpoint import META_KEY, build_metadata
 from curriculum.data import StreamPositions, finish_train_batch, normalize_images
+from curriculum.layers import upsample_depth
 from curriculum.losses import compute_loss
 from curriculum.masks import build_policy, policy_to_dict
 from curriculum.metrics import MetricAccumulator
@@ -203,7 +203,7 @@ class DepthModule(pl.LightningModule):
         pred = self(batch["image"]).depth.float()
         for i in range(pred.shape[0]):
             h, w = (int(v) for v in batch["size"][i])
-            p = F.interpolate(pred[i][None, None], size=(h, w), mode="bilinear", align_corners=False)[0]
+            p = upsample_depth(pred[i][None], (h, w))
             self.val_metrics.update(p, batch["depth"][i : i + 1, :h, :w], batch["sky"][i : i + 1, :h, :w],
                                     batch["valid"][i : i + 1, :h, :w])
             if batch_idx == 0 and i == 0 and self.global_rank == 0:

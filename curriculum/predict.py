@@ -24,12 +24,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from curriculum.checkpoint import (
     META_KEY, MODEL_FIELDS, CheckpointError, model_state, read_checkpoint, taught_far_target,
 )
 from curriculum.data import normalize_images
+from curriculum.layers import upsample_depth
 from curriculum.model import PATCH
 from data_prep.files import atomic_write
 
@@ -191,8 +191,7 @@ def predict_image(predictor: Predictor, rgb: np.ndarray) -> tuple[np.ndarray, np
     out = predictor.model(normalize_images(x))
 
     def back(t: torch.Tensor) -> np.ndarray:
-        t = F.interpolate(t.float()[:, None], size=(h, w), mode="bilinear", align_corners=False)
-        return t[0, 0].cpu().numpy().astype(np.float32)
+        return upsample_depth(t, (h, w))[0].cpu().numpy().astype(np.float32)
 
     return back(out.depth), (back(out.uncertainty) if out.uncertainty is not None else None), (nh, nw)
 

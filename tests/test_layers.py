@@ -194,3 +194,19 @@ def test_depth_model_projects_by_channel_sums_only_when_compiled(monkeypatch):
     with torch.no_grad():
         model(x)
     assert len(calls) == 2
+
+
+def test_predictions_are_upsampled_corner_to_corner_as_depth_anything_does():
+    """Depth-Anything-V2 resizes its output to the image with align_corners=True: the corner
+    pixels keep the network's corner values exactly."""
+    from curriculum.layers import upsample_depth
+
+    pred = torch.rand(2, 5, 7) * 80
+    up = upsample_depth(pred.to(torch.bfloat16), (23, 31))
+    assert up.shape == (2, 23, 31) and up.dtype == torch.float32
+    p = pred.to(torch.bfloat16).float()
+    for (r, c), (R, C) in (((0, 0), (0, 0)), ((0, -1), (0, -1)), ((-1, 0), (-1, 0)), ((-1, -1), (-1, -1))):
+        assert torch.equal(up[:, R, C], p[:, r, c])
+    # output row 1 reads input row 4/22 (align_corners=False would clamp it to row 0)
+    t = 4 / 22
+    assert torch.allclose(up[:, 1, 0], (1 - t) * p[:, 0, 0] + t * p[:, 1, 0])

@@ -86,7 +86,7 @@ def test_outputs_keep_the_input_size_and_match_the_model(trained, images, tmp_pa
         x = torch.from_numpy(cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_CUBIC)).permute(2, 0, 1)[None]
         with torch.no_grad():
             pred = model(normalize_images(x)).depth
-        expected = F.interpolate(pred[:, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+        expected = F.interpolate(pred[:, None], size=(h, w), mode="bilinear", align_corners=True)[0, 0].numpy()
         np.testing.assert_allclose(depth, expected, rtol=1e-5, atol=1e-5)
         # colour PNG: the image (enlarged to be readable) plus a colour bar to its right
         png = Image.open(out / f"{stem}_depth.png")
@@ -281,7 +281,7 @@ def test_official_checkpoint_with_encoder_and_max_depth(official, images, tmp_pa
     x = torch.from_numpy(cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_CUBIC)).permute(2, 0, 1)[None]
     with torch.no_grad():
         pred = model(normalize_images(x)).depth
-    expected = F.interpolate(pred[:, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+    expected = F.interpolate(pred[:, None], size=(h, w), mode="bilinear", align_corners=True)[0, 0].numpy()
     np.testing.assert_allclose(depth, expected, rtol=1e-5, atol=1e-5)
     assert depth.max() <= 80.0
     # sky of a sigmoid x 80 head: at or beyond 0.98 x 80 m
