@@ -1,6 +1,6 @@
 """The WebDataset side of training: shard lists, decoding, joint augmentation, batching.
 
-Design, against the traps of webdataset under DDP (see PITFALLS.md 1-9):
+Design, against the traps of webdataset under DDP:
 - Rank and world size are captured in the main process and handed to the dataset; nothing is
   read from environment variables inside loader workers.
 - Training: every rank yields exactly `batches_per_rank` full batches per epoch. Global batch `b`

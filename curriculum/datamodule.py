@@ -33,7 +33,8 @@ class DepthDataModule(pl.LightningDataModule):
         return n
 
     def setup(self, stage: str) -> None:
-        # Rank and world size come from the trainer in the main process (PITFALLS 4).
+        # Rank and world size come from the trainer in the main process: loader workers read them
+        # from env vars that Lightning's launcher does not all set.
         rank, world = self.trainer.global_rank, self.trainer.world_size
         workers = self.cfg["num_workers"]
         if stage == "fit":

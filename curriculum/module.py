@@ -98,7 +98,7 @@ class DepthModule(pl.LightningModule):
         80-300 element-wise operators over full-resolution maps fuse into a few kernels; the mask
         policy stays out, so a stage switch does not recompile.
 
-        Held outside the module tree, so state dicts never hold `_orig_mod.` keys (PITFALLS 15).
+        Held outside the module tree, so state dicts never hold `_orig_mod.` keys (what a compiled module saves).
         The plain function is compiled, not a bound method: one held by the instance would tie a
         deep copy to the original's weights and make the module refer to itself. Compiled
         wrappers cannot be pickled, so __getstate__ drops these and __setstate__ rebuilds them."""
@@ -211,7 +211,7 @@ class DepthModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         # One reduction of sums and counts per epoch: every image counts once across ranks and
-        # no collective runs per step (PITFALLS 16).
+        # no collective runs per step (a per-step sync_dist deadlocks when ranks validate unevenly).
         state = self.val_metrics.state().to(self.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(state, op=dist.ReduceOp.SUM)
@@ -267,7 +267,7 @@ class DepthModule(pl.LightningModule):
              "bad_samples": position["bad_samples"][0],  # rank 0's, as logged
              "data_position": position, **self.extra_metadata},
         )
-        # Weights without any compile wrapper prefix (PITFALLS 15).
+        # Weights without any compile wrapper prefix (`_orig_mod.`).
         checkpoint["state_dict"] = {k.replace("_orig_mod.", ""): v for k, v in checkpoint["state_dict"].items()}
 
     def _take_pending_batch(self) -> None:

@@ -153,7 +153,7 @@ def build_trainer(recipe: dict, out_dir: Path, loggers: list) -> pl.Trainer:
 
 def init_from_checkpoint(module: DepthModule, path: str, recipe: dict) -> dict:
     """Stage-2 start: weights and metadata only. Optimizer, schedule and step counters start
-    fresh (a full resume would carry stage 1's, PITFALLS 11)."""
+    fresh (a full resume would carry stage 1's)."""
     ckpt = read_checkpoint(path)
     meta = metadata(ckpt, path)
     check_same_model({k: recipe["model"][k] for k in MODEL_KEYS}, meta["model"], f"init_from '{path}'")

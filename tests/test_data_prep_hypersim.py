@@ -55,7 +55,7 @@ def test_planar_conversion_on_real_frame(fixtures_dir, tmp_path):
     cos = f / math.sqrt(x * x + y * y + f * f)
     assert cos < 0.82
     assert z[0, 0] == pytest.approx(dist[0, 0] * cos, abs=0.0005)
-    assert abs(z[0, 0] - dist[0, 0]) > 1.0  # i.e. conversion really happened (PITFALLS 21)
+    assert abs(z[0, 0] - dist[0, 0]) > 1.0  # i.e. ray distance really became planar depth
     # every pixel: raw = round(planar / 1 mm)
     yy, xx = np.mgrid[0:h, 0:w]
     planar = dist * f / np.sqrt((xx - m["cx"]) ** 2 + (yy - m["cy"]) ** 2 + f * f)

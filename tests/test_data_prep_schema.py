@@ -88,7 +88,8 @@ def test_decode_accepts_leading_dot_keys_and_url():
 
 
 def test_65535_survives_shard_and_webdataset_reader(tmp_path):
-    # PITFALLS 6: the training side reads tars with webdataset and decodes with decode_sample.
+    # webdataset's built-in decoders would turn 16-bit PNGs into 8-bit; the training side reads
+    # tars with webdataset and decodes with decode_sample.
     rgb, raw, sky = arrays_()
     with ShardWriter(tmp_path) as w:
         w.write(encode_sample("a_b_1", rgb, raw, meta(), sky=sky))
