@@ -51,7 +51,8 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--height", type=int, help="network input height (default: the checkpoint's recipe)")
     p.add_argument("--width", type=int)
-    p.add_argument("--max-depth", type=float, help="must agree with the checkpoint's range if given")
+    p.add_argument("--max-depth", type=float, help="the head's range (model.max_depth); must agree with the "
+                   "checkpoint's if given. Evaluation splits near and far at 80 m whatever the range")
     p.add_argument("--max-images", type=int, default=0)
     args = p.parse_args(argv)
     for flag, value, lowest in (("--batch-size", args.batch_size, 1), ("--max-images", args.max_images, 0)):

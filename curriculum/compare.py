@@ -690,8 +690,10 @@ def render_markdown(report: dict, figures: dict, first_recipe: dict) -> str:
             for st in arm["stages"])
         lines.append(f"  - **{a} {arm['name']}**: {arm['description']}: {sched}.")
     if len(c["arms"]) > 1 and any(a in c["arms"] for a in ("B", "C")):
-        lines.append(f"  - B and C switch at step {s1}; the 80 m mask is {c['max_depth']:g} m, the far target "
-                     f"{c['far_target']:g} m.")
+        mask = (f"the mask keeps depths up to {c['max_depth']:g} m" if c["max_depth"] == EVAL_MAX_DEPTH else
+                f"the mask keeps depths up to {c['max_depth']:g} m (evaluation still splits near and far at "
+                f"{EVAL_MAX_DEPTH:g} m)")
+        lines.append(f"  - B and C switch at step {s1}; {mask}; the far target is {c['far_target']:g} m.")
     lines += [
         f"- Evaluation: {report['protocol_text']}.",
         ("- Spread: " + (f"mean ± sample standard deviation over {len(seeds)} seeds." if len(seeds) > 1 else

@@ -229,3 +229,7 @@ def test_summary_uses_the_spread_over_seeds():
     md = render_markdown(report, {}, recipe)
     assert "0.1000 ± 0.0020" in md and "mean ± sample standard deviation over 3 seeds" in md
     assert re.search(r"\| B curriculum \| 0\.9000 ± 0\.0100 \| 0\.1030 ± 0\.0020", md)
+    assert "B and C switch at step 2; the mask keeps depths up to 80 m; the far target is 655.35 m." in md
+    report["config"]["max_depth"] = 50.0  # another mask: evaluation's split stays where it is, and says so
+    md = render_markdown(report, {}, recipe)
+    assert "the mask keeps depths up to 50 m (evaluation still splits near and far at 80 m)" in md
