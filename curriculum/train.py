@@ -219,13 +219,15 @@ def train(cfg: DictConfig) -> dict:
         warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
         trainer.fit(module, datamodule=datamodule, ckpt_path=recipe["resume"] or None,
                     weights_only=False if recipe["resume"] else None)
+        # Saved before the final validation: a signal during it (the run's own handlers are gone
+        # with fit) then costs the validation only, not the steps since the last periodic save.
+        final = out_dir / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(final, weights_only=False)  # the full state, resumable
         # the final model, always, unless the run's own schedule just validated it (every N steps,
         # or once per epoch when the last step ended an epoch)
         every = recipe["trainer"]["val_every_steps"] or datamodule.batches_per_rank(trainer.world_size)
         if trainer.global_step % every:
             trainer.validate(module, datamodule=datamodule, verbose=False)
-    final = out_dir / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(final, weights_only=False)  # the full state, resumable
     run_id = module.extra_metadata.get("wandb_run_id", "")
     if wandb_logger is not None and trainer.is_global_zero:
         wandb_logger.experiment.finish()

@@ -580,6 +580,51 @@ def test_signal_handlers_survive_a_failed_fit_and_agree_without_ddp(tmp_path):
     assert {s: signal.getsignal(s) for s in before} == before
 
 
+def test_a_second_sigint_while_a_stop_is_pending_stops_at_once(tmp_path):
+    """The first SIGINT asks for a checkpoint at the next step boundary; a second one, for a step
+    that never ends, raises KeyboardInterrupt at once. Other signals only raise the stop's priority."""
+    cb = SignalCheckpoint(tmp_path / "last.ckpt")
+
+    class FakeTrainer:
+        world_size = 1
+
+    cb.setup(FakeTrainer(), None, "fit")
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert cb.pending == 1 and cb.received == [signal.SIGINT]
+        os.kill(os.getpid(), signal.SIGTERM)  # not a second Ctrl-C: still a checkpointed stop
+        assert cb.pending == 2
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert cb.received == [signal.SIGINT, signal.SIGTERM]
+    finally:
+        cb.on_exception(FakeTrainer(), None, KeyboardInterrupt())
+
+
+def test_a_signal_during_the_final_validation_costs_only_the_validation(tiny_shards, tmp_path, add_callback):
+    """The run's handlers end with fit; Lightning's own then stop the final validation. The final
+    checkpoint is saved before it, so no step is lost, and a resume only validates."""
+    train_dir, val_dir, _, _ = tiny_shards
+
+    class SignalInFinalValidation(pl.Callback):
+        sent = False
+
+        def on_validation_start(self, trainer, pl_module):
+            if trainer.state.fn == "validate" and not self.sent:
+                SignalInFinalValidation.sent = True
+                os.kill(os.getpid(), signal.SIGINT)
+
+    add_callback(SignalInFinalValidation())
+    out = tmp_path / "run"
+    args = ("stages.0.steps=4", "stages.1.steps=1", "trainer.ckpt_every_steps=2")  # ends mid-epoch
+    with pytest.raises(SystemExit):
+        train_mod.train(_recipe(train_dir, val_dir, out, *args))
+    final = out / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(final)["global_step"] == 5  # not the periodic save of step 4
+    resumed = train_mod.train(_recipe(train_dir, val_dir, out, *args, f"resume={final}"))
+    assert resumed["global_step"] == 5 and resumed["val"]["images"] == 6
+
+
 def test_a_stop_read_late_is_taken_before_validation_and_resumes_exactly(tiny_shards, tmp_path, monkeypatch, probe):
     """With the agreement read a step late (GPUs under DDP), a signal at the step before a
     validation stops the run before validating, not after it and one more step; resuming from

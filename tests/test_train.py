@@ -380,3 +380,21 @@ def test_the_final_model_is_validated_once(tiny_shards, tmp_path, steps, validat
     train(_recipe(tiny_shards, tmp_path / "run", *steps))
     rows = [r for r in read_metrics(tmp_path / "run") if r.get("val/near/abs_rel")]
     assert [int(r["step"]) for r in rows] == validated_at
+
+
+def test_wandb_auto_mode_goes_online_only_with_an_api_key(tmp_path, monkeypatch):
+    from curriculum.train import wandb_mode
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    netrc = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert wandb_mode("auto") == "offline"  # no netrc file
+    netrc.write_text("machine github.com login x password y\n")
+    assert wandb_mode("auto") == "offline"  # a netrc without W&B
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    assert wandb_mode("auto") == "online"
+    netrc.unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "abc")
+    assert wandb_mode("auto") == "online"
+    for forced in ("online", "offline", "disabled"):
+        assert wandb_mode(forced) == forced
