@@ -15,6 +15,11 @@ cx = (W - 1) / 2, cy = (H - 1) / 2 in pixel-centre coordinates. NaN marks rays t
 geometry: no measurement (0). Depth is stored in millimetres by default (depth_scale 0.001, up
 to 65.534 m); a frame deeper than that is reported as bad, naming the file: raise
 --depth-scale for such scenes. Hypersim has no sky label, so no sky.png is written.
+
+Known limit: that camera model is the one Hypersim documents for most scenes; some scenes were
+rendered with tilt-shift (off-centre) cameras, whose true principal point and ray directions
+come from the scene's metadata_camera_parameters.csv, which this converter does not read. For
+those scenes the stored cx, cy and the planar conversion are off; leave them out or check them.
 """
 
 from __future__ import annotations
