@@ -16,18 +16,20 @@ no shard under a final name.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import itertools
 import multiprocessing as mp
 import os
 import signal
 import sys
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -210,6 +212,18 @@ def _call(load: Callable, opts: dict, frame: Any) -> tuple[str, Any]:
         return "bad", str(e)
 
 
+def bounded_map(pool: Executor, fn: Callable, items: Iterable, ahead: int) -> Iterator:
+    """``pool.map(fn, items)`` in order, with at most ``ahead`` calls submitted and not yet consumed."""
+    pending: collections.deque = collections.deque()
+    items = iter(items)
+    for item in itertools.islice(items, ahead):
+        pending.append(pool.submit(fn, item))
+    while pending:
+        yield pending.popleft().result()
+        for item in itertools.islice(items, 1):  # once the caller is done with that result
+            pending.append(pool.submit(fn, item))
+
+
 class _Stop(Exception):
     """Ends a run with a one-line error; the writer removes what it wrote."""
 
@@ -260,7 +274,9 @@ def run(
     # and waits for its frame forever; the executor reports it.
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver"), initializer=_worker_init) \
         if workers > 1 else None
-    results = pool.map(fn, frames) if pool is not None else map(fn, frames)
+    # A few frames per worker ahead of the writer, not all of them: Executor.map submits every
+    # frame at once, and encoded frames pile up in memory whenever writing is the slower side.
+    results = bounded_map(pool, fn, frames, ahead=4 * workers) if pool is not None else map(fn, frames)
     skipped: list[str] = []
     t0 = time.perf_counter()
     bar = tqdm(total=len(frames), desc=name, unit="frame", dynamic_ncols=True, file=sys.stderr,

@@ -252,3 +252,35 @@ def test_sigkill_leaves_only_complete_shards(tmp_path, capsys):
                            "--workers", "1", "--no-progress", "--overwrite"]) == 0
     assert check.main([str(out), "--quiet"]) == 0
     assert [p for p in os.listdir(out) if p.endswith(".tmp")] == []
+
+
+def test_frames_are_submitted_a_bounded_distance_ahead_of_the_writer():
+    """Results come in order, and no more than `ahead` frames are ever encoded-and-waiting: a slow
+    writer must not let every encoded frame of a data set pile up in memory."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock = threading.Lock()
+    state = {"submitted": 0, "consumed": 0, "most_ahead": 0}
+
+    def encode(i):
+        with lock:
+            state["most_ahead"] = max(state["most_ahead"], state["submitted"] - state["consumed"])
+        return i * i
+
+    class CountingPool(ThreadPoolExecutor):
+        def submit(self, fn, *args):
+            with lock:
+                state["submitted"] += 1
+            return super().submit(fn, *args)
+
+    with CountingPool(3) as pool:
+        out = []
+        for r in convert.bounded_map(pool, encode, range(50), ahead=5):
+            time.sleep(0.001)  # the slow writer
+            with lock:
+                state["consumed"] += 1
+            out.append(r)
+    assert out == [i * i for i in range(50)]
+    assert state["submitted"] == 50 and 1 <= state["most_ahead"] <= 5
+    assert list(convert.bounded_map(ThreadPoolExecutor(1), encode, [], ahead=2)) == []
