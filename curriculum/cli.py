@@ -84,7 +84,8 @@ def _predict(argv: list[str]) -> int:
     p = ArgumentParser(prog="curriculum predict",
                        description="depth for an image or a folder of images: colour PNG, .npy, PLY")
     p.add_argument("--checkpoint", required=True, help="this project's checkpoint or an official Depth-Anything-V2 "
-                   "metric checkpoint (then --max-depth is required)")
+                   "metric checkpoint (then --max-depth is required; a relative checkpoint has the same keys but "
+                   "predicts disparity, not metres, and cannot be told apart: do not give one)")
     p.add_argument("--input", required=True, help="an image file or a folder of images")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--encoder", choices=["tiny", "vits", "vitb", "vitl"],
