@@ -172,10 +172,17 @@ def count_flops(module: DepthModule, batch: dict) -> int:
     checkpointing, matmul_resize = module.model._grad_checkpointing, module.model.matmul_resize
     module.model.set_grad_checkpointing(False)  # model FLOPs: recomputation is not useful work
     module.model.matmul_resize = False  # the model's FLOPs, not those of the dense resize matrices
+    # fp32 attention: a kernel chosen with --sdpa (flash, cudnn) takes half precision only
+    backends = ("flash", "cudnn", "mem_efficient", "math")
+    enabled = {b: getattr(torch.backends.cuda, f"{b}_sdp_enabled")() for b in backends}
     try:
+        for b in backends:
+            getattr(torch.backends.cuda, f"enable_{b}_sdp")(True)
         with FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOPS) as counter:
             step.loss(one, compiled=False).backward()
     finally:
+        for b, on in enabled.items():
+            getattr(torch.backends.cuda, f"enable_{b}_sdp")(on)
         module.model.set_grad_checkpointing(checkpointing)
         module.model.matmul_resize = matmul_resize
     module.zero_grad(set_to_none=True)
@@ -348,6 +355,8 @@ def trainer_rate(module: DepthModule, batch: dict, args, device: torch.device, m
                 _sync(device)
                 times["start" if trainer.global_step == args.warmup else "end"] = time.perf_counter()
 
+    # no depth panel at step 0: drawing it syncs and would write a PNG under the recipe's run folder
+    panels, module.recipe["logging"]["image_every_steps"] = module.recipe["logging"]["image_every_steps"], 0
     try:
         with tempfile.TemporaryDirectory(prefix="train_step-") as out:
             trainer = build_trainer(recipe, Path(out), make_loggers(recipe, Path(out)))
@@ -358,6 +367,7 @@ def trainer_rate(module: DepthModule, batch: dict, args, device: torch.device, m
                 warnings.filterwarnings("ignore", message=".*on_after_batch_transfer.*")
                 trainer.fit(module, train_dataloaders=loader)
     finally:
+        module.recipe["logging"]["image_every_steps"] = panels
         module.to(device)  # Lightning's teardown moves the module to the CPU
     return args.steps * batch["image"].shape[0] / (times["end"] - times["start"])
 

@@ -165,3 +165,30 @@ def test_train_step_sdpa_switch_allows_one_attention_kernel(train_step):
     finally:
         for n, on in before.items():
             getattr(torch.backends.cuda, f"enable_{n}_sdp")(on)
+
+
+def test_flops_are_counted_with_every_attention_kernel_allowed(train_step, monkeypatch):
+    """The FLOP count runs the model in fp32, which flash and cuDNN attention refuse: with
+    --sdpa flash it must count with every kernel allowed, then leave flash alone again."""
+    from curriculum.module import DepthModule
+
+    names = ("flash", "cudnn", "mem_efficient", "math")
+    before = {n: getattr(torch.backends.cuda, f"{n}_sdp_enabled")() for n in names}
+    seen = {}
+    real_loss = train_step.Step.loss
+
+    def loss(self, batch, compiled=True):
+        seen.update({n: getattr(torch.backends.cuda, f"{n}_sdp_enabled")() for n in names})
+        return real_loss(self, batch, compiled)
+
+    monkeypatch.setattr(train_step.Step, "loss", loss)
+    module = DepthModule(train_step.recipe_for("tiny"))
+    try:
+        train_step.use_sdpa_backend("flash")
+        assert train_step.count_flops(module, train_step.make_batch(1, 28, 42, torch.device("cpu"))) > 0
+        assert seen == dict.fromkeys(names, True)
+        assert {n: getattr(torch.backends.cuda, f"{n}_sdp_enabled")() for n in names} == {
+            "flash": True, "cudnn": False, "mem_efficient": False, "math": False}
+    finally:
+        for n, on in before.items():
+            getattr(torch.backends.cuda, f"enable_{n}_sdp")(on)

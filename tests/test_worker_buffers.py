@@ -11,9 +11,12 @@ from curriculum.worker_buffers import WorkerBuffers
 SPEC = dict(batch_size=2, crop_height=28, crop_width=56, shuffle_buffer=4, color_jitter=0.2, scale_jitter=0.3)
 
 
-def _loader(train, workers, batches, ring=True, **kw):
+def _loader(train, workers, batches, ring=True, pin=False, **kw):
     loader = train_loader(TrainStream(train, TrainSpec(batches_per_rank=batches, **SPEC, **kw), 0, 1, 7),
                           lambda: 0, workers)
+    # the slot tests look at the workers' own batches; with CUDA the loader pins memory, and the
+    # pinning thread's copy frees each slot at once (test_pinned_batches_equal_the_fresh_memory_ones)
+    loader.pin_memory = pin
     if not ring:  # the same workers writing every batch into fresh shared memory
         loader.dataset.buffers = None
     return loader
@@ -90,7 +93,7 @@ def test_pinned_batches_equal_the_fresh_memory_ones(tiny_shards):
     _, _, train, _ = tiny_shards
     batches = 30
     want = [_plain(b) for b in _loader(train, 2, batches, ring=False)]
-    loader = _loader(train, 2, batches)
+    loader = _loader(train, 2, batches, pin=True)
     kept = list(loader)
     for got, (key, _, packed) in zip(kept, want):
         assert got["packed"].is_pinned() and got["key"] == key and torch.equal(got["packed"], packed)
