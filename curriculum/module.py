@@ -52,6 +52,7 @@ class DepthModule(pl.LightningModule):
         self.set_stage(0)
         self.val_metrics = MetricAccumulator(min_depth=1e-3, max_depth=EVAL_MAX_DEPTH)
         self.max_nonfinite = int(recipe["trainer"]["max_nonfinite_steps"])
+        self.grad_clip = float(recipe["optim"]["grad_clip"])  # total 2-norm; 0 = no clipping
         self.nonfinite = NonFiniteCounter()
         self.bad_samples = 0
         self.stream_positions = StreamPositions(max(1, int(recipe["data"]["num_workers"])))
@@ -172,6 +173,11 @@ class DepthModule(pl.LightningModule):
             loss = optimizer_closure()
             skip_if_nonfinite(opt, params, loss, self.nonfinite,
                               all_reduce=(lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX)) if ddp else None)
+            if self.grad_clip:
+                # Here, not through Lightning's gradient_clip_val: its bf16 precision plugin refuses
+                # to clip for fused optimizers. Computed on the device, no sync; a skipped step's
+                # non-finite gradients turn NaN here, and the step leaves them unused.
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
             return loss
 
         try:
@@ -180,9 +186,9 @@ class DepthModule(pl.LightningModule):
             release(opt)
         # the streak as of this step on the CPU, as of the step before on a device (read late, unsynced)
         if self.nonfinite.streak >= self.max_nonfinite:
+            streak = self.nonfinite.streak  # the sync below may read a newer streak, reset by a good step
             self.nonfinite.sync()
-            what = (f"{self.nonfinite.streak} consecutive steps with non-finite loss or gradients at step "
-                    f"{self.global_step}")
+            what = f"{streak} consecutive steps with non-finite loss or gradients at step {self.global_step}"
             # skipped steps leave the weights as they were; only weights that are finite are "good"
             if not all(bool(torch.isfinite(p).all()) for p in params):
                 raise NonFiniteError(f"{what}; the weights themselves are non-finite, so no checkpoint was "
@@ -244,7 +250,7 @@ class DepthModule(pl.LightningModule):
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
         ocfg = self.recipe["optim"]
-        fused = bool(ocfg["fused"]) and torch.cuda.is_available()
+        fused = bool(ocfg["fused"]) and self.device.type == "cuda"  # the module is on its device by now
         groups = [
             {"params": [p for p in self.model.encoder_parameters() if p.requires_grad], "lr": ocfg["lr"], "name": "encoder"},
             {"params": [p for p in self.model.head_parameters() if p.requires_grad],

@@ -147,7 +147,7 @@ def build_trainer(recipe: dict, out_dir: Path, loggers: list) -> pl.Trainer:
         log_every_n_steps=tcfg["log_every_steps"], callbacks=callbacks, logger=loggers,
         plugins=[ReportingCheckpointIO()], default_root_dir=str(out_dir), num_sanity_val_steps=0,
         enable_progress_bar=tcfg["progress"], enable_model_summary=False,
-        gradient_clip_val=recipe["optim"]["grad_clip"] or None, benchmark=tcfg["cudnn_benchmark"],
+        benchmark=tcfg["cudnn_benchmark"],  # gradients are clipped by DepthModule.optimizer_step
     )
 
 

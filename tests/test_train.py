@@ -398,3 +398,40 @@ def test_wandb_auto_mode_goes_online_only_with_an_api_key(tmp_path, monkeypatch)
     assert wandb_mode("auto") == "online"
     for forced in ("online", "offline", "disabled"):
         assert wandb_mode(forced) == forced
+
+
+@pytest.mark.parametrize("precision,fused", [("32-true", False), ("bf16-mixed", True)])
+def test_gradients_are_clipped_to_the_recipes_norm(tiny_shards, tmp_path, monkeypatch, add_callback, precision, fused):
+    """optim.grad_clip bounds the total gradient norm of every step, also under bf16 with fused
+    AdamW, where Lightning's own clipping refuses to run (fused AdamW stands in on the CPU)."""
+    import lightning.pytorch as pl
+
+    class FusedAdamW(torch.optim.AdamW):
+        def __init__(self, *args, fused=None, **kwargs):
+            super().__init__(*args, fused=True, **kwargs)
+
+    if fused:
+        monkeypatch.setattr(torch.optim, "AdamW", FusedAdamW)
+
+    class Norms(pl.Callback):
+        def __init__(self):
+            self.norms, self.fused = [], []
+
+        def on_before_optimizer_step(self, trainer, module, optimizer):  # after the module's closure
+            grads = [p.grad for p in module.parameters() if p.grad is not None]
+            self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+            self.fused.append(bool(optimizer.defaults.get("fused")))
+
+    seen = add_callback(Norms())  # every later trainer of this test gets it
+
+    def run(clip, name):
+        seen.norms, seen.fused = [], []
+        train(_recipe(tiny_shards, tmp_path / name, f"trainer.precision={precision}", f"optim.grad_clip={clip}",
+                      "stages.0.steps=2", "stages.1.steps=1"))
+        return seen.norms, seen.fused
+
+    free, _ = run(0, "free")
+    clipped, fused_steps = run(1e-3, "clipped")
+    assert min(free) > 1e-3  # the bound below is a real constraint
+    assert len(clipped) == 3 and max(clipped) <= 1e-3 * (1 + 1e-4)
+    assert fused_steps == [fused] * 3
