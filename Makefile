@@ -53,9 +53,9 @@ DEMO_FINETUNE_STEPS ?= 400
 DEMO := $(RUNS)/demo
 
 demo: data
-	$(CLI) train recipes/pretrain.yaml recipes/demo.yaml $(DATA_ARGS) run.name=demo-pretrain run.out_dir=$(DEMO)/pretrain \
+	$(CLI) train recipes/pretrain.yaml recipes/demo.yaml $(DATA_ARGS) run.name=demo-pretrain run.out_dir=$(DEMO)/pretrain run.overwrite=true \
 		logging.group=demo stages.0.steps=$(DEMO_PRETRAIN_STEPS)
-	$(CLI) train recipes/finetune.yaml recipes/demo.yaml $(DATA_ARGS) run.name=demo-finetune run.out_dir=$(DEMO)/finetune \
+	$(CLI) train recipes/finetune.yaml recipes/demo.yaml $(DATA_ARGS) run.name=demo-finetune run.out_dir=$(DEMO)/finetune run.overwrite=true \
 		logging.group=demo stages.0.steps=$(DEMO_FINETUNE_STEPS) init_from=$(DEMO)/pretrain/checkpoints/last.ckpt
 	$(CLI) eval --checkpoint $(DEMO)/pretrain/checkpoints/last.ckpt --shards '$(DATA)/val/*.tar' \
 		--protocol synthetic --out $(DEMO)/eval-pretrain.json

@@ -30,6 +30,7 @@ class RunConfig:
     name: str = "run"
     out_dir: str = "runs/run"
     seed: int = 0
+    overwrite: bool = False  # replace a finished or interrupted run in out_dir instead of refusing
 
 
 @dataclass

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                  "--no-progress", "--overwrite"])
     run([sys.executable, "-m", "curriculum.cli", "train", str(RECIPES_DIR / "smoke.yaml"),
          f"data.train_shards={data}/train/*.tar", f"data.val_shards={data}/val/*.tar",
-         f"run.out_dir={args.out}/run", f"trainer.devices={args.devices}", "trainer.strategy=ddp"])
+         f"run.out_dir={args.out}/run", "run.overwrite=true", f"trainer.devices={args.devices}", "trainer.strategy=ddp"])
     report = args.out / "eval.json"
     run([sys.executable, "-m", "curriculum.cli", "eval", "--checkpoint", f"{args.out}/run/checkpoints/last.ckpt",
          "--shards", f"{data}/val/*.tar", "--height", "42", "--width", "112", "--out", str(report)])

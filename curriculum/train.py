@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -38,6 +39,30 @@ def _check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise SetupError(f"run.out_dir '{folder}' is not writable ({exc.strerror or exc})") from None
+
+
+# What a run writes into its folder; a new run into a folder holding these replaces them.
+RUN_FILES = ("checkpoints", "metrics.csv", "panels", "summary", "wandb")
+
+
+def _claim_folder(folder: Path, recipe: dict) -> None:
+    """A new run never silently replaces another one (its checkpoints, its metrics.csv): only a
+    resume continues a run's folder, and only run.overwrite=true replaces it."""
+    held = [name for name in ("checkpoints/last.ckpt", "metrics.csv") if (folder / name).exists()]
+    if not held or recipe["resume"]:
+        return
+    if not recipe["run"]["overwrite"]:
+        raise SetupError(f"run.out_dir '{folder}' already holds a run ({held[0]}): continue it with "
+                         f"resume={folder / 'checkpoints' / 'last.ckpt'}, replace it with run.overwrite=true, "
+                         "or choose another run.out_dir")
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
+        return  # rank 0 clears the folder; the others may start after it has begun to write
+    for name in RUN_FILES:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def wandb_mode(mode: str) -> str:
@@ -192,6 +217,7 @@ def train(cfg: DictConfig) -> dict:
     recipe = to_plain(cfg)
     out_dir = Path(recipe["run"]["out_dir"])
     _check_writable(out_dir)
+    _claim_folder(out_dir, recipe)
     if recipe["trainer"]["accelerator"] in ("gpu", "cuda") and not torch.cuda.is_available():
         raise SetupError(f"trainer.accelerator={recipe['trainer']['accelerator']}, but no CUDA device is visible")
     datamodule = DepthDataModule(recipe["data"], recipe["run"]["seed"])  # shard checks before heavy work
@@ -211,12 +237,16 @@ def train(cfg: DictConfig) -> dict:
         recipe["logging"]["parent_checkpoint_sha256"] = lineage.get("init_from_sha256", "")
     if not recipe["logging"]["group"]:  # one W&B group for the stages of one experiment
         recipe["logging"]["group"] = (resumed or {}).get("group") or lineage.get("parent_group") or recipe["run"]["name"]
-    loggers = make_loggers(recipe, out_dir, resumed)
-    wandb_logger = next((lg for lg in loggers if isinstance(lg, WandbLogger)), None)
-    trainer = build_trainer(recipe, out_dir, loggers)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
+        # Lightning's alarms about a folder in use and a mid-epoch resume: _claim_folder decides
+        # who may write into the folder, and the streams resume exactly (data positions).
+        warnings.filterwarnings("ignore", message=".*directory .* exists and is not empty.*")
+        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+        loggers = make_loggers(recipe, out_dir, resumed)
+        wandb_logger = next((lg for lg in loggers if isinstance(lg, WandbLogger)), None)
+        trainer = build_trainer(recipe, out_dir, loggers)
         trainer.fit(module, datamodule=datamodule, ckpt_path=recipe["resume"] or None,
                     weights_only=False if recipe["resume"] else None)
         # Saved before the final validation: a signal during it (the run's own handlers are gone

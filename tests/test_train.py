@@ -435,3 +435,35 @@ def test_gradients_are_clipped_to_the_recipes_norm(tiny_shards, tmp_path, monkey
     assert min(free) > 1e-3  # the bound below is a real constraint
     assert len(clipped) == 3 and max(clipped) <= 1e-3 * (1 + 1e-4)
     assert fused_steps == [fused] * 3
+
+
+def test_a_new_run_never_silently_replaces_another(tiny_shards, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    first = train(_recipe(tiny_shards, out, "stages.0.steps=2", "stages.1.steps=1"))
+    before = (out / "checkpoints" / "last.ckpt").read_bytes()
+    from curriculum.train import SetupError
+
+    with pytest.raises(SetupError) as e:
+        train(_recipe(tiny_shards, out, "stages.0.steps=1", "stages.1.steps=1"))
+    msg = str(e.value)
+    assert "\n" not in msg and f"run.out_dir '{out}' already holds a run (checkpoints/last.ckpt)" in msg
+    assert f"resume={out}/checkpoints/last.ckpt" in msg and "run.overwrite=true" in msg
+    assert (out / "checkpoints" / "last.ckpt").read_bytes() == before  # untouched
+    # a resume continues it; run.overwrite=true replaces it, leaving nothing of the old run
+    assert train(_recipe(tiny_shards, out, "stages.0.steps=2", "stages.1.steps=1",
+                         f"resume={first['checkpoint']}"))["global_step"] == 3
+    (out / "panels").mkdir(exist_ok=True)
+    (out / "panels" / "old.png").write_bytes(b"x")
+    (out / "notes.txt").write_text("mine")  # not a run file: kept
+    again = train(_recipe(tiny_shards, out, "stages.0.steps=1", "stages.1.steps=1", "run.overwrite=true"))
+    assert again["global_step"] == 2 and read_checkpoint(again["checkpoint"])["global_step"] == 2
+    assert not (out / "panels" / "old.png").exists() and (out / "notes.txt").read_text() == "mine"
+    assert [int(r["step"]) for r in read_metrics(out) if r.get("train/loss")] == [0, 1]
+    # another rank of the same launch leaves the folder to rank 0
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    (out / "notes.txt").unlink()
+    keep = (out / "metrics.csv").read_text()
+    from curriculum.train import _claim_folder
+
+    _claim_folder(out, {"resume": "", "run": {"overwrite": True}})
+    assert (out / "metrics.csv").read_text() == keep
