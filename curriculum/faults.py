@@ -139,7 +139,7 @@ class SignalCheckpoint(pl.Callback):
         return code
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._maybe_stop(trainer, "")
+        self._maybe_stop(trainer, "", flush=True)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         # Read late, a stop agreed at the step before validation would wait for the whole of it
@@ -151,10 +151,19 @@ class SignalCheckpoint(pl.Callback):
         # A signal after the last step's boundary (epoch-end validation): keep the final state.
         self._maybe_stop(trainer, " (training steps done; final validation skipped)", now=True)
 
-    def _maybe_stop(self, trainer, note: str, now: bool = False, reduced_only: bool = False) -> None:
+    def _maybe_stop(self, trainer, note: str, now: bool = False, reduced_only: bool = False,
+                    flush: bool = False) -> None:
         code = self._agreed(trainer, now, reduced_only)
         if not code:
             return
+        if flush:
+            # Lightning hands a step's logged values to the loggers after on_train_batch_end, which
+            # this stop leaves by raising: without this the step's metrics.csv row would be lost
+            # (the resumed run starts after it). Private API of the pinned Lightning version.
+            trainer._logger_connector.on_batch_end()
+            trainer._logger_connector.update_train_step_metrics()
+            for logger in trainer.loggers:
+                logger.save()
         signum = _BY_PRIORITY[code]
         name = signal.Signals(signum).name
         trainer.save_checkpoint(self.checkpoint, weights_only=False)

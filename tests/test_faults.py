@@ -547,8 +547,8 @@ def test_resume_in_the_same_folder_continues_its_metrics_and_lineage(tiny_shards
                                 files=("smoke.yaml", "finetune.yaml")))
     ckpt_path = out / "checkpoints" / "last.ckpt"
     assert read_checkpoint(ckpt_path)["global_step"] == 3
-    # the step the run stopped after is in the checkpoint; its own row is not logged (docs/faults.md)
-    assert sorted(int(r["step"]) for r in read_metrics(out) if r.get("train/loss")) == [0, 1]
+    # the step the run stopped after is in the checkpoint, and its row is written before the exit
+    assert sorted(int(r["step"]) for r in read_metrics(out) if r.get("train/loss")) == [0, 1, 2]
 
     with pytest.raises(CheckpointError, match=r"resume '.*last.ckpt': model mismatch \(head: 'log' in checkpoint"):
         train_mod.train(_recipe(train_dir, val_dir, out, *common, f"resume={ckpt_path}", "model.head=sigmoid",
@@ -556,7 +556,7 @@ def test_resume_in_the_same_folder_continues_its_metrics_and_lineage(tiny_shards
     resumed = train_mod.train(_recipe(train_dir, val_dir, out, *common, f"resume={ckpt_path}",
                                       files=("smoke.yaml", "finetune.yaml")))
     assert resumed["global_step"] == 4
-    assert sorted(int(r["step"]) for r in read_metrics(out) if r.get("train/loss")) == [0, 1, 3]
+    assert sorted(int(r["step"]) for r in read_metrics(out) if r.get("train/loss")) == [0, 1, 2, 3]  # no gap
     meta = read_checkpoint(resumed["checkpoint"])["curriculum"]
     assert meta["init_from"] == pre["checkpoint"] and meta["parent_stage"] == "pretrain"
     assert meta["recipe"]["logging"]["parent_checkpoint_sha256"] == meta["init_from_sha256"]
