@@ -494,12 +494,22 @@ def summarize(report: dict) -> list[str]:
         return (f" (the difference is {'larger' if diff > sa + sb else 'smaller'} than the two arms' seed standard "
                 f"deviations added, {sa + sb:.4f})")
 
+    def lowest(have, k, digits):
+        """The arms at the lowest value as printed (``digits`` decimals; several = a tie) and how
+        to name them."""
+        top = min(round(mean(a, k), digits) for a in have)
+        tied = [a for a in have if round(mean(a, k), digits) == top]
+        if len(tied) == 1:
+            return tied, f"{tied[0]} {arms[tied[0]]['name']}"
+        if len(tied) == len(have):
+            return tied, "a tie of all arms"
+        return tied, "a tie of " + " and ".join(f"{a} {arms[a]['name']}" for a in tied)
+
     key = "near/abs_rel"
     have = [a for a in arms if mean(a, key) is not None]
     if have:
-        best = min(have, key=lambda a: mean(a, key))
-        out.append(f"Lowest near-range abs_rel (≤ {EVAL_MAX_DEPTH:g} m): {best} {arms[best]['name']} "
-                   f"({mean(best, key):.4f}).")
+        tied, who = lowest(have, key, 4)
+        out.append(f"Lowest near-range abs_rel (≤ {EVAL_MAX_DEPTH:g} m): {who} ({mean(tied[0], key):.4f}).")
         if "A" in have:
             for a in [x for x in have if x != "A"]:
                 d = mean(a, key) - mean("A", key)
@@ -514,14 +524,15 @@ def summarize(report: dict) -> list[str]:
         if not have:
             out.append(f"No validation pixel for the {what}: the validation set has none of those pixels.")
             continue
-        best = min(have, key=lambda a: mean(a, key))
-        text = f"Lowest {what}: {best} {arms[best]['name']} ({_pct(mean(best, key))})"
-        if "A" in have and best != "A":
+        tied, who = lowest(have, key, 3)  # printed as a percentage with one decimal
+        best = tied[0]
+        text = f"Lowest {what}: {who} ({_pct(mean(best, key))})"
+        if "A" in have and "A" not in tied:
             a0 = mean("A", key)
             d = a0 - mean(best, key)
             text += (f", {d * 100:.1f} percentage points below A ({_pct(a0)})"
                      + (f", {d / a0:.0%} fewer phantom pixels" if a0 > 0 else "") + spread_note(best, "A", key))
-        elif best == "A" and len(have) > 1:
+        elif tied == ["A"] and len(have) > 1:
             others = ", ".join(f"{a} {_pct(mean(a, key))}" for a in have if a != "A")
             text += f"; the others: {others}"
         out.append(text + ".")

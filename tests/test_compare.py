@@ -221,6 +221,16 @@ def test_summary_uses_the_spread_over_seeds():
     assert "the difference is larger than the two arms' seed standard deviations added" in text
     assert "Means over 3 seeds" in text
     assert "No validation pixel for the far (finite > 80 m) phantom rate" in text
+    # equal as printed: a tie, not a winner
+    tie = {**report, "arms": {"A": arm("baseline", 0.100, 0.002, 1.0), "B": arm("curriculum", 0.10004, 0.002, 0.99999)}}
+    text = "\n".join(summarize(tie))
+    assert "Lowest phantom rate: a tie of all arms (100.0 %)." in text
+    assert "Lowest near-range abs_rel (≤ 80 m): a tie of all arms (0.1000)." in text
+    three = {**report, "arms": {**tie["arms"], "C": arm("mixed", 0.2, 0.002, 0.5)}}
+    three["config"] = {**report["config"], "arms": ["A", "B", "C"]}
+    text = "\n".join(summarize(three))
+    assert "Lowest near-range abs_rel (≤ 80 m): a tie of A baseline and B curriculum (0.1000)." in text
+    assert "Lowest phantom rate: C mixed (50.0 %), 50.0 percentage points below A (100.0 %)" in text
     report.update(summary=lines, recipe_files=["demo.yaml"], protocol_text="protocol synthetic", train_shards="t",
                   val_shards="v", images=4, input_size=[42, 84])
     recipe = {"data": {"batch_size": 2, "crop_height": 42, "crop_width": 84},
