@@ -77,6 +77,7 @@ def evaluate(checkpoint: str, shards: str, protocol: str = "synthetic", batch_si
         "model": meta.get("model", {}),
         "stage": meta.get("stage"),
         "input_size": [height, width],
+        "depth_range_shown": [1.0, vmax],  # the example panels' colour range
         "bad_samples": bad,
         "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results.items()},
         **({"examples": panels} if examples else {}),
@@ -104,11 +105,11 @@ def save_figures(report: dict, stem: str | os.PathLike) -> list[str]:
 
     from matplotlib.figure import Figure
 
-    from curriculum.viz import save_figure, save_image
+    from curriculum.viz import save_figure, side_by_side
 
     m, stem = report["metrics"], str(stem)
     fig = Figure(figsize=(10.0, 3.8), dpi=100, layout="constrained")
-    fig.suptitle(f"{Path(report['checkpoint']).name} on {int(m.get('images') or 0)} images ({report['protocol']})")
+    fig.suptitle(f"{checkpoint_label(report)} on {int(m.get('images') or 0)} images ({report['protocol']})")
     charts = (("abs_rel per range", [(label.strip(), m.get(f"{g}/abs_rel")) for label, g in GROUPS]),
               ("phantom rate (far and sky pixels predicted within 80 m)",
                [("all", m.get("phantom_rate")), ("far", m.get("far/phantom_rate")), ("sky", m.get("sky/phantom_rate"))]))
@@ -122,13 +123,30 @@ def save_figures(report: dict, stem: str | os.PathLike) -> list[str]:
                         ha="center", va="bottom", fontsize="small")
         ax.set_title(title, fontsize="medium")
         ax.grid(axis="y", alpha=0.3)
+        if k == 1:
+            ax.set_ylim(0.0, 1.05)  # rates: the same scale in every report, so two can be compared by eye
     written = [save_figure(fig, f"{stem}.png")]
     panels = report.get("examples") or []
     if panels:
-        width = max(p.shape[1] for p in panels)
-        rows = [np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0)), constant_values=255) for p in panels]
-        written.append(save_image(np.concatenate(rows, axis=0), f"{stem}_examples.png"))
+        images, labels = [], []
+        for panel in panels:  # rgb | ground truth | prediction | error, each a quarter of the panel
+            w = panel.shape[1] // 4
+            images += [panel[:, j * w:(j + 1) * w] for j in range(4)]
+            labels += ["rgb", "ground truth", "prediction", "abs rel error (0..0.5)"]
+        vmin, vmax = report["depth_range_shown"]
+        written.append(side_by_side(
+            images, labels, f"{stem}_examples.png", ncols=4, depth_bar=(vmin, vmax),
+            title=f"{checkpoint_label(report)}: depth on a log colour scale {vmin:g}..{vmax:g} m (sky and beyond "
+                  "range at the top colour, grey = no measurement); error |pred - gt| / gt"))
     return [str(p) for p in written]
+
+
+def checkpoint_label(report: dict) -> str:
+    """The run folder and stage a report's checkpoint comes from, e.g. 'demo/pretrain (pretrain)'."""
+    path = Path(report["checkpoint"])
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    where = "/".join(run.parts[-2:]) if len(run.parts) >= 2 else str(run)
+    return f"{where}/{path.name}" + (f" ({report['stage']})" if report.get("stage") else "")
 
 
 def _fmt(v) -> str:

@@ -193,9 +193,8 @@ def save_depth_png(
     "no depth".
     """
     from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import ListedColormap, LogNorm, Normalize
+    from matplotlib.colors import ListedColormap, Normalize
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FixedLocator, FormatStrFormatter
 
     image = colorize_depth(depth, vmin, vmax, cmap=cmap, log_scale=log_scale)
     h, w = image.shape[:2]
@@ -208,16 +207,12 @@ def save_depth_png(
     ax.set_axis_off()
     if title:
         ax.set_title(title)
-    norm = LogNorm(vmin=vmin, vmax=vmax) if log_scale else Normalize(vmin=vmin, vmax=vmax)
-    mappable = ScalarMappable(norm=norm, cmap=ListedColormap(_lut(cmap) / 255.0))
-    bar = fig.colorbar(mappable, ax=ax, fraction=0.05, pad=0.02)
-    bar.set_label("depth [m]")
     if log_scale:
-        ticks = _depth_ticks(vmin, vmax)
-        if len(ticks) >= 2:
-            bar.ax.yaxis.set_major_locator(FixedLocator(ticks))
-            bar.ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-            bar.ax.minorticks_off()
+        _depth_colorbar(fig, ax, vmin, vmax, cmap)
+    else:
+        bar = fig.colorbar(ScalarMappable(norm=Normalize(vmin=vmin, vmax=vmax),
+                                          cmap=ListedColormap(_lut(cmap) / 255.0)), ax=ax, fraction=0.05, pad=0.02)
+        bar.set_label("depth [m]")
     return save_figure(fig, path)
 
 
@@ -268,10 +263,13 @@ def side_by_side(
     path: str | os.PathLike,
     ncols: int | None = None,
     title: str | None = None,
+    depth_bar: tuple[float, float] | None = None,
 ) -> Path:
     """Labelled row (or grid of ``ncols`` columns) of images, e.g. example predictions per arm.
 
-    Images are uint8 (H, W, 3) or 2-D (shown in grey); sizes may differ. Written atomically.
+    Images are uint8 (H, W, 3) or 2-D (shown in grey); sizes may differ. ``depth_bar=(vmin,
+    vmax)`` adds the colour bar (metres, log scale) of maps made by ``colorize_depth`` with that
+    range. Written atomically.
     """
     from matplotlib.figure import Figure
 
@@ -298,7 +296,25 @@ def side_by_side(
         ax.set_title(str(label), fontsize="medium")
     if title:
         fig.suptitle(title)
+    if depth_bar is not None:
+        _depth_colorbar(fig, axes, *depth_bar)
     return save_figure(fig, path)
+
+
+def _depth_colorbar(fig: Any, axes: Any, vmin: float, vmax: float, cmap: str = "turbo") -> None:
+    """A colour bar in metres (log scale, the ticks of ``_depth_ticks``) beside ``axes``."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import ListedColormap, LogNorm
+    from matplotlib.ticker import FixedLocator, FormatStrFormatter
+
+    mappable = ScalarMappable(norm=LogNorm(vmin=vmin, vmax=vmax), cmap=ListedColormap(_lut(cmap) / 255.0))
+    bar = fig.colorbar(mappable, ax=axes, fraction=0.03, pad=0.01)
+    bar.set_label("depth [m]")
+    ticks = _depth_ticks(vmin, vmax)
+    if len(ticks) >= 2:
+        bar.ax.yaxis.set_major_locator(FixedLocator(ticks))
+        bar.ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        bar.ax.minorticks_off()
 
 
 # ----------------------------------------------------------------------------- helpers
