@@ -43,14 +43,22 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
     ``mmap`` maps the file instead of reading it: for a look at its metadata and step before
     Lightning reads the whole of it again (a vitl checkpoint with AdamW state is several GB)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file (a run keeps its own in "
+                              f"{path / 'checkpoints' / 'last.ckpt'})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch.save's zip archive, or its older pickle format
+        raise CheckpointError(f"{path}: not a torch checkpoint file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if first.startswith("Weights only load failed"):  # torch's advice to load unsafely would not help
             first = "unpickling refused: not tensors and plain containers"
+        first = first.split(". ")[0]  # the reason; torch's advice after it does not fit one line
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first[:200]})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a checkpoint (a {type(ckpt).__name__})")

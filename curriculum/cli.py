@@ -104,7 +104,7 @@ def _predict(argv: list[str]) -> int:
     g.add_argument("--fy", type=float, help="default: --fx")
     g.add_argument("--cx", type=float, help="default: image centre")
     g.add_argument("--cy", type=float, help="default: image centre")
-    g.add_argument("--fov", type=float, default=60.0, help="horizontal field of view in degrees when no --fx")
+    g.add_argument("--fov", type=float, default=60.0, help="horizontal field of view in degrees when no --fx (default 60; the fx used is printed)")
     g.add_argument("--drop-beyond", type=float, metavar="M", help="drop points deeper than M metres")
     g.add_argument("--drop-sky", action="store_true", help="drop points predicted at or beyond --sky-depth")
     g.add_argument("--sky-depth", type=float, metavar="M", help="depth from which a prediction counts as sky "

@@ -42,7 +42,7 @@ class CompareError(RuntimeError):
 
 
 # Recipe keys that do not change how an arm trains: a finished arm stays valid when they change.
-NOT_TRAINING = ("resume", "logging", "run.name", "trainer.log_every_steps", "trainer.progress", "data.val_shards",
+NOT_TRAINING = ("resume", "logging", "run.name", "run.overwrite", "trainer.log_every_steps", "trainer.progress", "data.val_shards",
                 "data.val_height", "data.val_width", "data.val_batch_size", "data.val_max_images")
 
 ARMS = {
@@ -319,6 +319,7 @@ def _previous_run(c: dict, arm: str, seed: int, cfg) -> tuple[str, dict | None]:
 def _train_one(c: dict, arm: str, seed: int, cfg, previous: tuple[str, dict | None], log) -> dict:
     """Train one arm x seed, resume it, or reuse its finished run (``previous``: _previous_run's
     verdict, taken for every run before any trained)."""
+    from curriculum.faults import RunInterrupted
     from curriculum.train import train
 
     _, done_file, final = _run_files(c, arm, seed)
@@ -329,11 +330,18 @@ def _train_one(c: dict, arm: str, seed: int, cfg, previous: tuple[str, dict | No
     if state == "partial":
         log(f"[compare] {arm} seed {seed}: resuming the interrupted run from {final}")
         cfg.resume = str(final)
+    else:  # no checkpoint: whatever a run stopped before its first one left is replaced
+        cfg.run.overwrite = True
     recipe = to_plain(cfg)
     recipe["resume"] = ""  # what the run is, not how this process got there
     fingerprint = shard_fingerprint(recipe["data"]["train_shards"])
     start = time.perf_counter()
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except RunInterrupted:
+        log("[compare] interrupted: run the same compare command again to continue (finished runs are "
+            "kept, this one resumes from its checkpoint)")
+        raise
     seconds = time.perf_counter() - start
     done = {"recipe": recipe, "train_shards": fingerprint, "checkpoint": str(final),
             "global_step": result["global_step"], "switches": [list(s) for s in result["switches"]],

@@ -215,8 +215,11 @@ def _set_override(cfg: DictConfig, key: str, value: Any) -> None:
         _check_keys({last: value}, node, "command line", prefix)
         node.merge_with({last: value})
         return
-    if isinstance(value, int) and not isinstance(value, bool) and isinstance(node._get_node(last), FloatNode):
-        value = float(value)  # lr=1 means 1.0; omegaconf would warn about the implicit conversion
+    if isinstance(node._get_node(last), FloatNode) and not isinstance(value, bool) and isinstance(value, (int, str)):
+        try:  # lr=1 means 1.0, lr=nan NaN; omegaconf would warn about the implicit conversion
+            value = float(value)
+        except ValueError:
+            pass  # not a number: omegaconf names the key
     node[last] = value
 
 
@@ -233,7 +236,9 @@ def _unknown(key: str, source: str, cfg: DictConfig) -> None:
 def load_yaml_mapping(path: Path, what: str = "recipe") -> dict:
     """A yaml file that must hold a mapping; every problem is one RecipeError line naming the file."""
     if not path.is_file():
-        raise RecipeError(f"{what} file not found: {path}")
+        looks_like_key = path.suffix not in (".yaml", ".yml") and not path.parent.parts and "." in path.name
+        raise RecipeError(f"{what} file not found: {path}"
+                          + (f" (an override needs a value: {path}=...)" if looks_like_key else ""))
     try:
         data = OmegaConf.to_container(OmegaConf.load(path))
     except Exception as exc:  # yaml syntax errors carry multi-line context; keep the first line

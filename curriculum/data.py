@@ -70,10 +70,13 @@ def expand_shards(spec: str) -> list[str]:
             urls.extend(sorted(glob.glob(part)))
         elif os.path.isfile(part):
             urls.append(part)
+        elif os.path.isdir(part):
+            raise DataError(f"'{part}' is a folder: give its shards, e.g. {os.path.join(part, '*.tar')}")
         else:
             raise DataError(f"shard not found: {part}")
     if not urls:
-        raise DataError(f"shard pattern '{spec}' matches no shard")
+        hint = " (make data writes the synthetic set there)" if spec.startswith("data/synthetic/") else ""
+        raise DataError(f"shard pattern '{spec}' matches no shard{hint}")
     return urls
 
 

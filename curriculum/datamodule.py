@@ -13,8 +13,14 @@ class DepthDataModule(pl.LightningDataModule):
     def __init__(self, data_cfg: dict, seed: int):
         super().__init__()
         self.cfg, self.seed = data_cfg, seed
-        self.train_urls = expand_shards(data_cfg["train_shards"])
-        self.val_urls = expand_shards(data_cfg["val_shards"])
+        try:
+            self.train_urls = expand_shards(data_cfg["train_shards"])
+        except DataError as exc:
+            raise DataError(f"data.train_shards: {exc}") from None
+        try:
+            self.val_urls = expand_shards(data_cfg["val_shards"])
+        except DataError as exc:
+            raise DataError(f"data.val_shards: {exc}") from None
         total = data_cfg["epoch_samples"] or count_samples(self.train_urls)
         if not total:
             raise DataError(

@@ -29,7 +29,7 @@ Intrinsics = tuple[float, float, float, float]
 
 # Order in which filter_points applies filters; a point removed by several filters counts
 # against the first. Sky comes before the range cut so that sky points are reported as sky.
-FILTER_ORDER = ("valid", "sky", "max_depth", "edge", "uncertainty")
+FILTER_ORDER = ("valid", "sky", "beyond", "edge", "uncertainty")  # "beyond": --drop-beyond
 
 _PLY_DTYPE = np.dtype(
     [("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")]
@@ -197,7 +197,7 @@ def filter_points(
 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """Unproject ``depth`` and keep the points that pass the requested filters.
 
-    Filters run in ``FILTER_ORDER`` (valid, sky, max_depth, edge, uncertainty); invalid depths are
+    Filters run in ``FILTER_ORDER`` (valid, sky, beyond ``max_depth``, edge, uncertainty); invalid depths are
     always removed. Returns points (N, 3) float32, colours (N, 3) uint8 and a report
     ``{"total", <each applied filter>, "kept"}`` where each filter's count is the points it
     removed that no earlier filter had removed, so ``kept + sum(filters) == total``.
@@ -220,7 +220,7 @@ def filter_points(
     if sky_threshold is not None or sky_mask is not None:
         masks["sky"] = keep_not_sky(depth, sky_threshold=sky_threshold, sky_mask=sky_mask)
     if max_depth is not None:
-        masks["max_depth"] = keep_within(depth, max_depth)
+        masks["beyond"] = keep_within(depth, max_depth)
     if edge_threshold is not None:
         masks["edge"] = keep_not_edge(depth, edge_threshold)
     if uncertainty is not None:

@@ -52,9 +52,9 @@ def _claim_folder(folder: Path, recipe: dict) -> None:
     if not held or recipe["resume"]:
         return
     if not recipe["run"]["overwrite"]:
-        raise SetupError(f"run.out_dir '{folder}' already holds a run ({held[0]}): continue it with "
-                         f"resume={folder / 'checkpoints' / 'last.ckpt'}, replace it with run.overwrite=true, "
-                         "or choose another run.out_dir")
+        how = (f"continue it with resume={folder / 'checkpoints' / 'last.ckpt'}, " if held[0].endswith(".ckpt") else "")
+        raise SetupError(f"run.out_dir '{folder}' already holds a run ({held[0]}): {how}replace it with "
+                         "run.overwrite=true, or choose another run.out_dir")
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
         return  # rank 0 clears the folder; the others may start after it has begun to write
     for name in RUN_FILES:

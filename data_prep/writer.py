@@ -95,11 +95,9 @@ class ShardWriter:
         self.max_bytes = int(max_bytes)
         old = existing_outputs(self.out_dir)
         if old and not overwrite:
-            raise FileExistsError(
-                f"{self.out_dir} already holds shards ({old[0].name}"
-                f"{f' and {len(old) - 1} more' if len(old) > 1 else ''}); "
-                "choose an empty folder or overwrite"
-            )
+            tars = [p.name for p in old if p.suffix == ".tar"]
+            held = (f"{len(tars)} shard(s), {tars[0]} first" if tars else ", ".join(p.name for p in old))
+            raise FileExistsError(f"{self.out_dir} already holds shards ({held}); choose an empty folder or overwrite")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._replaces = _replaced_outputs(self.out_dir, prefix) if overwrite else []
         # Temporary files of an earlier killed run are garbage by construction.

@@ -187,6 +187,40 @@ def test_an_interrupted_arm_resumes_from_its_last_checkpoint(tmp_path, tiny_shar
     assert steps == sorted(set(steps)) and max(steps) == 5  # one row per step: resumed, not restarted
 
 
+def test_an_arm_stopped_before_its_first_checkpoint_starts_again(tmp_path, tiny_shards, add_callback):
+    """A signal stops the comparison with the advice to run it again; a run that left only its
+    metrics.csv (killed before its first checkpoint) is trained from the start, not refused."""
+    import os
+    import signal
+
+    import lightning.pytorch as pl
+
+    from curriculum.compare import run_compare
+    from curriculum.faults import RunInterrupted
+
+    class SignalAtStep1(pl.Callback):
+        fired = False
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 1 and not SignalAtStep1.fired:
+                SignalAtStep1.fired = True
+                os.kill(os.getpid(), signal.SIGINT)
+
+    add_callback(SignalAtStep1())
+    c = load_compare([_compare_file(tmp_path, tiny_shards, arms="[A]")], ["total_steps=4"])
+    logged = []
+    with pytest.raises(RunInterrupted):
+        run_compare(c, log=logged.append)
+    assert "run the same compare command again to continue" in logged[-1]
+    folder = tmp_path / "cmp" / "A" / "seed0"
+    (folder / "checkpoints" / "last.ckpt").unlink()  # as if killed before its first checkpoint
+    assert (folder / "metrics.csv").is_file()
+    run_compare(c, log=logged.append)
+    assert json.loads((folder / "done.json").read_text())["global_step"] == 4
+    steps = [int(r["step"]) for r in read_metrics(folder) if r.get("train/loss")]
+    assert steps == [0, 1, 2, 3]  # started again: the old run's rows are gone
+
+
 def test_bad_protocol_device_and_targets_fail_before_training(tmp_path, tiny_shards):
     path = _compare_file(tmp_path, tiny_shards)
     for override, message in (("protocol=bogus", "protocol: unknown evaluation protocol 'bogus'"),

@@ -192,3 +192,22 @@ def test_command_line_gives_whole_sections_and_lists_as_a_recipe_file_would():
         with pytest.raises(RecipeError) as e:
             load_recipe([RECIPES_DIR / "smoke.yaml"], [override])
         assert message in _one_line(e), (override, str(e.value))
+
+
+def test_number_words_and_bare_keys_on_the_command_line():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no conversion warning from omegaconf before the error line
+        with pytest.raises(RecipeError, match="optim.lr: must be a finite number, got nan"):
+            load_recipe([RECIPES_DIR / "pretrain.yaml"], ["optim.lr=nan"])
+        assert load_recipe([RECIPES_DIR / "pretrain.yaml"], ["optim.lr=1"]).optim.lr == 1.0
+    with pytest.raises(RecipeError) as e:
+        load_recipe([RECIPES_DIR / "pretrain.yaml"], ["optim.lr=fast"])
+    assert "optim.lr" in _one_line(e)
+    with pytest.raises(RecipeError) as e:
+        load_recipe([RECIPES_DIR / "pretrain.yaml", "stages.0.steps"])
+    assert _one_line(e) == "recipe file not found: stages.0.steps (an override needs a value: stages.0.steps=...)"
+    with pytest.raises(RecipeError) as e:
+        load_recipe([RECIPES_DIR / "nothere.yaml"])
+    assert _one_line(e) == f"recipe file not found: {RECIPES_DIR / 'nothere.yaml'}"

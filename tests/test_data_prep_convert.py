@@ -126,6 +126,8 @@ def test_refuses_folder_with_shards(kitti_src, tmp_path, capsys):
     assert kitti_main(raw, depth, out) == 2
     err = one_line_error(capsys)
     assert str(out) in err and "already holds shards" in err and "--overwrite" in err
+    tars = sorted(p.name for p in out.glob("*.tar"))
+    assert f"({len(tars)} shard(s), {tars[0]} first)" in err  # index.json is not a shard
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     assert kitti_main(raw, depth, out, "--overwrite", "--limit", "1") == 0
     assert read_index(out)["total"] == 1

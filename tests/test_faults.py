@@ -749,8 +749,9 @@ def test_truncated_checkpoint_is_refused_for_every_use(trained, tmp_path, capsys
     root, path = trained
     bad = tmp_path / "truncated.ckpt"
     bad.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=rf"{bad}: corrupt or truncated checkpoint"):
+    with pytest.raises(CheckpointError, match=rf"{bad}: corrupt or truncated checkpoint") as e:
         read_checkpoint(bad)
+    assert str(e.value).endswith("(PytorchStreamReader failed reading zip archive: failed finding central directory)")
     base = _overrides(root / "train", root / "val", tmp_path / "run", "stages.0.steps=1", "stages.1.steps=1")
     for extra in (f"resume={bad}", f"init_from={bad}"):
         rc = cli_main(["train", str(RECIPES_DIR / "smoke.yaml"), *base, extra])
@@ -787,8 +788,9 @@ def test_unwritable_output_folder_is_one_line_before_training(trained, tmp_path,
 
 @pytest.mark.parametrize("extra,needle", [
     (("data.num_workers=8",), "4 shards for 1 ranks x 8 workers = 8 readers"),
-    (("data.train_shards=/nonexistent/*.tar",), "matches no shard"),
-    (("data.val_shards=/nonexistent/none-*.tar",), "matches no shard"),
+    (("data.train_shards=/nonexistent/*.tar",), "data.train_shards: shard pattern '/nonexistent/*.tar' matches no shard"),
+    (("data.val_shards=/nonexistent/none-*.tar",), "data.val_shards: shard pattern '/nonexistent/none-*.tar' matches"),
+    (("data.val_shards=/",), "data.val_shards: '/' is a folder: give its shards, e.g. /*.tar"),
 ])
 def test_shard_problems_are_one_line_and_leave_no_checkpoint(trained, tmp_path, capsys, extra, needle):
     root, _ = trained

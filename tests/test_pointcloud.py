@@ -186,14 +186,14 @@ def test_filter_points_combined_counts():
         max_depth=80.0, sky_threshold=600.0, edge_threshold=0.05,
         uncertainty=unc, max_uncertainty=0.5,
     )
-    # valid: the 2 invalid pixels. sky: row 0 (8). max_depth: nothing beyond 80 m is left.
+    # valid: the 2 invalid pixels. sky: row 0 (8). beyond: nothing beyond 80 m is left.
     # edge: row 1 borders the sky (8) and columns 3, 4 of rows 2..5 border the step (8); the
     # pixels next to the invalid ones are not edges. uncertainty: (3, 0) only.
-    assert report == {"total": 48, "valid": 2, "sky": 8, "max_depth": 0, "edge": 16,
+    assert report == {"total": 48, "valid": 2, "sky": 8, "beyond": 0, "edge": 16,
                       "uncertainty": 1, "kept": 21}
     assert report["kept"] + sum(v for k, v in report.items() if k not in ("total", "kept")) == 48
     assert len(pts) == len(cols) == report["kept"]
-    assert list(report) == ["total", "valid", "sky", "max_depth", "edge", "uncertainty", "kept"]
+    assert list(report) == ["total", "valid", "sky", "beyond", "edge", "uncertainty", "kept"]
 
 
 def test_filter_points_first_filter_takes_the_count(tmp_path):
@@ -201,7 +201,7 @@ def test_filter_points_first_filter_takes_the_count(tmp_path):
     k = pc.intrinsics_from_fov(8, 6)
     # without a sky filter the range cut removes the sky row
     _, _, r = pc.filter_points(d, rgb, k, max_depth=80.0)
-    assert r == {"total": 48, "valid": 2, "max_depth": 8, "kept": 38}
+    assert r == {"total": 48, "valid": 2, "beyond": 8, "kept": 38}
     # a sky mask from a PNG (path accepted) covering the sky row and one foreground pixel
     sky = np.zeros((6, 8), dtype=np.uint8)
     sky[0, :] = 255
@@ -209,7 +209,7 @@ def test_filter_points_first_filter_takes_the_count(tmp_path):
     path = tmp_path / "sky.png"
     Image.fromarray(sky).save(path)
     _, _, r = pc.filter_points(d, rgb, k, max_depth=80.0, sky_mask=path)
-    assert r == {"total": 48, "valid": 2, "sky": 9, "max_depth": 0, "kept": 37}
+    assert r == {"total": 48, "valid": 2, "sky": 9, "beyond": 0, "kept": 37}
     _, _, r2 = pc.filter_points(d, rgb, k, max_depth=80.0, sky_mask=pc.load_mask(path, (6, 8)))
     assert r2 == r
 

@@ -142,9 +142,9 @@ def test_each_filter_removes_what_it_says(trained, images, tmp_path, capsys):
     # drop beyond a depth
     cut = float(np.median(depth))
     text, n = run("--drop-beyond", cut)
-    assert _removed(text, "max_depth") == [int((depth > cut).sum())] and n == int((depth <= cut).sum())
+    assert _removed(text, "beyond") == [int((depth > cut).sum())] and n == int((depth <= cut).sum())
     text, n = run("--drop-beyond", 0.01)  # below the model's minimum depth: nothing is left
-    assert n == 0 and _removed(text, "max_depth") == [total]
+    assert n == 0 and _removed(text, "beyond") == [total]
     # sky predicted beyond a depth
     text, n = run("--drop-sky", "--sky-depth", cut)
     assert _removed(text, "sky") == [int((depth >= cut).sum())] and n == int((depth < cut).sum())
@@ -173,7 +173,7 @@ def test_each_filter_removes_what_it_says(trained, images, tmp_path, capsys):
     edge = ~sky & ~beyond & ~keep_not_edge(depth, rel)
     uncertain = ~sky & ~beyond & ~edge & (unc > u_cut)
     assert _removed(text, "sky") == [int(sky.sum())]
-    assert _removed(text, "max_depth") == [int(beyond.sum())]
+    assert _removed(text, "beyond") == [int(beyond.sum())]
     assert _removed(text, "edge") == [int(edge.sum())]
     assert _removed(text, "uncertainty") == [int(uncertain.sum())]
     assert n == total - int((sky | beyond | edge | uncertain).sum())

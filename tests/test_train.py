@@ -212,6 +212,12 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
     bad.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         read_checkpoint(bad)
+    (tmp_path / "notes.md").write_text("# not a checkpoint\n")
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'notes.md'}: not a torch checkpoint file$"):
+        read_checkpoint(tmp_path / "notes.md")
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path} is a folder, not a checkpoint file \(a run keeps its own "
+                                              rf"in {tmp_path}/checkpoints/last.ckpt\)$"):
+        read_checkpoint(tmp_path)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="device synchronisations exist on CUDA only")
@@ -467,3 +473,13 @@ def test_a_new_run_never_silently_replaces_another(tiny_shards, tmp_path, monkey
 
     _claim_folder(out, {"resume": "", "run": {"overwrite": True}})
     assert (out / "metrics.csv").read_text() == keep
+
+
+def test_a_folder_with_metrics_but_no_checkpoint_is_not_offered_for_resume(tmp_path):
+    from curriculum.train import SetupError, _claim_folder
+
+    (tmp_path / "metrics.csv").write_text("step,train/loss\n0,1.0\n")
+    with pytest.raises(SetupError) as e:
+        _claim_folder(tmp_path, {"resume": "", "run": {"overwrite": False}})
+    assert str(e.value) == (f"run.out_dir '{tmp_path}' already holds a run (metrics.csv): replace it with "
+                            "run.overwrite=true, or choose another run.out_dir")
