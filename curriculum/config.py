@@ -209,7 +209,9 @@ def _set_override(cfg: DictConfig, key: str, value: Any) -> None:
         return
     if last not in node.keys() and not _is_free_dict(node):
         _unknown(key, "command line", cfg)
-    if isinstance(value, (dict, list)) and not _is_free_dict(node):
+    child = node._get_node(last) if last in node.keys() else None
+    free_child = isinstance(child, DictConfig) and _is_free_dict(child)  # a policy: replaced whole
+    if isinstance(value, (dict, list)) and not _is_free_dict(node) and not free_child:
         # a whole section or list, as a recipe file could give it (stages=[...]): merged, so that
         # its items take the schema's types and defaults, with its keys checked first
         _check_keys({last: value}, node, "command line", prefix)
@@ -242,7 +244,8 @@ def load_yaml_mapping(path: Path, what: str = "recipe") -> dict:
     try:
         data = OmegaConf.to_container(OmegaConf.load(path))
     except Exception as exc:  # yaml syntax errors carry multi-line context; keep the first line
-        raise RecipeError(f"{path}: cannot parse: {str(exc).splitlines()[0]}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else f"{type(exc).__name__}, not a mapping of keys"
+        raise RecipeError(f"{path}: cannot parse: {first}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -155,6 +155,11 @@ def test_missing_recipe_file_and_bad_yaml(tmp_path):
     with pytest.raises(RecipeError) as e:
         load_recipe([bad])
     assert str(bad) in _one_line(e)
+    for text in ("'0'\n", "0\n"):  # a lone string or number (omegaconf fails on the first without a message)
+        bad.write_text(text)
+        with pytest.raises(RecipeError) as e:
+            load_recipe([bad])
+        assert str(bad) in _one_line(e)
 
 
 def test_schedule_is_a_function_of_step():
@@ -183,6 +188,11 @@ def test_command_line_gives_whole_sections_and_lists_as_a_recipe_file_would():
     cfg = load_recipe([RECIPES_DIR / "curriculum.yaml"], ["stages.1={name: near, steps: 7, policy: {name: max_depth}}"])
     assert [s.name for s in cfg.stages] == ["pretrain", "near"] and cfg.stages[1].policy == {"name": "max_depth"}
     assert load_recipe([RECIPES_DIR / "smoke.yaml"], ["model={encoder: vits}"]).model.encoder == "vits"
+    # a policy is replaced whole, not merged with the one it replaces (whose fields may not fit)
+    cfg = load_recipe([RECIPES_DIR / "curriculum.yaml"], ["stages.1.policy={name: unclipped}"])
+    assert cfg.stages[1].policy == {"name": "unclipped"}
+    cfg = load_recipe([RECIPES_DIR / "curriculum.yaml"], ["stages.1.policy={name: mixed, far_weight: 0.2}"])
+    assert cfg.stages[1].policy == {"name": "mixed", "far_weight": 0.2}
     for override, message in [
         ("stages=[{name: a, step: 3}]", "command line: unknown key 'stages.0.step' (did you mean 'stages.0.steps'?)"),
         ("stages.0={name: a, stepz: 3}", "command line: unknown key 'stages.0.stepz'"),
