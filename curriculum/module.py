@@ -58,6 +58,7 @@ class DepthModule(pl.LightningModule):
         self.stream_positions = StreamPositions(max(1, int(recipe["data"]["num_workers"])))
         self._pending_batch: tuple | None = None  # (step, stream position, bad samples) until the step is taken
         self.train_batches = 0  # batches this rank trained on in this process
+        self.validated_step = -1  # global step of the last finished validation in this process
         self._t_last = None
         self.extra_metadata: dict = {}
 
@@ -228,6 +229,7 @@ class DepthModule(pl.LightningModule):
             warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
             self.log_dict(logged, on_step=False, on_epoch=True, sync_dist=False)
         self.last_val_results = results
+        self.validated_step = self.global_step  # the weights of this step are validated
 
     # ------------------------------------------------------------------ images
     def _log_panel(self, key, batch, pred, i, size=None):

@@ -45,18 +45,34 @@ def _check_writable(folder: Path) -> None:
 RUN_FILES = ("checkpoints", "metrics.csv", "panels", "summary", "wandb")
 
 
-def _claim_folder(folder: Path, recipe: dict) -> None:
+def _claim_folder(folder: Path, recipe: dict) -> bool:
     """A new run never silently replaces another one (its checkpoints, its metrics.csv): only a
-    resume continues a run's folder, and only run.overwrite=true replaces it."""
+    resume of that run continues its folder, and only run.overwrite=true replaces it. Returns
+    whether the old run's files are to be cleared (``_clear_folder``, once every input is read)."""
     held = [name for name in ("checkpoints/last.ckpt", "metrics.csv") if (folder / name).exists()]
-    if not held or recipe["resume"]:
-        return
+    if not held or (recipe["resume"] and _inside(recipe["resume"], folder)):
+        return False
     if not recipe["run"]["overwrite"]:
         how = (f"continue it with resume={folder / 'checkpoints' / 'last.ckpt'}, " if held[0].endswith(".ckpt") else "")
         raise SetupError(f"run.out_dir '{folder}' already holds a run ({held[0]}): {how}replace it with "
                          "run.overwrite=true, or choose another run.out_dir")
+    for key, value in (("init_from", recipe["init_from"]), ("resume", recipe["resume"]),
+                       ("model.pretrained", recipe["model"]["pretrained"])):
+        if value and any(_inside(value, folder / name) for name in RUN_FILES):
+            raise SetupError(f"run.overwrite=true would delete {key} '{value}', which lies in run.out_dir "
+                             f"'{folder}': choose another run.out_dir")
+    return True
+
+
+def _inside(path: str | os.PathLike, folder: Path) -> bool:
+    return Path(path).resolve().is_relative_to(folder.resolve())
+
+
+def _clear_folder(folder: Path) -> None:
+    """Remove a replaced run's files (rank 0 only: the other ranks of a launch may start after it
+    has begun to write)."""
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
-        return  # rank 0 clears the folder; the others may start after it has begun to write
+        return
     for name in RUN_FILES:
         path = folder / name
         if path.is_dir():
@@ -217,7 +233,7 @@ def train(cfg: DictConfig) -> dict:
     recipe = to_plain(cfg)
     out_dir = Path(recipe["run"]["out_dir"])
     _check_writable(out_dir)
-    _claim_folder(out_dir, recipe)
+    replace_old_run = _claim_folder(out_dir, recipe)  # refused here, before any heavy work
     if recipe["trainer"]["accelerator"] in ("gpu", "cuda") and not torch.cuda.is_available():
         raise SetupError(f"trainer.accelerator={recipe['trainer']['accelerator']}, but no CUDA device is visible")
     datamodule = DepthDataModule(recipe["data"], recipe["run"]["seed"])  # shard checks before heavy work
@@ -244,6 +260,8 @@ def train(cfg: DictConfig) -> dict:
         # who may write into the folder, and the streams resume exactly (data positions).
         warnings.filterwarnings("ignore", message=".*directory .* exists and is not empty.*")
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+        if replace_old_run:  # every input read and checked: only now is the old run removed
+            _clear_folder(out_dir)
         loggers = make_loggers(recipe, out_dir, resumed)
         wandb_logger = next((lg for lg in loggers if isinstance(lg, WandbLogger)), None)
         trainer = build_trainer(recipe, out_dir, loggers)
@@ -253,10 +271,9 @@ def train(cfg: DictConfig) -> dict:
         # with fit) then costs the validation only, not the steps since the last periodic save.
         final = out_dir / "checkpoints" / "last.ckpt"
         trainer.save_checkpoint(final, weights_only=False)  # the full state, resumable
-        # the final model, always, unless the run's own schedule just validated it (every N steps,
-        # or once per epoch when the last step ended an epoch)
-        every = recipe["trainer"]["val_every_steps"] or datamodule.batches_per_rank(trainer.world_size)
-        if trainer.global_step % every:
+        # the final model, always, unless the run's own schedule has just validated it (every N
+        # steps, or at an epoch's end); a resumed run whose stop came before that validation does it here
+        if module.validated_step != trainer.global_step:
             trainer.validate(module, datamodule=datamodule, verbose=False)
     run_id = module.extra_metadata.get("wandb_run_id", "")
     if wandb_logger is not None and trainer.is_global_zero:

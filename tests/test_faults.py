@@ -625,6 +625,28 @@ def test_a_signal_during_the_final_validation_costs_only_the_validation(tiny_sha
     assert resumed["global_step"] == 5 and resumed["val"]["images"] == 6
 
 
+def test_a_run_stopped_before_its_last_validation_validates_when_resumed(tiny_shards, tmp_path, add_callback):
+    """A signal caught after the last step's own check stops the run before the epoch-end
+    validation (the stop checked at validation start); the resumed run has no step left to train
+    and validates the final weights instead of skipping them."""
+    train_dir, val_dir, _, _ = tiny_shards
+
+    class SignalAfterTheLastStep(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 8 and not self.__dict__.get("sent"):
+                self.sent = True
+                next(c for c in trainer.callbacks if isinstance(c, SignalCheckpoint)).pending = 1
+
+    add_callback(SignalAfterTheLastStep())
+    out = tmp_path / "run"  # 8 steps: one epoch of 8 batches, validated at its end
+    with pytest.raises(RunInterrupted, match=r"at step 8 by SIGINT \(before validation\)"):
+        train_mod.train(_recipe(train_dir, val_dir, out))
+    assert not [r for r in read_metrics(out) if r.get("val/near/abs_rel")]
+    resumed = train_mod.train(_recipe(train_dir, val_dir, out, f"resume={out / 'checkpoints' / 'last.ckpt'}"))
+    assert resumed["global_step"] == 8 and resumed["val"]["images"] == 6
+    assert len([r for r in read_metrics(out) if r.get("val/near/abs_rel")]) == 1
+
+
 def test_a_stop_read_late_is_taken_before_validation_and_resumes_exactly(tiny_shards, tmp_path, monkeypatch, probe):
     """With the agreement read a step late (GPUs under DDP), a signal at the step before a
     validation stops the run before validating, not after it and one more step; resuming from

@@ -11,6 +11,7 @@ from curriculum.checkpoint import CheckpointError, model_state, read_checkpoint,
 from conftest import read_metrics
 from curriculum.cli import main as cli_main
 from curriculum.config import RECIPES_DIR, load_recipe
+from curriculum.data import DataError
 from curriculum.train import train
 
 
@@ -212,6 +213,10 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
     bad.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         read_checkpoint(bad)
+    for cut in (b"", b"PK", bytes(4096)):  # what a crash or power loss can leave
+        bad.write_bytes(cut)
+        with pytest.raises(CheckpointError, match="corrupt or truncated checkpoint"):
+            read_checkpoint(bad)
     (tmp_path / "notes.md").write_text("# not a checkpoint\n")
     with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'notes.md'}: not a torch checkpoint file$"):
         read_checkpoint(tmp_path / "notes.md")
@@ -465,13 +470,26 @@ def test_a_new_run_never_silently_replaces_another(tiny_shards, tmp_path, monkey
     assert again["global_step"] == 2 and read_checkpoint(again["checkpoint"])["global_step"] == 2
     assert not (out / "panels" / "old.png").exists() and (out / "notes.txt").read_text() == "mine"
     assert [int(r["step"]) for r in read_metrics(out) if r.get("train/loss")] == [0, 1]
-    # another rank of the same launch leaves the folder to rank 0
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    (out / "notes.txt").unlink()
+    # nothing is removed before every input is read: a bad shard pattern leaves the old run
     keep = (out / "metrics.csv").read_text()
-    from curriculum.train import _claim_folder
+    with pytest.raises(DataError):
+        train(_recipe(tiny_shards, out, "run.overwrite=true", "data.train_shards=/nonexistent/*.tar"))
+    assert (out / "metrics.csv").read_text() == keep
+    # nor would it delete what the new run starts from: stage 2 in its stage-1 folder is refused
+    with pytest.raises(SetupError, match=rf"run.overwrite=true would delete init_from '{again['checkpoint']}', "
+                                         rf"which lies in run.out_dir '{out}'"):
+        train(_recipe(tiny_shards, out, "run.overwrite=true", f"init_from={again['checkpoint']}",
+                      files=("smoke.yaml", "finetune.yaml")))
+    # a resume of another run's checkpoint does not make this folder its own
+    other = train(_recipe(tiny_shards, tmp_path / "other", "stages.0.steps=2", "stages.1.steps=1"))
+    with pytest.raises(SetupError, match="already holds a run"):
+        train(_recipe(tiny_shards, out, "stages.0.steps=2", "stages.1.steps=1", f"resume={other['checkpoint']}"))
+    assert (out / "metrics.csv").read_text() == keep
+    # another rank of the same launch leaves the folder to rank 0
+    from curriculum.train import _clear_folder
 
-    _claim_folder(out, {"resume": "", "run": {"overwrite": True}})
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    _clear_folder(out)
     assert (out / "metrics.csv").read_text() == keep
 
 
