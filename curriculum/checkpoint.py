@@ -50,6 +50,8 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
         magic = f.read(4)
+    if len(magic) < 4 or not magic.strip(b"\0"):  # cut short, or zeros where a crash left no data
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint (empty or zero-filled)")
     if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch.save's zip archive, or its older pickle format
         raise CheckpointError(f"{path}: not a torch checkpoint file")
     try:

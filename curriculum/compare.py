@@ -332,6 +332,7 @@ def _train_one(c: dict, arm: str, seed: int, cfg, previous: tuple[str, dict | No
         cfg.resume = str(final)
     else:  # no checkpoint: whatever a run stopped before its first one left is replaced
         cfg.run.overwrite = True
+        done_file.unlink(missing_ok=True)  # a done.json without its checkpoint describes nothing
     recipe = to_plain(cfg)
     recipe["resume"] = ""  # what the run is, not how this process got there
     fingerprint = shard_fingerprint(recipe["data"]["train_shards"])

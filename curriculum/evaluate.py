@@ -142,11 +142,11 @@ def save_figures(report: dict, stem: str | os.PathLike) -> list[str]:
 
 
 def checkpoint_label(report: dict) -> str:
-    """The run folder and stage a report's checkpoint comes from, e.g. 'demo/pretrain (pretrain)'."""
+    """The run folder and stage a report's checkpoint comes from, e.g. 'demo/pretrain/last.ckpt (pretrain)'."""
     path = Path(report["checkpoint"])
     run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    where = "/".join(run.parts[-2:]) if len(run.parts) >= 2 else str(run)
-    return f"{where}/{path.name}" + (f" ({report['stage']})" if report.get("stage") else "")
+    shown = Path(*run.parts[-2:], path.name) if run.parts else Path(path.name)
+    return str(shown) + (f" ({report['stage']})" if report.get("stage") else "")
 
 
 def _fmt(v) -> str:

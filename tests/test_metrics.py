@@ -157,22 +157,23 @@ def _same(a: dict, b: dict):
 
 
 def test_state_merge_and_load_state_equal_single_pass():
-    batches = [_random_batch(s) for s in range(4)]
-    single = MetricAccumulator()
+    batches = [_random_batch(s) for s in range(4)]  # small images: every range must count (min_pixels=1)
+    single = MetricAccumulator(min_pixels=1)
     for batch in batches:
         single.update(*batch)
-    ranks = [MetricAccumulator(), MetricAccumulator()]
+    ranks = [MetricAccumulator(min_pixels=1), MetricAccumulator(min_pixels=1)]
     for i, batch in enumerate(batches):
         ranks[i % 2].update(*batch)
     # what all_reduce(SUM) does across ranks
     reduced = ranks[0].state() + ranks[1].state()
     assert reduced.dtype == torch.float64 and reduced.shape == (len(MetricAccumulator.state_names()),)
-    loaded = MetricAccumulator()
+    loaded = MetricAccumulator(min_pixels=1)
     loaded.load_state(reduced)
     _same(loaded.compute(), single.compute())
-    merged = MetricAccumulator().merge(ranks[0]).merge(ranks[1])
+    merged = MetricAccumulator(min_pixels=1).merge(ranks[0]).merge(ranks[1])
     _same(merged.compute(), single.compute())
     assert single.compute()["images"] == 12
+    assert not any(math.isnan(v) for v in single.compute().values())  # every value compared is a number
     with pytest.raises(ValueError, match="entries"):
         loaded.load_state(torch.zeros(3))
 

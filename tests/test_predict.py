@@ -534,4 +534,5 @@ def test_eval_figures_name_the_run_and_stage_of_their_checkpoint():
 
     assert checkpoint_label({"checkpoint": "runs/demo/finetune/checkpoints/last.ckpt", "stage": "finetune"}) == \
         "demo/finetune/last.ckpt (finetune)"
-    assert checkpoint_label({"checkpoint": "model.ckpt", "stage": None}) == "./model.ckpt"
+    assert checkpoint_label({"checkpoint": "model.ckpt", "stage": None}) == "model.ckpt"
+    assert checkpoint_label({"checkpoint": "/x.pth"}) == "/x.pth"
