@@ -132,7 +132,7 @@ def save_figures(report: dict, stem: str | os.PathLike) -> list[str]:
         for panel in panels:  # rgb | ground truth | prediction | error, each a quarter of the panel
             w = panel.shape[1] // 4
             images += [panel[:, j * w:(j + 1) * w] for j in range(4)]
-            labels += ["rgb", "ground truth", "prediction", "abs rel error (0..0.5)"]
+            labels += ["rgb", "ground truth", "prediction", "abs rel error (black 0, pale >= 0.5)"]
         vmin, vmax = report["depth_range_shown"]
         written.append(side_by_side(
             images, labels, f"{stem}_examples.png", ncols=4, depth_bar=(vmin, vmax),
