@@ -192,8 +192,6 @@ def save_depth_png(
     The image pixels are exactly ``colorize_depth(depth, vmin, vmax, cmap, log_scale)``; grey is
     "no depth".
     """
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import ListedColormap, Normalize
     from matplotlib.figure import Figure
 
     image = colorize_depth(depth, vmin, vmax, cmap=cmap, log_scale=log_scale)
@@ -207,12 +205,7 @@ def save_depth_png(
     ax.set_axis_off()
     if title:
         ax.set_title(title)
-    if log_scale:
-        _depth_colorbar(fig, ax, vmin, vmax, cmap)
-    else:
-        bar = fig.colorbar(ScalarMappable(norm=Normalize(vmin=vmin, vmax=vmax),
-                                          cmap=ListedColormap(_lut(cmap) / 255.0)), ax=ax, fraction=0.05, pad=0.02)
-        bar.set_label("depth [m]")
+    _depth_colorbar(fig, ax, vmin, vmax, cmap, log_scale, fraction=0.05, pad=0.02)
     return save_figure(fig, path)
 
 
@@ -301,16 +294,18 @@ def side_by_side(
     return save_figure(fig, path)
 
 
-def _depth_colorbar(fig: Any, axes: Any, vmin: float, vmax: float, cmap: str = "turbo") -> None:
-    """A colour bar in metres (log scale, the ticks of ``_depth_ticks``) beside ``axes``."""
+def _depth_colorbar(fig: Any, axes: Any, vmin: float, vmax: float, cmap: str = "turbo", log_scale: bool = True,
+                    fraction: float = 0.03, pad: float = 0.01) -> None:
+    """A colour bar in metres beside ``axes`` (log scale: the ticks of ``_depth_ticks``)."""
     from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import ListedColormap, LogNorm
+    from matplotlib.colors import ListedColormap, LogNorm, Normalize
     from matplotlib.ticker import FixedLocator, FormatStrFormatter
 
-    mappable = ScalarMappable(norm=LogNorm(vmin=vmin, vmax=vmax), cmap=ListedColormap(_lut(cmap) / 255.0))
-    bar = fig.colorbar(mappable, ax=axes, fraction=0.03, pad=0.01)
+    norm = LogNorm(vmin=vmin, vmax=vmax) if log_scale else Normalize(vmin=vmin, vmax=vmax)
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=ListedColormap(_lut(cmap) / 255.0)), ax=axes,
+                       fraction=fraction, pad=pad)
     bar.set_label("depth [m]")
-    ticks = _depth_ticks(vmin, vmax)
+    ticks = _depth_ticks(vmin, vmax) if log_scale else []
     if len(ticks) >= 2:
         bar.ax.yaxis.set_major_locator(FixedLocator(ticks))
         bar.ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
