@@ -217,7 +217,7 @@ def _set_override(cfg: DictConfig, key: str, value: Any) -> None:
         _check_keys({last: value}, node, "command line", prefix)
         node.merge_with({last: value})
         return
-    if isinstance(node._get_node(last), FloatNode) and not isinstance(value, bool) and isinstance(value, (int, str)):
+    if isinstance(child, FloatNode) and not isinstance(value, bool) and isinstance(value, (int, str)):
         try:  # lr=1 means 1.0, lr=nan NaN; omegaconf would warn about the implicit conversion
             value = float(value)
         except ValueError:
@@ -312,7 +312,7 @@ def validate(cfg: DictConfig) -> None:
 
     if not cfg.stages:
         raise RecipeError("stages: a recipe needs at least one stage")
-    names = set()
+    names, policies = set(), []
     for i, stage in enumerate(cfg.stages):
         if stage.steps <= 0:
             raise RecipeError(f"stages.{i}.steps: must be positive, got {stage.steps}")
@@ -320,7 +320,7 @@ def validate(cfg: DictConfig) -> None:
             raise RecipeError(f"stages.{i}.name: duplicate stage name '{stage.name}'")
         names.add(stage.name)
         try:
-            build_policy(OmegaConf.to_container(stage.policy))
+            policies.append(build_policy(OmegaConf.to_container(stage.policy)))
         except (ValueError, TypeError) as exc:
             raise RecipeError(f"stages.{i}.policy: {exc}") from None
     if cfg.model.encoder not in ENCODER_SPECS:
@@ -377,10 +377,9 @@ def validate(cfg: DictConfig) -> None:
     if not 0 < cfg.model.min_depth < cfg.model.max_depth or not math.isfinite(cfg.model.max_depth):
         raise RecipeError(f"model.min_depth, model.max_depth: need 0 < min_depth < max_depth < inf, got "
                           f"{cfg.model.min_depth}, {cfg.model.max_depth}")
-    for i, stage in enumerate(cfg.stages):
+    for i, policy in enumerate(policies):
         # A target beyond the head's range is unreachable (a sigmoid x 80 head cannot put the sky
         # at 655 m): the loss would push the output into saturation and the sky stays a phantom.
-        policy = build_policy(OmegaConf.to_container(stage.policy))
         for name in ("far_target", "max_depth"):
             value = getattr(policy, name, None)
             if value is not None and value > cfg.model.max_depth:

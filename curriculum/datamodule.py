@@ -9,18 +9,18 @@ from curriculum.data import (
 )
 
 
+def _shards(data_cfg: dict, key: str) -> list[str]:
+    try:
+        return expand_shards(data_cfg[key])
+    except DataError as exc:
+        raise DataError(f"data.{key}: {exc}") from None
+
+
 class DepthDataModule(pl.LightningDataModule):
     def __init__(self, data_cfg: dict, seed: int):
         super().__init__()
         self.cfg, self.seed = data_cfg, seed
-        try:
-            self.train_urls = expand_shards(data_cfg["train_shards"])
-        except DataError as exc:
-            raise DataError(f"data.train_shards: {exc}") from None
-        try:
-            self.val_urls = expand_shards(data_cfg["val_shards"])
-        except DataError as exc:
-            raise DataError(f"data.val_shards: {exc}") from None
+        self.train_urls, self.val_urls = (_shards(data_cfg, key) for key in ("train_shards", "val_shards"))
         total = data_cfg["epoch_samples"] or count_samples(self.train_urls)
         if not total:
             raise DataError(

@@ -24,6 +24,9 @@ GROUPS = (("near (<= 80 m)", "near"), ("  [0, 20)", "near/0_20"), ("  [20, 40)",
           ("  [40, 80]", "near/40_80"), ("far (> 80 m)", "far"))
 
 
+PANEL_VMIN = 1.0  # bottom of the depth panels' log colour scale, metres
+
+
 def protocol_text(protocol: str, min_depth: float, max_depth: float) -> str:
     crop = {"kitti_garg": "Garg crop", "kitti_eigen": "Eigen crop", "nyu": "NYU crop"}.get(protocol, "no crop")
     return (f"protocol {protocol}: {crop}; near range {min_depth:g}..{max_depth:g} m; far = measured > "
@@ -77,7 +80,7 @@ def evaluate(checkpoint: str, shards: str, protocol: str = "synthetic", batch_si
         "model": meta.get("model", {}),
         "stage": meta.get("stage"),
         "input_size": [height, width],
-        "depth_range_shown": [1.0, vmax],  # the example panels' colour range
+        "depth_range_shown": [PANEL_VMIN, vmax],  # the example panels' colour range
         "bad_samples": bad,
         "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results.items()},
         **({"examples": panels} if examples else {}),
@@ -94,7 +97,7 @@ def image_panel(batch: dict, i: int, pred: torch.Tensor, vmax: float, rgb_key: s
     gt = batch["depth"][i, :h, :w].detach().float().cpu().clone()
     gt[batch["sky"][i, :h, :w].cpu()] = float("inf")
     rgb = batch[rgb_key][i].permute(1, 2, 0).cpu().numpy()  # depth_panel brings it to (h, w)
-    return depth_panel(rgb, gt.numpy(), pred.detach().float().cpu().numpy(), vmin=1.0, vmax=vmax,
+    return depth_panel(rgb, gt.numpy(), pred.detach().float().cpu().numpy(), vmin=PANEL_VMIN, vmax=vmax,
                        valid=None if valid is None else valid.cpu().numpy())
 
 
