@@ -293,9 +293,7 @@ def test_loader_workers_start_after_this_process_used_opencv_threads(tiny_shards
         "assert cv2.getNumThreads() == threads  # this process keeps its thread pool\n"
         "print('ok')\n"
     )
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(root)})
+    done = _run_script(script)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
@@ -311,7 +309,12 @@ def test_a_script_ending_on_an_exception_with_live_workers_exits(tiny_shards, tm
         "batch = next(iter(loader))\n"
         "raise RuntimeError('crash with workers alive')\n"
     )
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(root)})
+    done = _run_script(script)
     assert done.returncode == 1 and "crash with workers alive" in done.stderr
+
+
+def _run_script(script: Path) -> subprocess.CompletedProcess:
+    """A test script run by a fresh interpreter from the project root (fork and exit behaviour)."""
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
