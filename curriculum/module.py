@@ -22,7 +22,7 @@ from curriculum.losses import compute_loss
 from curriculum.masks import build_policy, policy_to_dict
 from curriculum.metrics import MetricAccumulator
 from curriculum.model import build_model
-from curriculum.optim import NonFiniteCounter, release, skip_if_nonfinite
+from curriculum.optim import NonFiniteCounter, before_step, release
 from curriculum.schedule import lr_factor
 
 MODEL_KEYS = ("encoder", "head", "min_depth", "max_depth", "uncertainty")
@@ -172,13 +172,10 @@ class DepthModule(pl.LightningModule):
 
         def closure():
             loss = optimizer_closure()
-            skip_if_nonfinite(opt, params, loss, self.nonfinite,
-                              all_reduce=(lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX)) if ddp else None)
-            if self.grad_clip:
-                # Here, not through Lightning's gradient_clip_val: its bf16 precision plugin refuses
-                # to clip for fused optimizers. Computed on the device, no sync; a skipped step's
-                # non-finite gradients turn NaN here, and the step leaves them unused.
-                torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
+            # clipped here, not through Lightning's gradient_clip_val: its bf16 precision plugin
+            # refuses to clip for fused optimizers
+            before_step(opt, params, loss, self.nonfinite, self.grad_clip,
+                        all_reduce=(lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX)) if ddp else None)
             return loss
 
         try:

@@ -10,6 +10,8 @@ flag is 1. So:
 - ``nonfinite_flag``: 1.0 if the loss or any gradient is non-finite, as a device tensor;
 - ``skip_if_nonfinite``: fused optimizers get the flag as ``found_inf`` (no host sync); others
   read it on the host and drop the gradients (AdamW leaves parameters without one untouched);
+- ``before_step``: the check, then gradient clipping; what runs between backward and the
+  optimizer's step, in training (``DepthModule.optimizer_step``) and in the benchmark alike;
 - ``NonFiniteCounter``: skipped steps and the current streak, counted on the device and read
   back one step late (``curriculum.late_read``), so the host never waits for the step it has
   just queued. On the CPU the counts are exact after every step.
@@ -92,6 +94,19 @@ def skip_if_nonfinite(optimizer: torch.optim.Optimizer, params, loss: torch.Tens
         for p in params:
             p.grad = None
     counter.add(flag)
+
+
+def before_step(optimizer: torch.optim.Optimizer, params, loss: torch.Tensor | None,
+                counter: NonFiniteCounter, grad_clip: float = 0.0,
+                all_reduce: Callable[[torch.Tensor], None] | None = None) -> None:
+    """``skip_if_nonfinite``, then clip the gradients' total 2-norm to ``grad_clip`` (0: no clip).
+
+    Clipped on the device, no sync; a skipped step's non-finite gradients turn NaN here, and the
+    fused step leaves them unused (the others had them dropped already).
+    """
+    skip_if_nonfinite(optimizer, params, loss, counter, all_reduce=all_reduce)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
 
 
 def release(optimizer: torch.optim.Optimizer) -> None:

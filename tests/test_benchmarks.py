@@ -85,6 +85,30 @@ def test_train_step_host_check_catches_nan_and_inf(train_step):
     assert not train_step._host_check(params, torch.tensor(float("nan")))
 
 
+@pytest.mark.parametrize("grad_check", ["module", "host", "none"])
+def test_train_step_clips_gradients_as_training_does(train_step, grad_check):
+    """A recipe's optim.grad_clip applies to the benchmark's step as to DepthModule's: the step
+    leaves the same clipped gradients and weights as a hand-made step that clips them. (The
+    gradients are compared: Adam's first update hardly depends on their scale.)"""
+    import copy
+
+    from curriculum.module import DepthModule
+
+    module = DepthModule(train_step.recipe_for("tiny", ["optim.grad_clip=0.01"]))
+    reference = copy.deepcopy(module)
+    batch = train_step.make_batch(2, 28, 42, torch.device("cpu"))
+    step = train_step.Step(module, None, grad_check)
+    step(batch)
+
+    ref_step = train_step.Step(reference, None, "none")
+    ref_step.loss(batch).backward()
+    assert torch.nn.utils.clip_grad_norm_(ref_step.params, 0.01) > 0.1  # the bound bites
+    ref_step.optimizer.step()
+    for p, q in zip(step.params, ref_step.params):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
 def test_reference_loader_mirrors_the_reference(data_pipeline, tmp_path):
     import cv2
 

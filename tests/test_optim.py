@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from curriculum.optim import NonFiniteCounter, nonfinite_flag, release, skip_if_nonfinite, skips_on_device
+from curriculum.optim import (NonFiniteCounter, before_step, nonfinite_flag, release, skip_if_nonfinite,
+                             skips_on_device)
 
 
 def _params(seed=0):
@@ -57,6 +58,33 @@ def test_a_nonfinite_step_changes_nothing_and_a_finite_one_is_a_plain_step(fused
     assert counter.skipped == 3 and counter.streak == 1
     steps = {int(opt.state[p]["step"]) for p in guarded}
     assert steps == {2}  # bias correction counts only the steps taken
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_before_step_clips_finite_steps_and_still_skips_bad_ones(fused):
+    """The check, then the clip: a finite step's gradients come out with total 2-norm ``grad_clip``
+    (direction kept), a small one untouched; a non-finite step is still skipped."""
+    params = _params()
+    opt = torch.optim.AdamW(params, lr=0.1, fused=fused or None)
+    counter = NonFiniteCounter()
+    for p in params:
+        p.grad = torch.full_like(p, 2.0)
+    grads = [p.grad.clone() for p in params]
+    norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
+    before_step(opt, params, torch.tensor(1.0), counter, grad_clip=1.5)
+    clipped = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params]))
+    assert torch.isclose(clipped, torch.tensor(1.5), rtol=1e-5)
+    assert all(torch.allclose(p.grad, g * 1.5 / norm, rtol=1e-5) for p, g in zip(params, grads))
+    release(opt)
+    before_step(opt, params, torch.tensor(1.0), counter, grad_clip=100.0)  # under the bound: as it was
+    assert torch.isclose(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params])), clipped)
+    release(opt)
+    params[0].grad[0, 0] = float("nan")
+    weights = [p.detach().clone() for p in params]
+    before_step(opt, params, torch.tensor(1.0), counter, grad_clip=1.5)
+    opt.step()
+    release(opt)
+    assert counter.skipped == 1 and all(torch.equal(p, w) for p, w in zip(params, weights))
 
 
 def test_counter_streak_resets_and_resumes_from_a_checkpoint_count():
