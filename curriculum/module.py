@@ -142,7 +142,8 @@ class DepthModule(pl.LightningModule):
         log["train/valid_fraction"] = (weight > 0).float().mean()
         # Host numbers go to the logger as CPU tensors: Lightning would turn a Python number into
         # a tensor on the module's device, a blocking copy that drains the device's queue each step.
-        host = {"train/bad_samples": self.bad_samples, "train/skipped_steps": self.skipped_steps}
+        host = {"train/bad_samples": self.bad_samples, "train/skipped_steps": self.skipped_steps,
+                **self._row_step(self.global_step + 1)}  # this step's update is taken when the row is written
         now = time.perf_counter()
         if self._t_last is not None:
             host["train/images_per_sec"] = bs * self.trainer.world_size / max(now - self._t_last, 1e-9)
@@ -199,6 +200,13 @@ class DepthModule(pl.LightningModule):
     def skipped_steps(self) -> int:
         return self.nonfinite.skipped
 
+    def _row_step(self, steps_taken: int) -> dict:
+        """The step and epoch of a metrics row (metrics.csv, W&B's trainer/global_step): the number of
+        optimizer steps taken, as the console, panels and checkpoints count. Lightning's own default
+        is the 0-based index of the last step inside fit and the count after it, which put a
+        validation after 60 steps at 59 and the final one at the count."""
+        return {"step": torch.tensor(float(steps_taken)), "epoch": torch.tensor(float(self.current_epoch))}
+
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
         self.val_metrics.reset()
@@ -222,6 +230,7 @@ class DepthModule(pl.LightningModule):
         self.val_metrics.load_state(state.cpu())
         results = self.val_metrics.compute()
         logged = {f"val/{k}": float(v) for k, v in results.items() if not (isinstance(v, float) and math.isnan(v))}
+        logged.update({k: float(v) for k, v in self._row_step(self.global_step).items()})
         with warnings.catch_warnings():  # already reduced above; Lightning's sync hint does not apply
             warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
             self.log_dict(logged, on_step=False, on_epoch=True, sync_dist=False)

@@ -94,8 +94,9 @@ def wandb_mode(mode: str) -> str:
 
 
 class _ResumedMetricsWriter(ExperimentWriter):
-    """metrics.csv of a resumed run: the rows of the steps before the checkpoint are kept (Lightning's
-    writer deletes the file), the rows of the steps the resumed run trains again are dropped."""
+    """metrics.csv of a resumed run: the rows up to the checkpoint's step are kept (Lightning's
+    writer deletes the file), the rows of the steps the resumed run trains again are dropped. A
+    row's step is the number of steps taken (``DepthModule._row_step``)."""
 
     def __init__(self, log_dir: str, resume_step: int):
         self.resume_step = resume_step
@@ -107,7 +108,7 @@ class _ResumedMetricsWriter(ExperimentWriter):
         with open(self.metrics_file_path, newline="") as f:
             reader = csv.DictReader(f)
             header = list(reader.fieldnames or [])
-            rows = [r for r in reader if not r.get("step") or int(float(r["step"])) < self.resume_step]
+            rows = [r for r in reader if not r.get("step") or int(float(r["step"])) <= self.resume_step]
         text = io.StringIO(newline="")
         writer = csv.DictWriter(text, fieldnames=header)
         writer.writeheader()

@@ -184,7 +184,7 @@ def test_an_interrupted_arm_resumes_from_its_last_checkpoint(tmp_path, tiny_shar
     done = json.loads((folder / "done.json").read_text())
     assert done["global_step"] == 6 and done["recipe"]["resume"] == ""
     steps = [int(r["step"]) for r in read_metrics(folder) if r.get("train/loss")]
-    assert steps == sorted(set(steps)) and max(steps) == 5  # one row per step: resumed, not restarted
+    assert steps == sorted(set(steps)) and max(steps) == 6  # one row per step: resumed, not restarted
 
 
 def test_an_arm_stopped_before_its_first_checkpoint_starts_again(tmp_path, tiny_shards, add_callback):
@@ -218,7 +218,7 @@ def test_an_arm_stopped_before_its_first_checkpoint_starts_again(tmp_path, tiny_
     run_compare(c, log=logged.append)
     assert json.loads((folder / "done.json").read_text())["global_step"] == 4
     steps = [int(r["step"]) for r in read_metrics(folder) if r.get("train/loss")]
-    assert steps == [0, 1, 2, 3]  # started again: the old run's rows are gone
+    assert steps == [1, 2, 3, 4]  # started again: the old run's rows are gone
 
 
 def test_bad_protocol_device_and_targets_fail_before_training(tmp_path, tiny_shards):

@@ -28,7 +28,7 @@ def test_curriculum_switches_policy_at_the_exact_step(tiny_shards, tmp_path):
     assert result["switches"] == [(0, "pretrain"), (3, "finetune")]
     rows = [r for r in read_metrics(tmp_path / "run") if r.get("curriculum/stage")]
     stage_at = {int(r["step"]): float(r["curriculum/stage"]) for r in rows}
-    assert [stage_at[s] for s in range(5)] == [0, 0, 0, 1, 1]
+    assert [stage_at[s] for s in range(1, 6)] == [0, 0, 0, 1, 1]  # a row's step: the steps taken
     ckpt = read_checkpoint(result["checkpoint"])  # weights_only=True
     meta = ckpt["curriculum"]
     assert meta["stage"] == "finetune" and meta["policy"]["name"] == "max_depth"
@@ -352,7 +352,7 @@ def test_ddp_strategy_with_one_device_builds_a_single_device_trainer(tiny_shards
 
 def test_resumed_metrics_csv_keeps_earlier_rows_and_drops_the_retrained_ones(tmp_path):
     """After a kill, rows past the checkpoint's step were logged but their training is lost:
-    the resumed run logs those steps again, so only the rows before the checkpoint stay."""
+    the resumed run logs those steps again, so only the rows up to the checkpoint's step stay."""
 
     from curriculum.train import _MetricsCSV
 
@@ -362,12 +362,12 @@ def test_resumed_metrics_csv_keeps_earlier_rows_and_drops_the_retrained_ones(tmp
         writer.writerows([{"step": s, "train/loss": 1.0 / (s + 1), "val/abs_rel": "" if s % 2 else 0.5}
                           for s in range(6)])
     logger = _MetricsCSV(tmp_path, resume_step=3)
-    logger.log_metrics({"train/loss": 0.1, "train/new_column": 7.0}, step=3)
+    logger.log_metrics({"train/loss": 0.1, "train/new_column": 7.0}, step=4)
     logger.save()
     with open(tmp_path / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
-    assert rows[0]["val/abs_rel"] == "0.5" and rows[3]["train/new_column"] == "7.0" and rows[0]["train/new_column"] == ""
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[0]["val/abs_rel"] == "0.5" and rows[4]["train/new_column"] == "7.0" and rows[0]["train/new_column"] == ""
     fresh = _MetricsCSV(tmp_path / "new", resume_step=None)  # a new run starts its own file
     fresh.log_metrics({"train/loss": 1.0}, step=0)
     fresh.save()
@@ -382,12 +382,12 @@ def test_progress_bars_cover_training_and_validation(tiny_shards, tmp_path, capf
 
 
 @pytest.mark.parametrize("steps,validated_at", [
-    (("stages.0.steps=4", "stages.1.steps=4"), [7]),  # one epoch of 8 batches: its validation is the final one
+    (("stages.0.steps=4", "stages.1.steps=4"), [8]),  # one epoch of 8 batches: its validation is the final one
     (("stages.0.steps=4", "stages.1.steps=1"), [5]),  # ends mid-epoch: validated at the end
-    (("stages.0.steps=5", "stages.1.steps=5", "trainer.val_every_steps=5"), [4, 9]),
+    (("stages.0.steps=5", "stages.1.steps=5", "trainer.val_every_steps=5"), [5, 10]),
 ])
 def test_the_final_model_is_validated_once(tiny_shards, tmp_path, steps, validated_at):
-    """(Validation inside fit logs at the step it follows, the final one at the step count.)"""
+    """Validation rows, inside fit or the final one, say the number of steps taken."""
     train(_recipe(tiny_shards, tmp_path / "run", *steps))
     rows = [r for r in read_metrics(tmp_path / "run") if r.get("val/near/abs_rel")]
     assert [int(r["step"]) for r in rows] == validated_at
@@ -469,7 +469,7 @@ def test_a_new_run_never_silently_replaces_another(tiny_shards, tmp_path, monkey
     again = train(_recipe(tiny_shards, out, "stages.0.steps=1", "stages.1.steps=1", "run.overwrite=true"))
     assert again["global_step"] == 2 and read_checkpoint(again["checkpoint"])["global_step"] == 2
     assert not (out / "panels" / "old.png").exists() and (out / "notes.txt").read_text() == "mine"
-    assert [int(r["step"]) for r in read_metrics(out) if r.get("train/loss")] == [0, 1]
+    assert [int(r["step"]) for r in read_metrics(out) if r.get("train/loss")] == [1, 2]
     # nothing is removed before every input is read: a bad shard pattern leaves the old run
     keep = (out / "metrics.csv").read_text()
     with pytest.raises(DataError):
