@@ -6,6 +6,10 @@ Design, against the traps of webdataset under DDP:
 - Training: every rank yields exactly `batches_per_rank` full batches per epoch. Global batch `b`
   of an epoch comes from stream `b % num_workers` of the rank; each stream reads its own slice of
   an epoch-seeded shard permutation, cycling it if needed, so no rank ever runs dry.
+  Known limit: shards are the unit of the split, so when the shard count is not a multiple of
+  the readers (ranks x workers) an epoch repeats some samples of the readers with fewer shards
+  and leaves out some of those with more (a different split each epoch, so over epochs every
+  sample is drawn alike). ``uneven_split_note`` says so at the start of training.
 - The data of a batch is a pure function of (seed, epoch, rank, batch index): augmentations draw
   from a per-sample generator. A resumed run skips the batches already trained on (without
   decoding them) and sees the same batches an uninterrupted run would, provided `num_workers` and
@@ -139,7 +143,12 @@ def crop_resize(rgb, depth, sky, out_h, out_w, rng: np.random.Generator, scale_j
     """Random crop of a lower-bound resize, done crop-first: only the crop is resized.
 
     Equivalent to resizing the frame so it covers (out_h, out_w), then cropping; depth and sky
-    use nearest neighbour so no depth is interpolated across an edge.
+    use nearest neighbour so no depth is interpolated across an edge. Known limit, kept from
+    Depth-Anything-V2 (the same two OpenCV calls): INTER_NEAREST takes each output pixel's
+    top-left source pixel while INTER_CUBIC samples its centre, so where the crop is resized the
+    depth and sky maps sit up to half an output pixel up and left of the image. INTER_NEAREST_EXACT
+    would centre them, but its fixed-point rounding has no exact twin on the device
+    (``_nearest_index_on``), and a gather on the host costs about twice the resize.
     """
     y0, x0, ch, cw, flip = crop_window(*depth.shape, out_h, out_w, rng, scale_jitter, hflip)
     rgb, depth, sky = crop_flip(rgb, depth, sky, (y0, x0, ch, cw, False))  # views: nothing copied yet
@@ -710,6 +719,19 @@ def train_loader(stream: TrainStream, position_fn: Callable[[], int], num_worker
 def val_loader(stream: ValStream, num_workers: int) -> DataLoader:
     return _Loader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                    worker_init_fn=_worker_init if num_workers > 0 else None)
+
+
+def uneven_split_note(n_shards: int, world_size: int, num_workers: int, what: str) -> str | None:
+    """One line when the shards do not split evenly over the readers, else None (see the module
+    docstring's known limit)."""
+    readers = world_size * max(1, num_workers)
+    if n_shards % readers == 0:
+        return None
+    fewer = readers - n_shards % readers
+    return (f"note: {what}: {n_shards} shards over {readers} readers (ranks x workers) do not split evenly: "
+            f"in each epoch {fewer} of the readers hold one shard less, so an epoch draws some of their "
+            f"samples twice and leaves out some of the others'; a shard count that is a multiple of "
+            f"{readers} avoids it")
 
 
 def check_readers(n_shards: int, world_size: int, num_workers: int, what: str, spec: str) -> None:

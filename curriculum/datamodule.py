@@ -1,11 +1,13 @@
 """Lightning wiring of the shard pipeline in data.py."""
 from __future__ import annotations
 
+import sys
+
 import lightning.pytorch as pl
 
 from curriculum.data import (
     DataError, TrainSpec, TrainStream, ValStream, check_readers, count_samples, expand_shards, train_loader,
-    val_loader,
+    uneven_split_note, val_loader,
 )
 
 
@@ -45,6 +47,9 @@ class DepthDataModule(pl.LightningDataModule):
         workers = self.cfg["num_workers"]
         if stage == "fit":
             check_readers(len(self.train_urls), world, workers, "data.train_shards", self.cfg["train_shards"])
+            note = uneven_split_note(len(self.train_urls), world, workers, "data.train_shards")
+            if note and rank == 0:
+                print(note, file=sys.stderr, flush=True)
             spec = TrainSpec(
                 batch_size=self.cfg["batch_size"], batches_per_rank=self.batches_per_rank(world),
                 crop_height=self.cfg["crop_height"], crop_width=self.cfg["crop_width"],

@@ -17,7 +17,7 @@ from conftest import write_tiny_shards
 from curriculum.data import (
     DataError, TrainSpec, TrainStream, ValStream, batch_to_metres, check_readers, collate_train, count_samples,
     crop_resize, depth_to_metres, expand_shards, normalize_images, pack_mask, resize_crops,
-    train_loader, unpack_batch, unpack_mask, _imagenet_stats_on, _nearest_index_on,
+    train_loader, uneven_split_note, unpack_batch, unpack_mask, _imagenet_stats_on, _nearest_index_on,
 )
 from data_prep.schema import FAR_RAW, raw_to_depth
 
@@ -145,6 +145,21 @@ def test_too_few_shards_for_readers_is_a_clear_error():
     check_readers(4, 2, 2, "data.train_shards", "x/*.tar")
     with pytest.raises(DataError, match=r"3 shards for 2 ranks x 2 workers = 4 readers"):
         check_readers(3, 2, 2, "data.train_shards", "x/*.tar")
+
+
+def test_an_uneven_shard_split_is_noted_and_is_what_repeats_samples(tiny_shards):
+    """The known limit of splitting by shard: 4 shards over 3 readers leave one reader short, and
+    its batches repeat samples; the note says so, and an even split draws every sample once."""
+    _, _, train, _ = tiny_shards  # 4 shards of 4 samples
+    assert uneven_split_note(4, 2, 2, "data.train_shards") is None
+    note = uneven_split_note(4, 3, 1, "data.train_shards")
+    assert note.startswith("note: data.train_shards: 4 shards over 3 readers") and "2 of the readers" in note
+    assert "multiple of 3" in note and "\n" not in note
+    # 16 samples, batch 1: 5 batches per rank; the readers hold 8, 4 and 4 samples
+    keys = _keys(b for rank in range(3) for b in TrainStream(train, _spec(batch_size=1, batches_per_rank=5), rank, 3, 3))
+    assert len(keys) == 15 and len(set(keys)) == 13  # two samples drawn twice, three left out
+    even = _keys(b for rank in range(2) for b in TrainStream(train, _spec(batch_size=1, batches_per_rank=8), rank, 2, 3))
+    assert sorted(even) == sorted(set(even)) and len(even) == 16
 
 
 def _append_broken_sample(shard, key):
@@ -318,3 +333,30 @@ def _run_script(script: Path) -> subprocess.CompletedProcess:
     root = Path(__file__).resolve().parents[1]
     return subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(root)})
+
+
+@pytest.mark.parametrize("out,scale_jitter", [((120, 150), 0.0), ((56, 84), 0.0), ((56, 84), 0.5)])
+def test_crops_keep_image_depth_and_sky_aligned(out, scale_jitter):
+    """Every pixel's source coordinates are written into the image and into the depth map: a crop
+    that cuts or flips the maps apart shows up as a difference. Unresized crops (120x150 of a
+    120x200 frame) agree exactly; resized ones to within the nearest-neighbour offset (see
+    ``crop_resize``: under one output pixel, so at most one output pixel's worth of source pixels)."""
+    h, w = 120, 200
+    ys, xs = np.mgrid[0:h, 0:w]
+    rgb = np.stack([xs, ys, np.zeros_like(xs)], axis=-1).astype(np.uint8)
+    depth = (xs + 1000.0 * ys + 1.0).astype(np.float32)
+    sky = xs < 50  # a vertical edge: the sky mask must follow the image's columns
+    rng = np.random.default_rng(1)
+    resized = out != (120, 150) or scale_jitter > 0
+    bound = max(h / out[0], w / out[1]) + 0.5 if resized else 0.0
+    inner = (slice(2, -2), slice(2, -2)) if resized else (slice(None), slice(None))  # cubic overshoots at borders
+    flips = 0
+    for _ in range(30):
+        r, d, s = crop_resize(rgb, depth, sky, *out, rng, scale_jitter=scale_jitter, hflip=True)
+        depth_x, depth_y = (d - 1.0) % 1000.0, (d - 1.0) // 1000.0
+        image_x, image_y = r[..., 0].astype(np.float64), r[..., 1].astype(np.float64)
+        assert np.abs(depth_x - image_x)[inner].max() <= bound
+        assert np.abs(depth_y - image_y)[inner].max() <= bound
+        assert np.array_equal(s, depth_x < 50)  # sky goes with depth, pixel for pixel
+        flips += bool(depth_x[0, 0] > depth_x[0, -1])
+    assert 0 < flips < 30  # flipped and unflipped crops were both checked
