@@ -10,7 +10,8 @@ Bad input (missing or unreadable file, size mismatch, NaN or negative depth, mis
 intrinsics) is a ``SampleError`` whose one-line message names the file. Without ``--skip-bad``
 the first one stops the run with exit status 2 and the writer removes everything it wrote; with
 it the frame is skipped and listed in the summary. Ctrl-C exits with 130 and, likewise, leaves
-no shard under a final name.
+no shard under a final name; so do SIGTERM (SLURM, docker stop, kill) and SIGHUP, with 143 and
+129 (128 + the signal, as for a process the signal killed).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import collections
 import functools
 import itertools
+import math
 import multiprocessing as mp
 import os
 import signal
@@ -35,7 +37,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .schema import SampleError, encode_sample
+from .schema import SampleError, encode_sample, opencv_message
 from .writer import ShardWriter
 
 EXIT_OK = 0
@@ -73,7 +75,12 @@ def read_bytes(path: Path) -> bytes:
 
 
 def decode_image_bytes(data: bytes, path: Path) -> np.ndarray:
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    # OpenCV raises, rather than returning None, on some corrupt headers (e.g. a PNG that
+    # declares more pixels than CV_IO_MAX_IMAGE_PIXELS): still a bad frame, not a crash.
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:
+        raise bad(path, f"unreadable image ({opencv_message(e)})") from None
     if img is None:
         raise bad(path, "unreadable image (cannot decode)")
     return img
@@ -195,9 +202,48 @@ def fail(message: str) -> int:
 # -- running ---------------------------------------------------------------------------------
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread so that it takes Ctrl-C's path: the writer
+    aborts and the run ends with 128 + ``signum``."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# Signals handled like Ctrl-C. SLURM signals every process of the job, a shell's hangup the
+# whole process group: workers ignore them, as they ignore Ctrl-C, and the parent cleans up.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_terminated(signum: int, _frame: Any) -> None:
+    # Once: a second signal during the clean-up must not cut the clean-up short.
+    for s in _STOP_SIGNALS:
+        if signal.getsignal(s) is _raise_terminated:
+            signal.signal(s, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def _catch_stop_signals() -> dict:
+    """Route SIGTERM and SIGHUP to ``Terminated``; returns the handlers to restore. A SIGHUP
+    that is ignored (nohup) stays ignored; off the main thread nothing can be installed."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    saved = {}
+    for s in _STOP_SIGNALS:
+        old = signal.getsignal(s)
+        if s == signal.SIGHUP and old is signal.SIG_IGN:
+            continue
+        saved[s] = old
+        signal.signal(s, _raise_terminated)
+    return saved
+
+
 def _worker_init() -> None:
-    # The parent handles Ctrl-C (and aborts the writer); workers finish their frame and stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The parent handles Ctrl-C, SIGTERM and SIGHUP (and aborts the writer); workers finish
+    # their frame and stop.
+    for s in (signal.SIGINT, *_STOP_SIGNALS):
+        signal.signal(s, signal.SIG_IGN)
     cv2.setNumThreads(1)
     # A parent killed outright (kill -9) leaves no one to stop the workers: each ends itself.
     parent = mp.parent_process()
@@ -240,6 +286,16 @@ def run(
     # non-interactive shell): the clean-up of partial shards hangs on KeyboardInterrupt.
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    saved_handlers = _catch_stop_signals()
+    try:
+        return _run(name, frames, load, opts, args)
+    finally:
+        for s, h in saved_handlers.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def _run(name: str, frames: Sequence[Any], load: Callable[[Any, dict], dict], opts: dict,
+         args: argparse.Namespace) -> int:
     skip_bad = getattr(args, "skip_bad", False)
     limit = getattr(args, "limit", None)
     if limit is not None:
@@ -250,6 +306,8 @@ def run(
         return fail(f"--workers must be >= 1, got {args.workers}")
     if args.shard_size < 1:
         return fail(f"--shard-size must be >= 1, got {args.shard_size}")
+    if not (math.isfinite(args.shard_mb) and args.shard_mb > 0):  # int(inf) raises, nan passes comparisons
+        return fail(f"--shard-mb must be a positive finite number, got {args.shard_mb}")
     try:
         writer = ShardWriter(
             args.out,
@@ -304,10 +362,11 @@ def run(
     except BrokenProcessPool:
         bar.close()
         return fail(f"{name}: a conversion worker died (killed, out of memory?); no shards written")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or Terminated by SIGTERM / SIGHUP
         bar.close()
-        print(f"interrupted: removed the partial output in {args.out}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        how = f"terminated by {e}" if isinstance(e, Terminated) else "interrupted"
+        print(f"{how}: removed the partial output in {args.out}", file=sys.stderr)
+        return 128 + e.signum if isinstance(e, Terminated) else EXIT_INTERRUPTED
     finally:
         bar.close()
         if pool is not None:  # workers ignore Ctrl-C: pending frames are cancelled, running ones end

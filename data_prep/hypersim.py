@@ -12,9 +12,10 @@ not planar depth; it is converted per pixel to planar z = dist * f / sqrt(x^2 + 
 with x = u - cx, y = v - cy. Hypersim's camera has a 60 degree horizontal field of view and the
 principal point at the image centre: f = (W / 2) / tan(fov / 2) (886.81 px at 1024 wide),
 cx = (W - 1) / 2, cy = (H - 1) / 2 in pixel-centre coordinates. NaN marks rays that hit no
-geometry: no measurement (0). Depth is stored in millimetres by default (depth_scale 0.001, up
-to 65.534 m); a frame deeper than that is reported as bad, naming the file: raise
---depth-scale for such scenes. Hypersim has no sky label, so no sky.png is written.
+geometry: no measurement (0); Hypersim has no infinities, so a file holding one is a bad frame.
+Depth is stored in millimetres by default (depth_scale 0.001, up to 65.534 m); a frame deeper
+than that is reported as bad, naming the file: raise --depth-scale for such scenes. Hypersim
+has no sky label, so no sky.png is written.
 
 Known limit: that camera model is the one Hypersim documents for most scenes; some scenes were
 rendered with tilt-shift (off-centre) cameras, whose true principal point and ray directions
@@ -72,6 +73,11 @@ def read_distance(path: Path) -> np.ndarray:
         raise bad(path, f"unreadable HDF5 ({e})") from None
     if d.ndim != 2 or not np.issubdtype(d.dtype, np.floating):
         raise bad(path, f"expected a 2-D float array, got {d.dtype} {d.shape}")
+    # Hypersim marks rays that hit nothing with NaN only; an infinity is a broken file, and
+    # would otherwise be stored as 65535 (beyond range)
+    inf = np.isinf(d)
+    if inf.any():
+        raise bad(path, f"depth has {int(inf.sum())} infinite pixels (Hypersim marks no geometry with NaN)")
     return d
 
 

@@ -26,6 +26,7 @@ either of the two layouts used by common KITTI split files:
 from __future__ import annotations
 
 import functools
+import math
 import re
 import sys
 from pathlib import Path
@@ -62,8 +63,10 @@ def read_calib(path: Path, camera: str) -> tuple[float, float, float, float]:
             if len(p) != 12:
                 raise bad(path, f"{name}: expected 12 numbers, got {len(p)}")
             fx, cx, fy, cy = p[0], p[2], p[5], p[6]
-            if min(fx, fy, cx, cy) <= 0:
-                raise bad(path, f"{name}: intrinsics must be positive (fx={fx} fy={fy} cx={cx} cy={cy})")
+            # float() parses 'nan' and 'inf', and NaN passes any comparison with 0
+            if not all(math.isfinite(v) and v > 0 for v in (fx, fy, cx, cy)):
+                raise bad(path, f"{name}: intrinsics must be positive finite numbers "
+                                f"(fx={fx} fy={fy} cx={cx} cy={cy})")
             return fx, fy, cx, cy
     raise bad(path, f"no {name} line (missing intrinsics)")
 
@@ -76,7 +79,11 @@ def _calib_cached(path: str, camera: str) -> tuple[float, float, float, float]:
 def parse_split(path: Path) -> list[tuple[str, str, int]]:
     """[(drive, camera dir, frame index)] from a split file (see module docstring)."""
     out = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError as e:  # its message names a byte, not the file
+        raise ValueError(f"{path}: cannot read ({e})") from None
+    for n, line in enumerate(text.splitlines(), start=1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue

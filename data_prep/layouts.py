@@ -4,11 +4,14 @@
 modified in place) into the dataset's own layout, adding only what the fixtures lack (a KITTI
 calibration file with the fixture's focal length and principal point, a Hypersim tonemap JPEG).
 ``vkitti2_tree`` writes small generated vKITTI2 files (including 65535 and the sky colour).
+``png_declaring`` builds a corrupt image for tests of bad input.
 """
 
 from __future__ import annotations
 
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import cv2
@@ -117,3 +120,15 @@ def vkitti2_tree(root: Path, scenes=("Scene01", "Scene02"), variations=("clone",
                     cv2.imwrite(str(d["classSegmentation"] / f"classgt_{i:05d}.png"), seg[..., ::-1])
             (base / "intrinsic.txt").write_text("\n".join(lines) + "\n")
     return root
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG with valid chunk CRCs whose header declares ``width`` x ``height`` 8-bit RGB pixels
+    but whose data holds only a few bytes: a corrupt file that OpenCV refuses by raising
+    cv2.error (more than CV_IO_MAX_IMAGE_PIXELS), not by returning None."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+            + chunk(b"IEND", b""))

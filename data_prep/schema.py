@@ -233,8 +233,18 @@ def _require_bytes(data: Any, key: str, what: str) -> bytes | bytearray:
     return bytes(data) if isinstance(data, memoryview) else data
 
 
+def opencv_message(exc: Exception) -> str:
+    """The first line of a cv2.error's message (it ends in a newline, some span several lines)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def _decode_image(data: Any, key: str, what: str, flag: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
-    img = cv2.imdecode(np.frombuffer(_require_bytes(data, key, what), dtype=np.uint8), flag)
+    # OpenCV raises, rather than returning None, on some corrupt headers (a PNG declaring
+    # 100000x100000 pixels fails its size assertion): still one bad sample, not a crash.
+    try:
+        img = cv2.imdecode(np.frombuffer(_require_bytes(data, key, what), dtype=np.uint8), flag)
+    except cv2.error as e:
+        raise SampleError(f"{key}: {what}: unreadable image ({opencv_message(e)})") from None
     if img is None:
         raise SampleError(f"{key}: {what} cannot be decoded")
     return img

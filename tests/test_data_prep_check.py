@@ -9,7 +9,7 @@ import tarfile
 import cv2
 import numpy as np
 
-from data_prep import check
+from data_prep import check, layouts
 from data_prep.schema import encode_sample
 from data_prep.writer import ShardWriter
 
@@ -81,6 +81,16 @@ def test_8bit_depth_named(tmp_path, capsys):
     write(tmp_path, [s])
     rc, out, _ = run(tmp_path, capsys)
     assert rc == 1 and "shard-000000.tar: t_s_0: depth.png is uint8, expected 16-bit" in out
+
+
+def test_image_opencv_refuses_by_raising_is_one_line(tmp_path, capsys):
+    s = sample(1)
+    s["rgb.png"] = layouts.png_declaring(100000, 100000)  # cv2.imdecode raises on it
+    write(tmp_path, [sample(0), s, sample(2)])
+    rc, out, err = run(tmp_path, capsys, "--quiet")
+    assert rc == 1 and "1 problem(s)" in err and "Traceback" not in err
+    [line] = [ln for ln in out.splitlines() if "t_s_1" in ln]
+    assert line.startswith("shard-000000.tar: t_s_1: rgb.png: unreadable image (") and "CV_IO_MAX_IMAGE_PIXELS" in line
 
 
 def test_truncated_mid_member(tmp_path, capsys):

@@ -286,3 +286,74 @@ def test_frames_are_submitted_a_bounded_distance_ahead_of_the_writer():
     assert out == [i * i for i in range(50)]
     assert state["submitted"] == 50 and 1 <= state["most_ahead"] <= 5
     assert list(convert.bounded_map(ThreadPoolExecutor(1), encode, [], ahead=2)) == []
+
+
+def test_image_opencv_refuses_by_raising_is_a_bad_frame(fixtures_dir, tmp_path, capsys):
+    """A corrupt header that makes cv2.imdecode raise (not return None) is a bad frame like any other."""
+    raw, depth = layouts.kitti_tree(fixtures_dir, tmp_path / "src", frames=(5, 50))
+    huge = raw / KITTI_IMG / "0000000005.png"
+    huge.write_bytes(layouts.png_declaring(100000, 100000))
+    assert kitti_main(raw, depth, tmp_path / "out") == 2
+    err = one_line_error(capsys)
+    assert f"{huge}: unreadable image (" in err and "CV_IO_MAX_IMAGE_PIXELS" in err
+    assert_nothing_final(tmp_path / "out")
+    assert kitti_main(raw, depth, tmp_path / "out", "--skip-bad") == 0
+    stdout = capsys.readouterr().out
+    assert "wrote 1 samples" in stdout and f"skipped: {huge}: unreadable image (" in stdout
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "-1"])
+def test_shard_mb_must_be_positive_and_finite(kitti_src, tmp_path, capsys, value):
+    raw, depth = kitti_src
+    assert kitti_main(raw, depth, tmp_path / "out", "--shard-mb", value) == 2
+    assert f"--shard-mb must be a positive finite number, got {float(value)}" in one_line_error(capsys)
+    assert_nothing_final(tmp_path / "out")
+
+
+class _Signalling:
+    """A load that sends this process ``signum`` on frame ``n`` (in-process, --workers 1)."""
+
+    def __init__(self, n, signum):
+        self.n, self.signum, self.calls = n, signum, 0
+
+    def __call__(self, frame, opts):
+        self.calls += 1
+        if self.calls == self.n:
+            os.kill(os.getpid(), self.signum)
+        return synthetic.load(frame, opts)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_take_the_ctrl_c_path(tmp_path, capsys, signum):
+    out = tmp_path / "out"
+    caught = []
+
+    def callers_handler(*a):  # a signal that run() does not handle lands here, not in pytest
+        caught.append(a)
+
+    before = signal.signal(signum, callers_handler)
+    try:
+        load = _Signalling(4, signum)
+        rc = convert.run("synthetic", synthetic.frames_for(0, 10), load, OPTS, _args(out))
+        assert signal.getsignal(signum) is callers_handler  # put back afterwards
+    finally:
+        signal.signal(signum, before)
+    assert caught == [] and rc == 128 + signum and load.calls == 4
+    assert f"terminated by {signal.Signals(signum).name}: removed the partial output" in capsys.readouterr().err
+    assert_nothing_final(out)
+
+
+def test_sigterm_subprocess_with_workers(tmp_path):
+    """What SLURM, docker stop and kill send: the writer aborts as for Ctrl-C, exit 128 + 15."""
+    out = tmp_path / "out"
+    proc = _start_synthetic(out, 5000)
+    try:
+        _wait_for_shards(out, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "terminated by SIGTERM" in err
+    assert_nothing_final(out)

@@ -3,6 +3,7 @@
 import math
 import shutil
 
+import cv2
 import h5py
 import numpy as np
 import pytest
@@ -131,3 +132,30 @@ def test_unreadable_hdf5_named(fixtures_dir, tmp_path, capsys):
         f.create_group("dataset")
     assert convert(root, tmp_path / "out") == 2
     assert f"error: {p}: no 'dataset' array in the HDF5 file" in capsys.readouterr().err
+
+
+def test_infinite_distance_is_a_bad_frame(tmp_path, capsys):
+    """Hypersim marks rays that hit nothing with NaN only: +-inf is a broken file, not 65535."""
+    prev = tmp_path / "src" / "ai_001_001" / "images" / "scene_cam_00_final_preview"
+    geo = prev.parent / "scene_cam_00_geometry_hdf5"
+    prev.mkdir(parents=True)
+    geo.mkdir()
+    dist = np.full((4, 8), 2.0, np.float32)
+    for i, (r, c, v) in enumerate([(0, 0, np.nan), (1, 2, np.inf), (3, 7, -np.inf)]):
+        d = dist.copy()
+        d[r, c] = v
+        if i == 2:
+            d[0, 0] = np.inf
+        (prev / f"frame.{i:04d}.tonemap.jpg").write_bytes(cv2.imencode(".jpg", np.zeros((4, 8, 3), np.uint8))[1].tobytes())
+        with h5py.File(geo / f"frame.{i:04d}.depth_meters.hdf5", "w") as f:
+            f.create_dataset("dataset", data=d)
+    bad1, bad2 = (geo / f"frame.{i:04d}.depth_meters.hdf5" for i in (1, 2))
+    assert convert(tmp_path / "src", tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {bad1}: depth has 1 infinite pixels") and "\n" not in err
+    assert convert(tmp_path / "src", tmp_path / "out", "--skip-bad") == 0
+    stdout = capsys.readouterr().out
+    assert "wrote 1 samples" in stdout and "skipped 2 bad frame(s)" in stdout
+    assert f"skipped: {bad1}: depth has 1 infinite pixels" in stdout
+    assert f"skipped: {bad2}: depth has 2 infinite pixels" in stdout
+    assert only_sample(tmp_path / "out")["depth_raw"][0, 0] == 0  # the NaN frame: no measurement

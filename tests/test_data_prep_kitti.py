@@ -1,5 +1,7 @@
 """KITTI converter on the real fixture frames laid out as KITTI raw + annotated depth."""
 
+import re
+
 import cv2
 import numpy as np
 import pytest
@@ -71,6 +73,27 @@ def test_split_parse_errors(tmp_path):
     ok = tmp_path / "ok.txt"
     ok.write_text("2011_09_26/2011_09_26_drive_0002_sync 0000000005 r\n")
     assert kitti.parse_split(ok) == [("2011_09_26_drive_0002_sync", "image_03", 5)]
+
+
+def test_split_file_not_text_named(tmp_path):
+    split = tmp_path / "split.txt"
+    split.write_bytes(b"\xff\xfe\x00\x01")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(split))}: cannot read \\(.*codec"):
+        kitti.parse_split(split)
+
+
+@pytest.mark.parametrize("fx", [float("nan"), float("inf")])
+def test_non_finite_calibration_named(tree, tmp_path, capsys, fx):
+    raw_root, depth_root = tree
+    calib = raw_root / layouts.KITTI_DATE / "calib_cam_to_cam.txt"
+    calib.write_text(layouts.kitti_calib_text(fx=fx))
+    out = tmp_path / "out"
+    rc = kitti.main(["--raw", str(raw_root), "--depth", str(depth_root), "--out", str(out),
+                     "--workers", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err
+    assert err.startswith(f"error: {calib}: P_rect_02: intrinsics must be positive finite numbers (fx={fx}")
+    assert not list(out.glob("*.tar")) and not (out / "index.json").exists()
 
 
 def test_missing_calib_line_named(tree, tmp_path, capsys):

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from data_prep import schema
+from data_prep import layouts, schema
 from data_prep.schema import (
     FAR_RAW,
     REQUIRED_KEYS,
@@ -258,3 +258,17 @@ def test_a_sample_with_two_images_is_refused():
     sample["rgb.jpg"] = cv2.imencode(".jpg", rgb)[1].tobytes()
     with pytest.raises(SampleError, match="k: holds both rgb.jpg and rgb.png"):
         decode_sample(sample)
+
+
+def test_image_opencv_refuses_by_raising_is_a_sample_error():
+    """A header that makes cv2.imdecode raise, not return None: a SampleError naming the key and
+    member, so the checker reports it and the training decoder (the same function) skips it."""
+    from curriculum import data as training_data
+
+    rgb, raw, _ = arrays_()
+    s = encode_sample("key1", rgb, raw, meta())
+    s["rgb.png"] = layouts.png_declaring(100000, 100000)
+    for decode in (decode_sample, training_data.decode_sample):
+        with pytest.raises(SampleError, match=r"^key1: rgb\.png: unreadable image \(.*CV_IO_MAX_IMAGE_PIXELS") as e:
+            decode(s)
+        assert "\n" not in str(e.value)
