@@ -161,6 +161,10 @@ def format_table(report: dict) -> str:
     lines = [report["protocol_text"], f"images: {int(m.get('images') or 0)}, each resized to "
              f"{report['input_size'][1]}x{report['input_size'][0]} for the network"
              + (f"; {report['bad_samples']} bad samples skipped" if report.get("bad_samples") else "")]
+    nonfinite = int(m.get("nonfinite_pixels") or 0)
+    if nonfinite:  # else ranges left without finite predictions would read "n/a" like ranges without images
+        lines.append(f"warning: {nonfinite} predicted pixels are not finite (NaN or inf): left out of the error "
+                     "metrics, counted as phantoms on far and sky pixels")
     lines.append(f"{'range':<16}" + "".join(f"{c:>10}" for c in METRIC_COLUMNS) + f"{'images':>8}")
     for label, group in GROUPS:
         count = m.get(f"{group}/images")

@@ -14,6 +14,10 @@ Plus the phantom rate: among pixels whose ground truth is beyond max_depth (fini
 sky, the fraction predicted at or within max_depth (points that pollute a point cloud), pooled
 over pixels, overall and split into ``far/`` (finite gt beyond max_depth) and ``sky/`` (sky or
 +inf). A group without any image, or a phantom rate without any pixel, is reported as NaN.
+
+A non-finite prediction (NaN, +-inf) is counted in ``nonfinite_pixels`` (over the valid pixels),
+left out of the error metrics (one NaN would otherwise make a whole range NaN, shown as "n/a" like
+a range without images) and, on a far or sky pixel, counted as a phantom: it is no correct answer.
 """
 
 from __future__ import annotations
@@ -101,7 +105,7 @@ class MetricAccumulator:
             names += [f"{grp}/{m}" for m in METRIC_NAMES] + [f"{grp}/images"]
         for kind in PHANTOM_KINDS:
             names += [f"{kind}phantom_pixels", f"{kind}beyond_pixels"]
-        return names
+        return names + ["nonfinite_pixels"]
 
     def reset(self) -> None:
         self._state = torch.zeros(len(self.state_names()), dtype=torch.float64)
@@ -150,6 +154,8 @@ class MetricAccumulator:
         keep = torch.ones_like(gt, dtype=torch.bool) if valid is None else valid
         not_sky = keep if sky is None else keep & ~sky
         is_sky = torch.zeros_like(keep) if sky is None else keep & sky
+        finite = torch.isfinite(pred)
+        self._add("nonfinite_pixels", float((keep & ~finite).sum()))
         measured = not_sky & torch.isfinite(gt) & (gt > 0)
         near = measured & (gt >= self.min_depth) & (gt <= self.max_depth)
         groups = {"near": near, "far": measured & (gt > self.max_depth)}
@@ -159,7 +165,7 @@ class MetricAccumulator:
 
         self._add("images", 1.0)
         for grp in GROUPS:
-            mask = groups[grp]
+            mask = groups[grp] & finite  # the count above reports the non-finite ones
             if int(mask.sum()) < self.min_pixels:
                 continue
             values = _metric_vector(pred[mask], gt[mask]).tolist()
@@ -169,7 +175,8 @@ class MetricAccumulator:
 
         sky_like = is_sky | (keep & torch.isposinf(gt))
         far_finite = groups["far"]
-        inside = pred <= self.max_depth  # NaN predictions count as not inside
+        # a non-finite prediction there is a failure too (NaN <= max_depth alone would pass it)
+        inside = (pred <= self.max_depth) | ~finite
         for kind, mask in (("", sky_like | far_finite), ("far/", far_finite), ("sky/", sky_like)):
             self._add(f"{kind}beyond_pixels", float(mask.sum()))
             self._add(f"{kind}phantom_pixels", float((mask & inside).sum()))
@@ -188,6 +195,7 @@ class MetricAccumulator:
             total = s[f"{kind}beyond_pixels"]
             out[f"{kind}phantom_rate"] = s[f"{kind}phantom_pixels"] / total if total > 0 else math.nan
             out[f"{kind}beyond_pixels"] = total
+        out["nonfinite_pixels"] = s["nonfinite_pixels"]
         return out
 
 

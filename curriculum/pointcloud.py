@@ -118,17 +118,18 @@ def keep_not_sky(depth: np.ndarray, sky_threshold: float | None = None,
 
 
 def load_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
-    """Read a PNG mask as bool (H, W): nonzero (in any colour channel) is True.
+    """Read a PNG mask as bool (H, W): nonzero (in any colour channel) is True; turned upright by its
+    EXIF orientation, as predict's images are.
 
     Raises ValueError with one line naming the file if it cannot be read or its size is not
     ``shape`` (H, W).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     try:
         with Image.open(path) as img:
-            img.load()
+            img = ImageOps.exif_transpose(img)
             mode = img.mode
             arr = np.asarray(img)
     except (OSError, UnidentifiedImageError) as e:
@@ -209,8 +210,9 @@ def filter_points(
     depth = _as_depth(depth)
     shape = depth.shape
     colours = _as_rgb(rgb, shape)
-    if len(intrinsics) != 4:
-        raise ValueError(f"intrinsics must be (fx, fy, cx, cy), got {intrinsics!r}")
+    if len(intrinsics) != 4 or not all(math.isfinite(v) for v in intrinsics) or not min(intrinsics[:2]) > 0:
+        # a NaN centre would make every point NaN while the report says all were kept
+        raise ValueError(f"intrinsics must be finite (fx, fy, cx, cy) with fx, fy > 0, got {intrinsics!r}")
     if (uncertainty is None) != (max_uncertainty is None):
         raise ValueError("uncertainty and max_uncertainty must be given together")
     if isinstance(sky_mask, (str, os.PathLike)):

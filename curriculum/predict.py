@@ -154,8 +154,10 @@ def list_inputs(path: str | os.PathLike) -> list[Path]:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """uint8 (H, W, 3) RGB; one-line PredictError naming the file if it cannot be decoded."""
-    from PIL import Image, UnidentifiedImageError
+    """uint8 (H, W, 3) RGB, turned upright by its EXIF orientation (as cv2.imread in Depth-Anything-V2's
+    run.py and image viewers do: phone photos are stored sideways); one-line PredictError naming the
+    file if it cannot be decoded."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     try:
@@ -163,7 +165,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             img.load()
             if img.mode in ("I;16", "I;16B", "I", "F"):
                 raise PredictError(f"cannot read image {path}: {img.mode} is not an 8-bit colour image")
-            rgb = np.asarray(img.convert("RGB"))
+            rgb = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
     except FileNotFoundError:
         raise PredictError(f"input not found: {path}") from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
@@ -230,12 +232,17 @@ def _check_options(pc: PointCloudOptions | None, predictor: Predictor) -> None:
     for name, v in (("--fx", pc.fx), ("--fy", pc.fy)):
         if v is not None and not (math.isfinite(v) and v > 0):
             raise PredictError(f"{name} must be a positive number, got {v}")
+    for name, v in (("--cx", pc.cx), ("--cy", pc.cy)):
+        if v is not None and not math.isfinite(v):  # a NaN centre makes every point NaN
+            raise PredictError(f"{name} must be a finite number, got {v}")
     if not 0 < pc.fov < 180:
         raise PredictError(f"--fov must be in (0, 180) degrees, got {pc.fov}")
     if pc.drop_beyond is not None and not pc.drop_beyond > 0:
         raise PredictError(f"--drop-beyond must be positive, got {pc.drop_beyond}")
     if pc.edge_threshold is not None and not pc.edge_threshold > 0:
         raise PredictError(f"--drop-edges must be positive, got {pc.edge_threshold}")
+    if pc.max_uncertainty is not None and not math.isfinite(pc.max_uncertainty):
+        raise PredictError(f"--max-uncertainty must be a finite number, got {pc.max_uncertainty}")
     if pc.max_uncertainty is not None and not predictor.has_uncertainty:
         raise PredictError("--max-uncertainty: this checkpoint predicts no uncertainty "
                            "(train with model.uncertainty=true)")
@@ -258,9 +265,19 @@ def _sky_mask_for(pc: PointCloudOptions, image: Path, n_inputs: int) -> Path | N
 
 
 def _output_stems(files: list[Path]) -> list[str]:
-    stems = [f.stem for f in files]
-    # a.png and a.jpg in one folder would overwrite each other's outputs
-    return [f.name.replace(".", "_") if stems.count(f.stem) > 1 else f.stem for f in files]
+    """A distinct output name per input (compared case-blind: the output folder may be), in input order."""
+    stems = [f.stem.casefold() for f in files]
+    # a.png and a.jpg in one folder would overwrite each other's outputs: they keep their extension
+    names = [f.name.replace(".", "_") if stems.count(f.stem.casefold()) > 1 else f.stem for f in files]
+    # which can meet another input's own stem (a.png -> a_png beside a_png.png): later ones get _2, _3, ...
+    reserved, used, out = {n.casefold() for n in names}, set(), []
+    for name in names:
+        unique, k = name, 2
+        while unique.casefold() in used or (unique != name and unique.casefold() in reserved):
+            unique, k = f"{name}_{k}", k + 1
+        used.add(unique.casefold())
+        out.append(unique)
+    return out
 
 
 def run_predict(checkpoint: str | os.PathLike, inputs: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -284,6 +301,8 @@ def run_predict(checkpoint: str | os.PathLike, inputs: str | os.PathLike, out_di
     for mask, size in zip(masks, sizes):
         if mask is not None:
             load_mask(mask, size)
+    # intrinsics of every input now, so a bad one stops the run before any output
+    intrinsics = [pointcloud.intrinsics(w, h) if pointcloud else None for h, w in sizes]
     vmax = float(vmax if vmax is not None else predictor.max_depth)
     if not vmax > vmin > 0:
         raise PredictError(f"colour range needs 0 < --vmin < --vmax, got {vmin:g}, {vmax:g}")
@@ -292,7 +311,7 @@ def run_predict(checkpoint: str | os.PathLike, inputs: str | os.PathLike, out_di
     log(f"model: {predictor.source} {predictor.encoder}, range {predictor.min_depth:g}..{predictor.max_depth:g} m, "
         f"input short side {predictor.input_size}" + "".join(f"; {n}" for n in predictor.notes))
     records = []
-    for file, stem, mask in zip(files, _output_stems(files), masks):
+    for file, stem, mask, intr in zip(files, _output_stems(files), masks, intrinsics):
         rgb = read_image(file)
         h, w = rgb.shape[:2]
         depth, unc, (nh, nw) = predict_image(predictor, rgb)
@@ -308,7 +327,6 @@ def run_predict(checkpoint: str | os.PathLike, inputs: str | os.PathLike, out_di
             f"-> {rec['png']}" + (f", {rec['npy']}" if save_npy else ""))
         if pointcloud is not None:
             pc = pointcloud
-            intr = pc.intrinsics(w, h)
             sky_mask = load_mask(mask, (h, w)) if mask is not None else None
             points, colours, report = filter_points(
                 depth, rgb, intr,

@@ -139,6 +139,28 @@ def test_empty_groups_are_nan_not_errors():
     assert acc.compute()["images"] == 2 and acc.compute()["near/images"] == 1
 
 
+def test_nonfinite_predictions_are_counted_left_out_of_errors_and_phantoms():
+    """One NaN pixel made a whole range NaN (shown as "n/a", like a range without images), and NaN
+    on sky counted as a success (NaN <= 80 is False)."""
+    nan = math.nan
+    gt = [10.0] * 10 + [INF, INF, 90.0, 90.0, 10.0]
+    pred = [10.0] * 9 + [nan] + [nan, 100.0, INF, 100.0, nan]
+    valid = [True] * 14 + [False]  # the last NaN is cropped away: not counted
+    acc = MetricAccumulator(min_pixels=1)
+    acc.update(*_image(gt, pred, valid=valid))
+    out = acc.compute()
+    assert out["nonfinite_pixels"] == 3
+    assert out["near/images"] == 1 and out["near/abs_rel"] == 0.0 and out["near/d1"] == 1.0  # from 9 pixels
+    assert all(math.isfinite(out[f"near/{m}"]) for m in METRIC_NAMES)
+    # beyond 80 m or sky: inf (NaN -> phantom), inf (100 -> ok), 90 (inf -> phantom), 90 (100 -> ok)
+    assert out["phantom_rate"] == 0.5 and out["sky/phantom_rate"] == 0.5 and out["far/phantom_rate"] == 0.5
+    assert out["far/images"] == 1 and out["far/abs_rel"] == pytest.approx(10 / 90)
+    # an image counts in a range only with MIN_PIXELS finite predictions there
+    acc = MetricAccumulator()
+    acc.update(*_image([10.0] * 10, [10.0] * 9 + [nan]))
+    assert acc.compute()["near/images"] == 0 and acc.compute()["nonfinite_pixels"] == 1
+
+
 def _random_batch(seed, b=3):
     g = torch.Generator().manual_seed(seed)
     gt = torch.rand(b, 6, 8, generator=g) * 120
@@ -146,6 +168,7 @@ def _random_batch(seed, b=3):
     gt[torch.rand(b, 6, 8, generator=g) < 0.1] = INF
     sky = torch.rand(b, 6, 8, generator=g) < 0.1
     pred = torch.rand(b, 6, 8, generator=g) * 120 + 0.1
+    pred[torch.rand(b, 6, 8, generator=g) < 0.05] = math.nan  # counted, reduced like the rest
     valid = torch.rand(b, 6, 8, generator=g) < 0.9
     return pred, gt, sky, valid
 
@@ -172,7 +195,7 @@ def test_state_merge_and_load_state_equal_single_pass():
     _same(loaded.compute(), single.compute())
     merged = MetricAccumulator(min_pixels=1).merge(ranks[0]).merge(ranks[1])
     _same(merged.compute(), single.compute())
-    assert single.compute()["images"] == 12
+    assert single.compute()["images"] == 12 and single.compute()["nonfinite_pixels"] > 0
     assert not any(math.isnan(v) for v in single.compute().values())  # every value compared is a number
     with pytest.raises(ValueError, match="entries"):
         loaded.load_state(torch.zeros(3))
@@ -182,7 +205,7 @@ def test_compute_keys_are_stable():
     keys = set(MetricAccumulator().compute())
     for g in GROUPS:
         assert {f"{g}/{m}" for m in METRIC_NAMES} | {f"{g}/images"} <= keys
-    assert {"images", "phantom_rate", "far/phantom_rate", "sky/phantom_rate"} <= keys
+    assert {"images", "phantom_rate", "far/phantom_rate", "sky/phantom_rate", "nonfinite_pixels"} <= keys
 
 
 # ------------------------------------------------------------------------------- crops

@@ -89,6 +89,25 @@ def test_load_mask_png(tmp_path):
     assert mask.sum() == 13 and mask[3, 5] and not mask[2, 0]
 
 
+def test_load_mask_applies_exif_orientation(tmp_path):
+    """A mask carrying EXIF Orientation=6 (stored 6x4 WxH) is read upright (4x6), as predict's images are."""
+    arr = np.zeros((4, 6), dtype=np.uint8)
+    arr[:, 0] = 255  # the stored left column becomes the top row
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "sky.png"
+    Image.fromarray(arr).save(path, exif=exif.tobytes())
+    mask = pc.load_mask(path, (6, 4))
+    assert mask[0].all() and mask.sum() == 4
+
+
+def test_filter_points_refuses_non_finite_intrinsics():
+    d, rgb = _scene()
+    for k in ((10.0, 10.0, math.nan, 2.0), (10.0, 10.0, 3.0, math.inf), (0.0, 10.0, 3.0, 2.0)):
+        with pytest.raises(ValueError, match="intrinsics must be finite"):
+            pc.filter_points(d, rgb, k)
+
+
 def test_load_mask_size_mismatch_names_file(tmp_path):
     path = tmp_path / "sky_small.png"
     Image.fromarray(np.zeros((4, 6), dtype=np.uint8)).save(path)

@@ -1,5 +1,6 @@
 """`curriculum predict` (sizes, colour PNG, npy, PLY, every point-cloud filter, official checkpoints,
 bad inputs) and `curriculum eval` against hand-computed numbers."""
+import json
 import math
 import os
 import re
@@ -220,6 +221,59 @@ def test_explicit_intrinsics_are_used(trained, images, tmp_path, capsys):
     assert "fx 80.0 fy 80.0 cx 10.0 cy 20.0" in text
 
 
+@pytest.mark.parametrize("flags,needle", [
+    (["--cy", 10], "--fy/--cx/--cy need --fx"),
+    (["--fx", 80, "--cx", "nan"], "--cx must be a finite number, got nan"),
+    (["--fx", 80, "--cy", "inf"], "--cy must be a finite number, got inf"),
+    (["--max-uncertainty", "nan"], "--max-uncertainty must be a finite number, got nan"),
+])
+def test_bad_intrinsics_stop_the_run_before_any_output(trained, images, tmp_path, capsys, flags, needle):
+    folder, _ = images  # two inputs: the first one's depth PNG was written before the error
+    out = tmp_path / "k"
+    rc, _, err = _predict(["--checkpoint", trained, "--input", folder, "--out", out, "--pointcloud", *flags], capsys)
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_output_names_never_collide(trained, tmp_path, capsys):
+    """a.png and a.jpg keep their extension (a_png, a_jpg), which a_png.png's own stem would overwrite."""
+    folder = tmp_path / "same"
+    folder.mkdir()
+    sizes = {"a.png": (30, 40), "a.jpg": (30, 50), "a_png.png": (30, 60)}
+    for name, (h, w) in sizes.items():
+        Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(folder / name)
+    out = tmp_path / "o"
+    rc, _, err = _predict(["--checkpoint", trained, "--input", folder, "--out", out, "--save-npy"], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in out.glob("*_depth.npy")) == ["a_jpg_depth.npy", "a_png_2_depth.npy",
+                                                              "a_png_depth.npy"]
+    # inputs in name order: a.jpg, a.png, a_png.png; each output has its own input's size
+    for stem, name in (("a_jpg", "a.jpg"), ("a_png", "a.png"), ("a_png_2", "a_png.png")):
+        assert np.load(out / f"{stem}_depth.npy").shape == sizes[name]
+
+
+def test_exif_orientation_is_applied_like_image_viewers_do(trained, tmp_path, capsys):
+    """A phone photo stored 20x10 (WxH) with Orientation=6 is shown, and predicted, 10x20 upright."""
+    from curriculum.predict import read_image
+
+    stored = np.full((10, 20, 3), 40, np.uint8)
+    stored[:, :4] = (250, 0, 0)  # the stored left columns are the top rows once rotated
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    photo = tmp_path / "phone.jpg"
+    Image.fromarray(stored).save(photo, exif=exif.tobytes(), quality=95)
+    rgb = read_image(photo)
+    assert rgb.shape == (20, 10, 3) and rgb[:2, :, 0].min() > 200 and rgb[-4:, :, 0].max() < 100
+    mask = tmp_path / "phone.png"  # the sky mask drawn on the upright photo fits it
+    Image.fromarray(np.zeros((20, 10), np.uint8)).save(mask)
+    out = tmp_path / "o"
+    rc, text, err = _predict(["--checkpoint", trained, "--input", photo, "--out", out, "--save-npy", "--pointcloud",
+                              "--sky-mask", mask], capsys)
+    assert rc == 0, err
+    assert np.load(out / "phone_depth.npy").shape == (20, 10) and "phone.jpg: 10x20" in text
+    assert _kept(text) == [200]
+
+
 def test_conflicting_max_depth_is_an_error(trained, images, tmp_path, capsys):
     folder, _ = images
     out = tmp_path / "x"
@@ -400,6 +454,38 @@ def test_eval_matches_hand_computed_numbers(tmp_path, capsys):
     assert m["phantom_rate"] == pytest.approx(0.5) and m["sky/phantom_rate"] == pytest.approx(0.5)
     assert m["far/phantom_rate"] == pytest.approx(0.5)
     assert m["beyond_pixels"] == 2 * 28 * W
+
+
+def test_eval_of_non_finite_predictions_counts_and_warns(tmp_path):
+    """NaN on sky and far rows and one NaN near pixel: the near metrics stay numbers, the NaN
+    pixels count as phantoms, and the report says how many predictions were not finite."""
+    from curriculum.evaluate import evaluate, format_table, write_json
+    from curriculum.model import DepthPrediction
+
+    class NaNs(torch.nn.Module):
+        def forward(self, x):
+            b, _, h, w = x.shape
+            depth = torch.full((b, h, w), 20.0)
+            depth[:, :28] = math.nan  # sky and far rows
+            depth[:, 40, 5] = math.nan  # one pixel of the near range
+            return DepthPrediction(depth, None)
+
+    _known_shards(tmp_path / "val")
+    meta = {"model": {}, "recipe": {"data": {"val_height": H, "val_width": W}}}
+    report = evaluate("nans", f"{tmp_path}/val/*.tar", "synthetic", batch_size=2, model=NaNs(), meta=meta,
+                      device="cpu", progress=False)
+    m = report["metrics"]
+    assert m["nonfinite_pixels"] == 2 * (28 * W + 1)
+    assert m["near/images"] == 2 and all(m[f"near/{c}"] is not None for c in ("abs_rel", "rmse", "silog", "d1"))
+    assert m["phantom_rate"] == 1.0 and m["sky/phantom_rate"] == 1.0 and m["far/phantom_rate"] == 1.0
+    table = format_table(report).splitlines()
+    assert [line for line in table if line.startswith("warning:")] == [
+        f"warning: {2 * (28 * W + 1)} predicted pixels are not finite (NaN or inf): left out of the error "
+        "metrics, counted as phantoms on far and sky pixels"]
+    write_json(report, tmp_path / "e.json")
+    assert json.loads((tmp_path / "e.json").read_text())["metrics"]["nonfinite_pixels"] == 2 * (28 * W + 1)
+    report["metrics"]["nonfinite_pixels"] = 0
+    assert "warning" not in format_table(report)
 
 
 def _constant_checkpoint(tmp_path: Path) -> Path:
