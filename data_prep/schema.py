@@ -14,14 +14,17 @@ and never goes through webdataset's image decoders (those turn 16-bit PNG into 8
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
+import struct
 from typing import Any
 
 import cv2
 import imagecodecs
 import numpy as np
+import PIL.Image
 
 SCHEMA_VERSION = 1
 FAR_RAW = 65535
@@ -279,6 +282,29 @@ def _decode_mask_png(data: Any, key: str, what: str) -> np.ndarray:
         raise SampleError(f"{key}: {what} cannot be decoded ({type(exc).__name__})") from None
 
 
+def _check_declared_size(data: Any, key: str, what: str, w: int, h: int) -> None:
+    """Refuse an image whose header declares another size than meta.json before decoding it: a
+    corrupt header declaring 60000x60000 pixels would first be decoded into gigabytes (and can
+    take down a loader worker) only to be refused for its size. A header that cannot be read is
+    left to the decoder, whose error says what is wrong."""
+    data = bytes(data) if isinstance(data, memoryview) else data
+    if not isinstance(data, (bytes, bytearray)):
+        return
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        size = struct.unpack(">II", data[16:24])  # the first chunk: microseconds, no library
+    else:
+        try:
+            with PIL.Image.open(io.BytesIO(data)) as im:  # reads the header (JPEG: its SOF) only
+                size = im.size
+        except PIL.Image.DecompressionBombError:
+            raise SampleError(f"{key}: {what} header declares more than {PIL.Image.MAX_IMAGE_PIXELS * 2} "
+                              f"pixels but meta says {w}x{h}") from None
+        except Exception:  # noqa: BLE001 - the decoder reports unreadable headers
+            return
+    if tuple(size) != (w, h):
+        raise SampleError(f"{key}: {what} header declares {size[0]}x{size[1]} but meta says {w}x{h}")
+
+
 def decode_sample(sample: dict, metres: bool = True) -> dict:
     """Inverse of ``encode_sample`` on a raw webdataset dict (bytes values).
 
@@ -311,6 +337,9 @@ def decode_sample(sample: dict, metres: bool = True) -> dict:
     if depth_b is None:
         raise SampleError(f"{key}: missing depth.png")
 
+    sky_b = _get(sample, "sky.png")
+    for data, what in ((rgb_b, rgb_name), (depth_b, "depth.png"), (sky_b, "sky.png")):
+        _check_declared_size(data, key, what, w, h)
     jpeg_rgb = rgb_name == "rgb.jpg" and _JPEG_RGB_FLAG is not None
     img = _decode_jpeg_rgb(rgb_b, key, rgb_name) if jpeg_rgb else _decode_image(rgb_b, key, rgb_name)
     if img.dtype != np.uint8:
@@ -338,7 +367,6 @@ def decode_sample(sample: dict, metres: bool = True) -> dict:
             f"{key}: depth.png is {depth_raw.shape[1]}x{depth_raw.shape[0]} but meta says {w}x{h}"
         )
 
-    sky_b = _get(sample, "sky.png")
     if sky_b is None:
         sky = np.zeros((h, w), dtype=bool)
     else:

@@ -1,6 +1,7 @@
 """Shard sample schema: encode/decode round trips and refusals."""
 
 import json
+import struct
 
 import cv2
 import numpy as np
@@ -263,12 +264,38 @@ def test_a_sample_with_two_images_is_refused():
 def test_image_opencv_refuses_by_raising_is_a_sample_error():
     """A header that makes cv2.imdecode raise, not return None: a SampleError naming the key and
     member, so the checker reports it and the training decoder (the same function) skips it."""
+    from data_prep import schema
+
+    with pytest.raises(SampleError, match=r"^key1: rgb\.png: unreadable image \(.*CV_IO_MAX_IMAGE_PIXELS") as e:
+        schema._decode_image(layouts.png_declaring(100000, 100000), "key1", "rgb.png")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("member", ["rgb.png", "rgb.jpg", "depth.png", "sky.png"])
+def test_a_header_declaring_another_size_is_refused_before_decoding(member, monkeypatch):
+    """A corrupt header declaring 60000x60000 pixels (a JPEG decodes that into gigabytes) is
+    refused from the header, for the checker and the training decoder alike, before any decode."""
     from curriculum import data as training_data
+    from data_prep import schema
 
     rgb, raw, _ = arrays_()
-    s = encode_sample("key1", rgb, raw, meta())
-    s["rgb.png"] = layouts.png_declaring(100000, 100000)
+    s = encode_sample("key1", rgb, raw, meta(), sky=np.zeros(raw.shape, bool))
+    if member == "rgb.jpg":
+        del s["rgb.png"]
+        jpg = bytearray(cv2.imencode(".jpg", rgb)[1].tobytes())
+        sof = jpg.find(b"\xff\xc0")
+        jpg[sof + 5:sof + 9] = struct.pack(">HH", 60000, 60000)  # height, width
+        s["rgb.jpg"] = bytes(jpg)
+    else:
+        s[member] = layouts.png_declaring(60000, 60000)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded")
+
+    for name in ("_decode_image", "_decode_mask_png", "_decode_jpeg_rgb"):
+        monkeypatch.setattr(schema, name, no_decoding)
+    w, h = meta()["width"], meta()["height"]
     for decode in (decode_sample, training_data.decode_sample):
-        with pytest.raises(SampleError, match=r"^key1: rgb\.png: unreadable image \(.*CV_IO_MAX_IMAGE_PIXELS") as e:
+        with pytest.raises(SampleError, match=rf"^key1: {member} header declares (60000x60000|more than [0-9]+ "
+                                              rf"pixels) but meta says {w}x{h}$"):
             decode(s)
-        assert "\n" not in str(e.value)
