@@ -306,8 +306,9 @@ def _run(name: str, frames: Sequence[Any], load: Callable[[Any, dict], dict], op
         return fail(f"--workers must be >= 1, got {args.workers}")
     if args.shard_size < 1:
         return fail(f"--shard-size must be >= 1, got {args.shard_size}")
-    if not (math.isfinite(args.shard_mb) and args.shard_mb > 0):  # int(inf) raises, nan passes comparisons
-        return fail(f"--shard-mb must be a positive finite number, got {args.shard_mb}")
+    smallest_mb = ShardWriter.MIN_BYTES / 2**20
+    if not (math.isfinite(args.shard_mb) and args.shard_mb >= smallest_mb):  # int(inf) raises, nan passes comparisons
+        return fail(f"--shard-mb must be a finite number >= {smallest_mb:g} (MiB), got {args.shard_mb}")
     try:
         writer = ShardWriter(
             args.out,

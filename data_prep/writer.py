@@ -73,6 +73,8 @@ class ShardWriter:
     index.json lists, the index) when the new one closes successfully.
     """
 
+    MIN_BYTES = 4 * _RECORD  # room for a header, one small member and the end-of-archive blocks
+
     def __init__(
         self,
         out_dir: str | os.PathLike,
@@ -83,8 +85,8 @@ class ShardWriter:
     ) -> None:
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
-        if max_bytes < 4 * _RECORD:
-            raise ValueError(f"max_bytes must be >= {4 * _RECORD}, got {max_bytes}")
+        if max_bytes < self.MIN_BYTES:
+            raise ValueError(f"max_bytes must be >= {self.MIN_BYTES}, got {max_bytes}")
         if not prefix or "/" in prefix or prefix.startswith("."):
             raise ValueError(f"bad shard prefix {prefix!r}")
         self.out_dir = Path(out_dir)

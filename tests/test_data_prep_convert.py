@@ -302,11 +302,11 @@ def test_image_opencv_refuses_by_raising_is_a_bad_frame(fixtures_dir, tmp_path, 
     assert "wrote 1 samples" in stdout and f"skipped: {huge}: unreadable image (" in stdout
 
 
-@pytest.mark.parametrize("value", ["inf", "nan", "0", "-1"])
-def test_shard_mb_must_be_positive_and_finite(kitti_src, tmp_path, capsys, value):
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "-1", "0.01"])
+def test_shard_mb_must_be_finite_and_hold_a_sample(kitti_src, tmp_path, capsys, value):
     raw, depth = kitti_src
     assert kitti_main(raw, depth, tmp_path / "out", "--shard-mb", value) == 2
-    assert f"--shard-mb must be a positive finite number, got {float(value)}" in one_line_error(capsys)
+    assert f"--shard-mb must be a finite number >= 0.0390625 (MiB), got {float(value)}" in one_line_error(capsys)
     assert_nothing_final(tmp_path / "out")
 
 
