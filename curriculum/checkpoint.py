@@ -44,8 +44,9 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
     Lightning reads the whole of it again (a vitl checkpoint with AdamW state is several GB)."""
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file (a run keeps its own in "
-                              f"{path / 'checkpoints' / 'last.ckpt'})")
+        inside = path / "last.ckpt" if path.name == "checkpoints" or (path / "last.ckpt").is_file() \
+            else path / "checkpoints" / "last.ckpt"
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file (a run keeps its own in {inside})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:

@@ -405,7 +405,9 @@ class LoadReport:
 
 def _read_state_dict(path_or_sd) -> dict[str, torch.Tensor]:
     if isinstance(path_or_sd, (str, Path)):
-        obj = torch.load(str(path_or_sd), map_location="cpu", weights_only=True)
+        from curriculum.checkpoint import read_checkpoint  # one-line errors for missing or corrupt files
+
+        obj = read_checkpoint(path_or_sd)
     else:
         obj = path_or_sd
     if not isinstance(obj, Mapping):

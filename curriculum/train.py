@@ -243,7 +243,10 @@ def train(cfg: DictConfig) -> dict:
     if recipe["model"]["pretrained"]:
         from curriculum.model import load_encoder_weights
 
-        report = load_encoder_weights(module.model, recipe["model"]["pretrained"])
+        try:
+            report = load_encoder_weights(module.model, recipe["model"]["pretrained"])
+        except (CheckpointError, ValueError) as exc:
+            raise CheckpointError(f"model.pretrained: {exc}") from None
         print(f"encoder initialised from {recipe['model']['pretrained']}: {report}")
     resumed = resume_from_checkpoint(recipe["resume"], recipe) if recipe["resume"] else None
     lineage = init_from_checkpoint(module, recipe["init_from"], recipe) if recipe["init_from"] else \

@@ -223,6 +223,26 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=rf"^{tmp_path} is a folder, not a checkpoint file \(a run keeps its own "
                                               rf"in {tmp_path}/checkpoints/last.ckpt\)$"):
         read_checkpoint(tmp_path)
+    (tmp_path / "checkpoints").mkdir()  # a run's own checkpoints folder: its last.ckpt is inside
+    with pytest.raises(CheckpointError, match=rf"\(a run keeps its own in {tmp_path}/checkpoints/last.ckpt\)$"):
+        read_checkpoint(tmp_path / "checkpoints")
+
+
+def test_a_bad_pretrained_file_is_one_line_naming_the_key(tiny_shards, tmp_path):
+    """model.pretrained gets the checkpoint reader's one-line errors, prefixed with the key."""
+    (tmp_path / "recipe.yaml").write_text("model: {}\n")
+    torch.save([1, 2], tmp_path / "list.pth")
+    cases = {
+        tmp_path / "missing.pth": "checkpoint not found",
+        tmp_path / "recipe.yaml": "not a torch checkpoint file",
+        tmp_path / "list.pth": "not a checkpoint",
+        tmp_path: "is a folder, not a checkpoint file",
+    }
+    for path, what in cases.items():
+        with pytest.raises(CheckpointError, match=rf"^model\.pretrained: .*{what}") as err:
+            train(_recipe(tiny_shards, tmp_path / "run", f"model.pretrained={path}", "stages.0.steps=1",
+                          "stages.1.steps=1"))
+        assert "\n" not in str(err.value)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="device synchronisations exist on CUDA only")
