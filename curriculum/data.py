@@ -411,11 +411,35 @@ def _raw_samples(urls: list[str], bad: _BadSampleCounter) -> Iterator[dict]:
     end-of-archive marker gives up its last, possibly partial, sample (``data_prep.shard_reader``);
     each defect counts once."""
     for url in urls:
-        stream = gopen(url)
+        stream = _PipeErrorsInWords(gopen(url), url) if url.startswith("pipe:") else gopen(url)
         try:
             yield from _complete(iter_tar_samples(stream, url, functools.partial(bad, url)), url, bad)
         finally:
             stream.close()
+
+
+class _PipeErrorsInWords:
+    """A ``pipe:`` shard's stream whose failure reads "<url>: command exited with status N":
+    webdataset's own error quotes Popen's arguments (``(('cat x',), {'shell': True, ...}): exit 1
+    (read) {}``). Reading on after a failed command is an error; closing it is a DataError."""
+
+    def __init__(self, stream, url: str):
+        self.stream, self.url = stream, url
+
+    def _words(self) -> str:
+        return f"command exited with status {getattr(self.stream, 'status', '?')}"
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.stream.read(size)
+        except OSError:
+            raise OSError(self._words()) from None
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        except OSError:
+            raise DataError(f"{self.url}: {self._words()}") from None
 
 
 def _complete(samples: Iterator[dict], url: str, bad: _BadSampleCounter) -> Iterator[dict]:

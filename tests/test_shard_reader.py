@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_tiny_shards
-from curriculum.data import _BadSampleCounter, _raw_samples
+from curriculum.data import DataError, _BadSampleCounter, _raw_samples
 from data_prep.shard_reader import iter_tar_samples
 
 MEMBERS = ["depth.png", "meta.json", "rgb.png", "sky.png"]
@@ -40,6 +40,14 @@ def test_intact_shard_reads_whole_samples_from_a_file_and_a_pipe(tmp_path):
     piped, bad, _ = _training_reader(f"pipe:cat {path}")  # not seekable: the marker is read, not sought
     assert bad == 0 and [s["__key__"] for s in piped] == [s["__key__"] for s in samples]
     assert all(p["rgb.png"] == s["rgb.png"] for p, s in zip(piped, samples))
+
+
+def test_a_failing_pipe_command_is_one_line_naming_the_shard(tmp_path):
+    """webdataset's pipe error quotes Popen's arguments; ours says which shard's command failed how."""
+    url = f"pipe:cat {tmp_path / 'missing.tar'} 2>/dev/null"
+    with pytest.raises(DataError) as err:
+        _training_reader(url)
+    assert str(err.value) == f"{url}: command exited with status 1"
 
 
 def test_cut_at_a_member_boundary_drops_the_last_sample_once(tmp_path):
