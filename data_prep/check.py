@@ -9,6 +9,7 @@ summary table. Exit status 0 when everything is valid, 1 otherwise, with one lin
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class Stats:
     far_raw: int = 0
     beyond_near: int = 0  # finite depth > 80 m or raw 65535, sky excluded
     hist: np.ndarray = field(default_factory=lambda: np.zeros(len(_HIST_EDGES) - 1, np.int64))
+    dmin: float = math.inf
     dmax: float = 0.0
     resolutions: Counter = field(default_factory=Counter)
     sources: Counter = field(default_factory=Counter)
@@ -53,6 +55,7 @@ class Stats:
         finite = depth[(raw > 0) & ~far]
         if finite.size:
             self.hist += np.histogram(finite, bins=_HIST_EDGES)[0]
+            self.dmin = min(self.dmin, float(finite.min()))
             self.dmax = max(self.dmax, float(finite.max()))
         self.resolutions[f"{meta['width']}x{meta['height']}"] += 1
         self.sources[meta["source"]] += 1
@@ -67,7 +70,8 @@ class Stats:
         for q in qs:
             i = int(np.searchsorted(cdf, q / 100.0 * n, side="left"))
             i = min(i, len(self.hist) - 1)
-            out.append(float(np.sqrt(_HIST_EDGES[i] * _HIST_EDGES[i + 1])))
+            # the bin's geometric middle, within the depths seen (one depth alone reads as itself)
+            out.append(min(max(float(np.sqrt(_HIST_EDGES[i] * _HIST_EDGES[i + 1])), self.dmin), self.dmax))
         return out
 
 
