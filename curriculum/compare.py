@@ -476,7 +476,9 @@ def _table(report: dict, columns) -> str:
 
 
 def near_table(report: dict) -> str:
-    return _table(report, NEAR_COLUMNS + PHANTOM_COLUMNS[:1])
+    """The console's table: near-range metrics and the phantom rate, each column saying which."""
+    near = tuple((k, f"near {label}") for k, label in NEAR_COLUMNS)
+    return _table(report, near + (("phantom_rate", "phantom rate ↓"),))
 
 
 def _pct(x: float) -> str:

@@ -86,6 +86,8 @@ def test_tiny_compare_writes_the_full_report(tmp_path, tiny_shards, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "run 1/3: arm A" in out and "run 3/3: arm C" in out and "training ETA" in out
+    # the console table's columns say their range: near-range metrics, then the phantom rate
+    assert "| arm | near d1 ↑ | near abs_rel ↓ | near rmse [m] ↓ | phantom rate ↓ |" in out
     folder = tmp_path / "cmp"
     md = (folder / "report.md").read_text()
     for heading in ("## Protocol", "## Near range (≤ 80 m)", "## abs_rel per depth bin", "## Phantom rate",
