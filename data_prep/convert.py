@@ -308,7 +308,8 @@ def _run(name: str, frames: Sequence[Any], load: Callable[[Any, dict], dict], op
         return fail(f"--shard-size must be >= 1, got {args.shard_size}")
     smallest_mb = ShardWriter.MIN_BYTES / 2**20
     if not (math.isfinite(args.shard_mb) and args.shard_mb >= smallest_mb):  # int(inf) raises, nan passes comparisons
-        return fail(f"--shard-mb must be a finite number >= {smallest_mb:g} (MiB), got {args.shard_mb}")
+        return fail(f"--shard-mb must be a finite number >= {smallest_mb:g} (MiB, the smallest shard the writer "
+                    f"makes), got {args.shard_mb}")
     try:
         writer = ShardWriter(
             args.out,

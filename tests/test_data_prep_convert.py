@@ -303,10 +303,11 @@ def test_image_opencv_refuses_by_raising_is_a_bad_frame(fixtures_dir, tmp_path, 
 
 
 @pytest.mark.parametrize("value", ["inf", "nan", "0", "-1", "0.01"])
-def test_shard_mb_must_be_finite_and_hold_a_sample(kitti_src, tmp_path, capsys, value):
+def test_shard_mb_must_be_finite_and_at_least_the_writers_minimum(kitti_src, tmp_path, capsys, value):
     raw, depth = kitti_src
     assert kitti_main(raw, depth, tmp_path / "out", "--shard-mb", value) == 2
-    assert f"--shard-mb must be a finite number >= 0.0390625 (MiB), got {float(value)}" in one_line_error(capsys)
+    assert f"--shard-mb must be a finite number >= 0.0390625 (MiB, the smallest shard the writer makes), got " \
+           f"{float(value)}" in one_line_error(capsys)
     assert_nothing_final(tmp_path / "out")
 
 

@@ -299,3 +299,27 @@ def test_a_header_declaring_another_size_is_refused_before_decoding(member, monk
         with pytest.raises(SampleError, match=rf"^key1: {member} header declares (60000x60000|more than [0-9]+ "
                                               rf"pixels) but meta says {w}x{h}$"):
             decode(s)
+
+
+@pytest.mark.parametrize("cut", [8, 16, 20, 23, 24])
+def test_a_png_cut_inside_its_header_is_a_bad_sample(cut):
+    """The header pre-check reads a PNG's size from its first chunk: a member cut before the size
+    ends must stay a SampleError (the decoder's), not a crash."""
+    rgb, raw, _ = arrays_()
+    for member in ("rgb.png", "depth.png"):
+        s = encode_sample("k", rgb, raw, meta())
+        s[member] = s[member][:cut]
+        with pytest.raises(SampleError, match=rf"^k: {member}"):
+            decode_sample(s)
+
+
+def test_a_jpeg_larger_than_pils_limit_is_decoded_when_meta_agrees(monkeypatch):
+    """PIL reads no size past its decompression-bomb limit; a JPEG that large whose meta.json says
+    so too is left to the decoder instead of being refused as a mismatch."""
+    import PIL.Image
+
+    rgb, raw, _ = arrays_()
+    s = encode_sample("k", rgb, raw, meta(), rgb_format="jpg")
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 10)  # the test frame is "too large" for PIL
+    out = decode_sample(s)
+    assert out["rgb"].shape[:2] == raw.shape
