@@ -122,6 +122,11 @@ class _MetricsCSV(CSVLogger):
         super().__init__(save_dir=str(out_dir), name="", version="")
         self.resume_step = resume_step
 
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        if "epoch" in metrics:  # logged through the module as a float tensor; a count reads as one
+            metrics = {**metrics, "epoch": int(metrics["epoch"])}
+        super().log_metrics(metrics, step)
+
     @property
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None and self.resume_step is not None:

@@ -29,6 +29,7 @@ def test_curriculum_switches_policy_at_the_exact_step(tiny_shards, tmp_path):
     rows = [r for r in read_metrics(tmp_path / "run") if r.get("curriculum/stage")]
     stage_at = {int(r["step"]): float(r["curriculum/stage"]) for r in rows}
     assert [stage_at[s] for s in range(1, 6)] == [0, 0, 0, 1, 1]  # a row's step: the steps taken
+    assert {r["epoch"] for r in rows} == {"0"}  # counts read as counts
     ckpt = read_checkpoint(result["checkpoint"])  # weights_only=True
     meta = ckpt["curriculum"]
     assert meta["stage"] == "finetune" and meta["policy"]["name"] == "max_depth"
