@@ -290,6 +290,8 @@ def run_mode(encoder: str, mode: str, args, device: torch.device, flops_per_imag
         flops_per_image=flops_per_image[encoder],
         tflops_per_s=flops_per_image[encoder] * batch_size / median / 1e12,
         peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        # what the caching allocator held: the card needs this (plus the CUDA context), not the above
+        peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None,
         skipped_steps=step.skipped,
     )
     if (encoder, mode) in args.profile:
@@ -401,7 +403,7 @@ def profile_steps(step: Step, batch: dict, device: torch.device, steps: int) -> 
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'encoder':<7} {'mode':<13} {'batch':>5} {'img/s':>8} {'queued':>8} {'trainer':>8} {'TFLOP/s':>8} {'step ms':>8} "
-            f"{'peak GiB':>8} {'1st step s':>10} {'resize':>11} {'syncs':>5}")
+            f"{'peak GiB':>8} {'reserved':>8} {'1st step s':>10} {'resize':>11} {'syncs':>5}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r or "skipped" in r:
@@ -409,13 +411,14 @@ def format_table(rows: list[dict]) -> str:
             lines.append(f"{r['encoder']:<7} {r['mode']:<13} {r.get('batch', '-')!s:>5}  {note}")
             continue
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+        reserved = f"{r['peak_reserved_gib']:.1f}" if r.get("peak_reserved_gib") is not None else "-"
         tf = r["tflops_per_s"]
         tflops = f"{tf:>8.2f}" if tf >= 0.01 else f"{tf:>8.1e}"
         lines.append(
             f"{r['encoder']:<7} {r['mode']:<13} {r['batch']:>5} {r['img_per_s']:>8.2f} "
             f"{r.get('queued_img_per_s', float('nan')):>8.2f} "
             f"{'-' if r.get('trainer_img_per_s') is None else format(r['trainer_img_per_s'], '8.2f'):>8} {tflops} "
-            f"{r['step_s'] * 1e3:>8.1f} {mem:>8} {r['first_step_s']:>10.1f} {r.get('resize', '-'):>11} "
+            f"{r['step_s'] * 1e3:>8.1f} {mem:>8} {reserved:>8} {r['first_step_s']:>10.1f} {r.get('resize', '-'):>11} "
             f"{'-' if r.get('syncs_per_step') is None else r['syncs_per_step']:>5}"
         )
     return "\n".join(lines)

@@ -47,6 +47,8 @@ def test_train_step_main_cpu(train_step, tmp_path):
         assert r["batch"] == 2 and r["size"] == [28, 42]
         assert math.isfinite(r["first_loss"]) and math.isfinite(r["last_loss"])
         assert r["skipped_steps"] == 0
+        assert r["peak_mem_gib"] is None and r["peak_reserved_gib"] is None  # CUDA memory only
+    assert "peak GiB reserved" in result["table"]
     # the same model and batch: fp32 and bf16 start from losses within bf16 noise
     assert abs(rows[0]["first_loss"] - rows[1]["first_loss"]) < 2e-2 * rows[0]["first_loss"]
 
@@ -127,6 +129,17 @@ def test_reference_loader_mirrors_the_reference(data_pipeline, tmp_path):
     torch.testing.assert_close(s["valid_mask"], s["depth"] <= 80)
     # ImageNet-normalised; cubic resizing overshoots [0, 1] a little, as in the reference
     assert -3.0 < float(s["image"].min()) < -1.5 and 2.0 < float(s["image"].max()) < 3.5
+    # the reference's order, written out: the whole frame resized (float64), normalised, then cropped
+    # at the same random window; a loader that crops first (cheaper) does not give these values
+    new_w, new_h = lower_bound_size(124, 38, 42, 42)
+    whole = cv2.resize(cv2.cvtColor(cv2.imread(str(tmp_path / "a.jpg")), cv2.COLOR_BGR2RGB) / 255.0, (new_w, new_h),
+                       interpolation=cv2.INTER_CUBIC)
+    whole = ((whole - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]).transpose(2, 0, 1).astype(np.float32)
+    ds = ReferenceDataset([(str(tmp_path / "a.jpg"), str(tmp_path / "a.png"))], size=42, seed=5)
+    rng = np.random.default_rng([5, 0, 0])  # the first draw of item 0
+    y0, x0 = int(rng.integers(0, new_h - 42 + 1)), int(rng.integers(0, new_w - 42 + 1))
+    assert x0 > 0  # a window inside the frame, where crop-then-resize would differ
+    np.testing.assert_array_equal(ds[0]["image"].numpy(), whole[:, y0:y0 + 42, x0:x0 + 42])
 
 
 def test_data_pipeline_main_cpu(data_pipeline, tmp_path):
