@@ -374,10 +374,17 @@ def validate(cfg: DictConfig) -> None:
     for i, stage in enumerate(cfg.stages):
         if stage.rewarm_steps < 0:
             raise RecipeError(f"stages.{i}.rewarm_steps: must be >= 0, got {stage.rewarm_steps}")
+        if i == 0 and stage.rewarm_steps > 0:  # it would multiply with optim.warmup_steps' ramp
+            raise RecipeError(f"stages.0.rewarm_steps: {stage.rewarm_steps}, but the first stage follows no switch; "
+                              "its warm-up is optim.warmup_steps")
     if not 0 < cfg.model.min_depth < cfg.model.max_depth or not math.isfinite(cfg.model.max_depth):
         raise RecipeError(f"model.min_depth, model.max_depth: need 0 < min_depth < max_depth < inf, got "
                           f"{cfg.model.min_depth}, {cfg.model.max_depth}")
     for i, policy in enumerate(policies):
+        far_target, mask = getattr(policy, "far_target", None), getattr(policy, "max_depth", None)
+        if far_target is not None and mask is not None and far_target <= mask:
+            raise RecipeError(f"stages.{i}.policy.far_target: {far_target:g} m lies within the policy's max_depth "
+                              f"{mask:g} m: the sky would be taught inside the near range, a phantom by construction")
         # A target beyond the head's range is unreachable (a sigmoid x 80 head cannot put the sky
         # at 655 m): the loss would push the output into saturation and the sky stays a phantom.
         for name in ("far_target", "max_depth"):

@@ -219,6 +219,30 @@ def init_from_checkpoint(module: DepthModule, path: str, recipe: dict) -> dict:
 LINEAGE_KEYS = ("init_from", "init_from_sha256", "parent_stage", "parent_run", "parent_far_target", "parent_group")
 
 
+def _check_same_schedule(recipe: dict, old: dict, path: str) -> None:
+    """A resume continues the run's schedule: its stages (lengths, policies, re-warm-ups) and the
+    learning-rate curve's shape. Changed, the learning rate would jump and a stage would train
+    under a policy the run never had; a new schedule is a new stage (init_from)."""
+    advice = "resume needs the run's own schedule (init_from starts a new stage from its weights)"
+    theirs = old.get("stages")
+    if not theirs:  # a checkpoint without its recipe: nothing to compare
+        return
+    mine = recipe["stages"]
+    if len(mine) != len(theirs):
+        raise CheckpointError(f"resume '{path}': the recipe has {len(mine)} stages, the checkpoint's run "
+                              f"{len(theirs)}; {advice}")
+    for i, (a, b) in enumerate(zip(mine, theirs)):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                raise CheckpointError(f"resume '{path}': stages.{i}.{key} is {a.get(key)!r} in the recipe but "
+                                      f"{b.get(key)!r} in the checkpoint's run; {advice}")
+    for key in ("warmup_steps", "poly_power"):
+        was = (old.get("optim") or {}).get(key, recipe["optim"][key])
+        if was != recipe["optim"][key]:
+            raise CheckpointError(f"resume '{path}': optim.{key} is {recipe['optim'][key]!r} in the recipe but "
+                                  f"{was!r} in the checkpoint's run; {advice}")
+
+
 def resume_from_checkpoint(path: str, recipe: dict) -> dict:
     """Checks before a full resume (Lightning restores the state itself): the checkpoint is a
     training checkpoint of the recipe's model. Returns its step, W&B run and stage-2 lineage,
@@ -229,6 +253,7 @@ def resume_from_checkpoint(path: str, recipe: dict) -> dict:
         raise CheckpointError(f"resume '{path}': holds no training state (optimizer, step); "
                               "init_from starts a new stage from its weights")
     check_same_model({k: recipe["model"][k] for k in MODEL_KEYS}, meta["model"], f"resume '{path}'")
+    _check_same_schedule(recipe, meta.get("recipe") or {}, path)
     lineage = {k: meta[k] for k in LINEAGE_KEYS if k in meta}
     return {"global_step": int(ckpt["global_step"]), "wandb_run_id": meta.get("wandb_run_id", ""),
             "lineage": lineage, "group": meta.get("recipe", {}).get("logging", {}).get("group", "")}

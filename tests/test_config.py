@@ -137,6 +137,19 @@ def test_bad_values_are_one_line_errors_naming_the_key(override, message):
     assert message in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)
 
 
+@pytest.mark.parametrize("override,message", [
+    ("stages.0.rewarm_steps=10", "stages.0.rewarm_steps: 10, but the first stage follows no switch"),
+    ("stages.1.policy={name: mixed, far_target: 50}", "stages.1.policy.far_target: 50 m lies within the policy's "
+                                                      "max_depth 80 m"),
+])
+def test_schedules_and_targets_that_defeat_themselves_are_refused(override, message):
+    """A re-warm-up on the first stage would multiply with the warm-up; a sky target inside the mask
+    teaches phantoms."""
+    with pytest.raises(RecipeError) as e:
+        load_recipe([RECIPES_DIR / "curriculum.yaml"], [override])
+    assert message in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)
+
+
 @pytest.mark.parametrize("devices", ["2", "auto", "-1", "0,1", "'0, 1'", "[0, 1]", "1"])
 def test_lightning_device_forms_load(devices):
     assert load_recipe([RECIPES_DIR / "pretrain.yaml"], [f"trainer.devices={devices}"])

@@ -86,6 +86,23 @@ def test_init_from_another_model_is_an_error(tiny_shards, tmp_path):
         train(cfg)
 
 
+def test_resume_with_another_schedule_is_refused(tiny_shards, tmp_path):
+    """A resume continues the run's own schedule: a changed stage (policy, length, re-warm-up) or
+    learning-rate curve is one line naming the key, before any training."""
+    common = ("stages.0.steps=1", "stages.1.steps=2", "stages.1.rewarm_steps=1")
+    ckpt = train(_recipe(tiny_shards, tmp_path / "run", *common))["checkpoint"]
+    for change, message in [
+        ("stages.1.policy={name: mixed, far_weight: 0.5}", r"stages\.1\.policy is \{.*'mixed'.*\} in the recipe but "
+                                                           r"\{.*'max_depth'.*\} in the checkpoint's run"),
+        ("stages.1.steps=40", r"stages\.1\.steps is 40 in the recipe but 2 in the checkpoint's run"),
+        ("stages.1.rewarm_steps=0", r"stages\.1\.rewarm_steps is 0 in the recipe but 1"),
+        ("optim.poly_power=2.0", r"optim\.poly_power is 2\.0 in the recipe but 0\.9"),
+    ]:
+        with pytest.raises(CheckpointError, match=rf"^resume '{ckpt}': {message}.*init_from starts a new stage") as e:
+            train(_recipe(tiny_shards, tmp_path / "resumed", *common, change, f"resume={ckpt}"))
+        assert "\n" not in str(e.value)
+
+
 def test_resume_within_a_stage_matches_an_uninterrupted_run(tiny_shards, tmp_path):
     common = ("stages.0.steps=3", "stages.1.steps=3", "trainer.ckpt_every_steps=2")
     full = train(_recipe(tiny_shards, tmp_path / "full", *common))
