@@ -31,7 +31,8 @@ def protocol_text(protocol: str, min_depth: float, max_depth: float) -> str:
     crop = {"kitti_garg": "Garg crop", "kitti_eigen": "Eigen crop", "nyu": "NYU crop"}.get(protocol, "no crop")
     return (f"protocol {protocol}: {crop}; near range {min_depth:g}..{max_depth:g} m; far = measured > "
             f"{max_depth:g} m; sky = sky mask or beyond sensor range; metrics per image (an image counts in a range "
-            f"with >= {MIN_PIXELS} pixels there), then averaged over images; phantom rate over pixels")
+            f"with >= {MIN_PIXELS} pixels there), then averaged over images; phantom rate over pixels; predictions "
+            f"unclamped (as Depth-Anything-V2; monodepth2 and ZoeDepth clamp them to {max_depth:g} m for KITTI)")
 
 
 @torch.no_grad()

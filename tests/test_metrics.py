@@ -266,3 +266,14 @@ def test_silog_metric_lambda_half_of_scaled_prediction(values, scale):
     scaled = depth_metrics(gt * scale, gt)
     assert base["silog"] == 0.0
     assert scaled["silog"] == pytest.approx(math.sqrt(0.5) * abs(math.log(scale)), rel=1e-6, abs=1e-9)
+
+
+def test_protocol_text_states_what_the_numbers_follow():
+    """Printed with every evaluation: the crop, the ranges, the 10-pixel rule and that predictions
+    are not clamped (KITTI numbers of clamping papers are not directly comparable)."""
+    from curriculum.evaluate import protocol_text
+
+    text = protocol_text("kitti_garg", 1e-3, 80.0)
+    assert text.startswith("protocol kitti_garg: Garg crop; near range 0.001..80 m")
+    assert ">= 10 pixels" in text and "predictions unclamped" in text and "clamp them to 80 m" in text
+    assert "\n" not in text
