@@ -56,7 +56,7 @@ from machine import cpu_model  # noqa: E402
 
 from curriculum.config import load_recipe, to_plain  # noqa: E402
 from curriculum.module import DepthModule  # noqa: E402
-from curriculum.optim import NonFiniteCounter, before_step, nonfinite_flag, release  # noqa: E402
+from curriculum.optim import NonFiniteCounter, before_step, clip_gradients, nonfinite_flag, release  # noqa: E402
 RECIPES = ROOT / "recipes"
 MODES = ("fp32", "bf16", "bf16-compile")
 GPU_ENCODERS = ("vits", "vitb", "vitl")
@@ -154,8 +154,7 @@ class Step:
             self.optimizer.step()
             release(self.optimizer)
         elif self.grad_check == "none" or _host_check(self.params, loss):
-            if self.module.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.params, self.module.grad_clip, foreach=True)
+            clip_gradients(self.params, self.module.grad_clip)
             self.optimizer.step()
         else:
             self.nonfinite.add(torch.ones(()))

@@ -105,6 +105,11 @@ def before_step(optimizer: torch.optim.Optimizer, params, loss: torch.Tensor | N
     fused step leaves them unused (the others had them dropped already).
     """
     skip_if_nonfinite(optimizer, params, loss, counter, all_reduce=all_reduce)
+    clip_gradients(params, grad_clip)
+
+
+def clip_gradients(params, grad_clip: float) -> None:
+    """Scale the gradients to a total 2-norm of at most ``grad_clip`` (0: leave them); on the device."""
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
 
