@@ -214,18 +214,23 @@ def _wait_for_shards(out, proc, n=2, timeout=60):
     pytest.fail("no shards appeared")
 
 
-def test_sigint_subprocess_with_workers(tmp_path):
+@pytest.mark.parametrize("signum,code,said", [
+    (signal.SIGINT, 130, "interrupted"),
+    # what SLURM, docker stop and kill send: the writer aborts as for Ctrl-C, exit 128 + 15
+    (signal.SIGTERM, 128 + signal.SIGTERM, "terminated by SIGTERM"),
+])
+def test_signal_to_a_subprocess_with_workers(tmp_path, signum, code, said):
     out = tmp_path / "out"
     proc = _start_synthetic(out, 5000)
     try:
         _wait_for_shards(out, proc)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err
-    assert "interrupted" in err
+    assert proc.returncode == code, err
+    assert said in err
     assert_nothing_final(out)
 
 
@@ -341,20 +346,4 @@ def test_sigterm_and_sighup_take_the_ctrl_c_path(tmp_path, capsys, signum):
         signal.signal(signum, before)
     assert caught == [] and rc == 128 + signum and load.calls == 4
     assert f"terminated by {signal.Signals(signum).name}: removed the partial output" in capsys.readouterr().err
-    assert_nothing_final(out)
-
-
-def test_sigterm_subprocess_with_workers(tmp_path):
-    """What SLURM, docker stop and kill send: the writer aborts as for Ctrl-C, exit 128 + 15."""
-    out = tmp_path / "out"
-    proc = _start_synthetic(out, 5000)
-    try:
-        _wait_for_shards(out, proc)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "terminated by SIGTERM" in err
     assert_nothing_final(out)

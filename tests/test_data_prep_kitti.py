@@ -82,31 +82,29 @@ def test_split_file_not_text_named(tmp_path):
         kitti.parse_split(split)
 
 
-@pytest.mark.parametrize("fx", [float("nan"), float("inf")])
-def test_non_finite_calibration_named(tree, tmp_path, capsys, fx):
+def _convert_with_calib(tree, tmp_path, capsys, calib_text: str):
+    """Convert the tree with its calibration file replaced: (exit code, stderr, calibration path)."""
     raw_root, depth_root = tree
     calib = raw_root / layouts.KITTI_DATE / "calib_cam_to_cam.txt"
-    calib.write_text(layouts.kitti_calib_text(fx=fx))
+    calib.write_text(calib_text)
     out = tmp_path / "out"
     rc = kitti.main(["--raw", str(raw_root), "--depth", str(depth_root), "--out", str(out),
                      "--workers", "1", "--no-progress"])
-    err = capsys.readouterr().err.strip()
+    assert not list(out.glob("*.tar")) and not (out / "index.json").exists()
+    return rc, capsys.readouterr().err.strip(), calib
+
+
+@pytest.mark.parametrize("fx", [float("nan"), float("inf")])
+def test_non_finite_calibration_named(tree, tmp_path, capsys, fx):
+    rc, err, calib = _convert_with_calib(tree, tmp_path, capsys, layouts.kitti_calib_text(fx=fx))
     assert rc == 2 and "\n" not in err
     assert err.startswith(f"error: {calib}: P_rect_02: intrinsics must be positive finite numbers (fx={fx}")
-    assert not list(out.glob("*.tar")) and not (out / "index.json").exists()
 
 
 def test_missing_calib_line_named(tree, tmp_path, capsys):
-    raw_root, depth_root = tree
-    calib = raw_root / layouts.KITTI_DATE / "calib_cam_to_cam.txt"
-    calib.write_text(layouts.kitti_calib_text(p_rect_02=False))
-    out = tmp_path / "out"
-    rc = kitti.main(["--raw", str(raw_root), "--depth", str(depth_root), "--out", str(out),
-                     "--workers", "1", "--no-progress"])
-    err = capsys.readouterr().err.strip()
+    rc, err, calib = _convert_with_calib(tree, tmp_path, capsys, layouts.kitti_calib_text(p_rect_02=False))
     assert rc == 2
     assert err.startswith(f"error: {calib}: no P_rect_02 line (missing intrinsics)") and "\n" not in err
-    assert not list(out.glob("*.tar")) and not (out / "index.json").exists()
 
 
 def test_two_workers_same_bytes(tree, tmp_path):
