@@ -49,7 +49,7 @@ class DataConfig:
     color_jitter: float = 0.0  # brightness/contrast/saturation amplitude, image only
     # Resize the crops on the training device instead of in the loader workers: a worker then
     # ships half the bytes and skips the resize. Depth and sky come out identical, the image
-    # within one grey level; colour jitter is applied to the crop before resizing.
+    # within one grey level (two with colour jitter, which follows the resize there too).
     device_resize: bool = False
     shuffle_buffer: int = 256
     epoch_samples: int = 0  # samples per epoch over all ranks; 0 = the shard index total
@@ -366,6 +366,8 @@ def validate(cfg: DictConfig) -> None:
     for key in ("beta1", "beta2"):
         if not 0 <= cfg.optim[key] < 1:
             raise RecipeError(f"optim.{key}: must lie in [0, 1), got {cfg.optim[key]}")
+    if not cfg.data.color_jitter < 1:  # a factor 1 - amount at or below 0 blacks out or inverts the image
+        raise RecipeError(f"data.color_jitter: must lie in [0, 1), got {cfg.data.color_jitter}")
     if not cfg.logging.depth_vmax > 0:
         raise RecipeError(f"logging.depth_vmax: must be positive, got {cfg.logging.depth_vmax}")
     if not cfg.loss.silog_lambda <= 1:

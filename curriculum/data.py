@@ -159,11 +159,20 @@ def crop_resize(rgb, depth, sky, out_h, out_w, rng: np.random.Generator, scale_j
     return crop_flip(rgb, depth, sky, (0, 0, out_h, out_w, flip))
 
 
+def jitter_factors(amount: float, rng: np.random.Generator) -> tuple[float, float, float] | None:
+    """Brightness, contrast and saturation factors in [1 - amount, 1 + amount] (float32 values),
+    or None for no jitter (nothing drawn)."""
+    if amount <= 0:
+        return None
+    return tuple((1.0 + rng.uniform(-amount, amount, size=3)).astype(np.float32).tolist())
+
+
 def color_jitter(rgb: np.ndarray, amount: float, rng: np.random.Generator) -> np.ndarray:
     """Brightness, contrast and saturation jitter on the image only."""
-    if amount <= 0:
+    factors = jitter_factors(amount, rng)
+    if factors is None:
         return rgb
-    b, c, s = (1.0 + rng.uniform(-amount, amount, size=3)).astype(np.float32)
+    b, c, s = np.asarray(factors, dtype=np.float32)
     img = rgb.astype(np.float32) * b
     mean = img.mean()
     img = (img - mean) * c + mean
@@ -274,11 +283,34 @@ def collate_train_crops(samples: list[dict], buffers: WorkerBuffers | None = Non
     """``collate_train`` for unresized, unflipped crops (``device_resize``): each crop's size and
     flip travel in ``crop_size`` and ``flip`` (plain ints: they stay on the host, no device sync
     to read them), and ``resize_crops`` finishes the job on the device. Crops of one frame size
-    all have the same size, so a batch is usually unpadded."""
+    all have the same size, so a batch is usually unpadded. Colour jitter factors, when drawn,
+    travel in ``jitter``: the jitter runs after the resize, as in the worker path (clipping and
+    resizing do not commute)."""
     out = collate_train(samples, buffers)
     out["crop_size"] = [tuple(s["depth_raw"].shape) for s in samples]
     out["flip"] = [s["flip"] for s in samples]
+    if any(s.get("jitter") is not None for s in samples):
+        out["jitter"] = [s["jitter"] for s in samples]
     return out
+
+
+def color_jitter_images(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """``color_jitter`` on a uint8 batch (B,3,H,W) on its device, with each image's (brightness,
+    contrast, saturation) factors in a (B,3) float32 tensor: the same float32 steps, clipped and
+    truncated to uint8 as there."""
+    b, c, s = (factors[:, i].view(-1, 1, 1, 1) for i in range(3))
+    img = images.float() * b
+    mean = img.mean(dim=(1, 2, 3), keepdim=True)
+    img = (img - mean) * c + mean
+    gray = img.mean(dim=1, keepdim=True)
+    img = (img - gray) * s + gray
+    return img.clamp_(0, 255).to(torch.uint8)
+
+
+def _on_device_without_waiting(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    # from pinned memory without blocking: a blocking copy would wait for the device's whole
+    # queue, and one from pageable memory may still wait for the stream
+    return (t.pin_memory() if dev.type == "cuda" else t).to(dev, non_blocking=True)
 
 
 @functools.lru_cache(maxsize=64)
@@ -292,17 +324,20 @@ def _nearest_index_on(n_in: int, n_out: int, device: torch.device) -> torch.Tens
 
 
 def resize_crops(batch: dict, out_h: int, out_w: int) -> dict:
-    """Resize (then flip) a ``device_resize`` batch's crops to (out_h, out_w) on their device, in place.
+    """Resize (then flip, then colour-jitter) a ``device_resize`` batch's crops to (out_h, out_w)
+    on their device, in place, in the worker path's order.
 
     Image: bicubic (OpenCV's INTER_CUBIC up to its fixed-point rounding, at most 1 level apart),
-    rounded back to uint8. Depth (metres, after ``batch_to_metres``), the no-measurement mask and
-    sky: nearest neighbour with OpenCV's indices, so they equal the worker-side resize exactly.
+    rounded back to uint8; colour jitter can stretch that difference to 2 levels. Depth (metres,
+    after ``batch_to_metres``), the no-measurement mask and sky: nearest neighbour with OpenCV's
+    indices, so they equal the worker-side resize exactly.
     """
     sizes = batch.pop("crop_size", None)
     if sizes is None:
         return batch
     sizes = [(int(h), int(w)) for h, w in sizes]  # the loader may hand tuples back as lists
     flips = [bool(f) for f in batch.pop("flip")]
+    jitter = batch.pop("jitter", None)
     image, maps = batch["image"], {k: batch[k] for k in ("depth", "no_measurement", "sky")}
     dev = image.device
 
@@ -322,12 +357,12 @@ def resize_crops(batch: dict, out_h: int, out_w: int) -> dict:
         out = {k: torch.cat([p[1][k] for p in parts]) for k in maps}
     out["image"] = img
     if any(flips):  # horizontal flip after the resize, as the worker path does it
-        # from pinned memory without blocking: a blocking copy would wait for the device's whole
-        # queue, and one from pageable memory may still wait for the stream
-        flip = torch.tensor(flips)
-        flip = (flip.pin_memory() if dev.type == "cuda" else flip).to(dev, non_blocking=True)
+        flip = _on_device_without_waiting(torch.tensor(flips), dev)
         for k, v in out.items():
             out[k] = torch.where(flip.view(-1, *([1] * (v.dim() - 1))), v.flip(-1), v)
+    if jitter is not None:
+        factors = _on_device_without_waiting(torch.tensor(jitter, dtype=torch.float32), dev)
+        out["image"] = color_jitter_images(out["image"], factors)
     batch.update(out)
     return batch
 
@@ -570,13 +605,15 @@ class TrainStream(IterableDataset):
                                      spec.scale_jitter, spec.hflip)
                 # flipped on the device after resizing: nearest neighbour and flipping do not commute
                 rgb, depth_raw, sky = crop_flip(s["rgb"], s["depth_raw"], s["sky"], window[:4] + (False,))
-                s["flip"] = window[4]
+                # jittered on the device after resizing too: clipping and resizing do not commute
+                s.update(flip=window[4], jitter=jitter_factors(spec.color_jitter, rng))
             else:
                 rgb, depth_raw, sky = crop_resize(
                     s["rgb"], s["depth_raw"], s["sky"], spec.crop_height, spec.crop_width, rng,
                     spec.scale_jitter, spec.hflip,
                 )
-            s.update(rgb=color_jitter(rgb, spec.color_jitter, rng), depth_raw=depth_raw, sky=sky)
+                rgb = color_jitter(rgb, spec.color_jitter, rng)
+            s.update(rgb=rgb, depth_raw=depth_raw, sky=sky)
             batch.append(s)
             if len(batch) == spec.batch_size:
                 collate = collate_train_crops if spec.device_resize else collate_train

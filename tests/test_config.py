@@ -123,6 +123,7 @@ def test_semantic_checks():
     ("loss.grad_weight=-1", "loss.grad_weight: must be >= 0"),
     ("loss.silog_lambda=1.5", "loss.silog_lambda: must lie in [0, 1]"),
     ("data.scale_jitter=-2", "data.scale_jitter: must be >= 0"),
+    ("data.color_jitter=1", "data.color_jitter: must lie in [0, 1), got 1"),
     ("data.shuffle_buffer=-5", "data.shuffle_buffer: must be >= 0"),
     ("data.max_bad_samples=-1", "data.max_bad_samples: must be >= 0"),
     ("data.val_max_images=-1", "data.val_max_images: must be >= 0"),
