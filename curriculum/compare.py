@@ -661,6 +661,8 @@ def make_figures(c: dict, report: dict, cfgs: dict, results: dict, val_shards: s
         rgb = s["rgb"].copy()
         title = label
         if far_mask is not None:
+            # Points drawn in red: a non-finite prediction makes no point, so it is not counted
+            # here, although the phantom_rate metric counts it as a failure.
             phantom = far_mask & np.isfinite(depth) & (depth <= EVAL_MAX_DEPTH)
             rgb[phantom] = PHANTOM_COLOUR
             phantoms[label] = int(phantom.sum())

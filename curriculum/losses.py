@@ -22,7 +22,8 @@ def _graph_zero(*tensors: torch.Tensor | None) -> torch.Tensor:
     for t in tensors:
         if t is None:
             continue
-        z = torch.nan_to_num(t.float(), nan=0.0, posinf=0.0, neginf=0.0).sum() * 0.0
+        # Multiply before summing: a sum of large finite values can overflow to inf, and inf * 0 is NaN.
+        z = torch.nan_to_num(t.float() * 0.0, nan=0.0).sum()
         zero = z if zero is None else zero + z
     if zero is None:
         raise ValueError("no tensor given")

@@ -129,7 +129,11 @@ class MaxDepthPolicy:
 @dataclass(frozen=True)
 class MixedPolicy:
     """Near pixels at weight 1; measured pixels beyond ``max_depth`` at ``far_weight`` and their
-    depth; sky/+inf at ``far_weight`` and ``far_target``."""
+    depth; sky/+inf at ``far_weight`` and ``far_target``.
+
+    The losses are weighted means, so ``far_weight`` sets far pixels against the near pixels of
+    the same batch: in a batch with no near pixel (all sky or far) any ``far_weight`` gives the
+    same loss."""
 
     name: ClassVar[str] = "mixed"
     min_depth: float = 1e-3

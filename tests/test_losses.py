@@ -77,6 +77,18 @@ def test_silog_empty_mask_is_connected_zero():
     assert torch.isfinite(pred.grad).all() and (pred.grad == 0).all()
 
 
+def test_huge_finite_values_outside_the_mask_do_not_turn_the_loss_into_nan():
+    """The zero that keeps excluded pixels in the graph is made before summing: a sum of large
+    finite values overflows to inf, and inf * 0 is NaN."""
+    pred = t(2e38, 2e38, 5.0).requires_grad_(True)
+    loss = silog_loss(pred, t(1.0, 1.0, 4.0), t(0.0, 0.0, 1.0))
+    assert loss.item() == pytest.approx(_silog_by_hand([(5.0, 4.0, 1.0)]), rel=1e-6)
+    empty = silog_loss(pred, t(1.0, 1.0, 4.0), t(0.0, 0.0, 0.0))
+    assert empty.item() == 0.0
+    (loss + empty).backward()
+    assert torch.isfinite(pred.grad).all() and (pred.grad[:2] == 0).all()
+
+
 def test_silog_variance_rounding_below_zero_is_finite():
     # A constant log ratio: with lambda 1 the variance is 0 up to rounding (often slightly < 0).
     target = torch.linspace(0.5, 80.0, 4097)
