@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -216,6 +217,18 @@ def init_from_checkpoint(module: DepthModule, path: str, recipe: dict) -> dict:
     }
 
 
+def data_seed(seed: int, lineage: dict) -> int:
+    """The training stream's seed: ``run.seed``, mixed with the parent checkpoint's hash for a stage
+    started with ``init_from``. Such a run counts its steps from 0 again, so with the parent's
+    seed it would replay the parent's batches (shard order, crops, flips, jitter) in the same order;
+    a resume of it keeps its lineage, so the same seed."""
+    parent = lineage.get("init_from_sha256")
+    if not parent:
+        return int(seed)
+    digest = hashlib.sha256(f"{int(seed)}:{parent}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: any numpy or random seed
+
+
 LINEAGE_KEYS = ("init_from", "init_from_sha256", "parent_stage", "parent_run", "parent_far_target", "parent_group")
 
 
@@ -281,6 +294,8 @@ def train(cfg: DictConfig) -> dict:
     resumed = resume_from_checkpoint(recipe["resume"], recipe) if recipe["resume"] else None
     lineage = init_from_checkpoint(module, recipe["init_from"], recipe) if recipe["init_from"] else \
         (resumed or {}).get("lineage", {})
+    datamodule.seed = data_seed(recipe["run"]["seed"], lineage)
+    module.extra_metadata["data_seed"] = datamodule.seed
     if lineage:
         module.extra_metadata.update(lineage)
         recipe["logging"]["parent_run"] = lineage.get("parent_run", "")

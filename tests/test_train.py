@@ -12,7 +12,7 @@ from conftest import read_metrics
 from curriculum.cli import main as cli_main
 from curriculum.config import RECIPES_DIR, load_recipe
 from curriculum.data import DataError
-from curriculum.train import train
+from curriculum.train import data_seed, train
 
 
 def _recipe(tiny_shards, out, *extra, files=("smoke.yaml",)):
@@ -73,6 +73,10 @@ def test_stage_two_starts_from_stage_one_weights_with_fresh_optimizer(tiny_shard
     # the sky was taught in stage 1, so predict's --drop-sky still starts at half its far target
     assert taught_far_target(ckpt["curriculum"]) == taught_far_target(pre_ckpt["curriculum"]) == 655.35
     assert ckpt["curriculum"]["recipe"]["logging"]["parent_checkpoint_sha256"] == lineage["init_from_sha256"]
+    # stage 2 counts steps from 0 again: its data stream is seeded apart from stage 1's, which it
+    # would otherwise replay batch for batch
+    assert pre_ckpt["curriculum"]["data_seed"] == 0
+    assert ckpt["curriculum"]["data_seed"] == data_seed(0, lineage) != 0
     # a fresh optimizer: AdamW's step count equals stage 2's steps only
     state = ckpt["optimizer_states"][0]["state"]
     assert all(int(s["step"]) == 2 for s in state.values())
