@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from curriculum.checkpoint import META_KEY, build_metadata
+from curriculum.config import total_steps
 from curriculum.data import StreamPositions, finish_train_batch, normalize_images
 from curriculum.layers import upsample_depth
 from curriculum.losses import compute_loss
@@ -59,6 +60,9 @@ class DepthModule(pl.LightningModule):
         self._pending_batch: tuple | None = None  # (step, stream position, bad samples) until the step is taken
         self.train_batches = 0  # batches this rank trained on in this process
         self.validated_step = -1  # global step of the last finished validation in this process
+        # (step, epoch) a validation reports instead of the trainer's: set for the validation of a
+        # checkpoint's step that a resume runs before training on (train.validate_pending_step)
+        self.validating_checkpoint_at: tuple[int, int] | None = None
         self._t_last = None
         self.extra_metadata: dict = {}
 
@@ -200,12 +204,31 @@ class DepthModule(pl.LightningModule):
     def skipped_steps(self) -> int:
         return self.nonfinite.skipped
 
-    def _row_step(self, steps_taken: int) -> dict:
+    def _row_step(self, steps_taken: int, epoch: int | None = None) -> dict:
         """The step and epoch of a metrics row (metrics.csv, W&B's trainer/global_step): the number of
         optimizer steps taken, as the console, panels and checkpoints count. Lightning's own default
         is the 0-based index of the last step inside fit and the count after it, which put a
         validation after 60 steps at 59 and the final one at the count."""
-        return {"step": torch.tensor(float(steps_taken)), "epoch": torch.tensor(float(self.current_epoch))}
+        epoch = self.current_epoch if epoch is None else epoch
+        return {"step": torch.tensor(float(steps_taken)), "epoch": torch.tensor(float(epoch))}
+
+    def _validated_at(self) -> tuple[int, int]:
+        """(step, epoch) of the weights a validation measures."""
+        return self.validating_checkpoint_at or (self.global_step, self.current_epoch)
+
+    def validation_due(self, step: int) -> bool:
+        """Whether the run's schedule validates after ``step`` steps: every ``val_every_steps``,
+        else at each epoch's end, and after the last step."""
+        if step <= 0:
+            return False
+        if step >= total_steps(self.recipe):
+            return True
+        every = int(self.recipe["trainer"]["val_every_steps"])
+        if every:
+            return step % every == 0
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        return datamodule is not None and step % datamodule.batches_per_rank(trainer.world_size) == 0
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
@@ -219,7 +242,7 @@ class DepthModule(pl.LightningModule):
             self.val_metrics.update(p, batch["depth"][i : i + 1, :h, :w], batch["sky"][i : i + 1, :h, :w],
                                     batch["valid"][i : i + 1, :h, :w])
             if batch_idx == 0 and i == 0 and self.global_rank == 0:
-                self._log_panel("val/panel", batch, p, 0, size=(h, w))
+                self._log_panel("val/panel", batch, p, 0, size=(h, w), step=self._validated_at()[0])
 
     def on_validation_epoch_end(self) -> None:
         # One reduction of sums and counts per epoch: every image counts once across ranks and
@@ -230,15 +253,16 @@ class DepthModule(pl.LightningModule):
         self.val_metrics.load_state(state.cpu())
         results = self.val_metrics.compute()
         logged = {f"val/{k}": float(v) for k, v in results.items() if not (isinstance(v, float) and math.isnan(v))}
-        logged.update({k: float(v) for k, v in self._row_step(self.global_step).items()})
+        step, epoch = self._validated_at()
+        logged.update({k: float(v) for k, v in self._row_step(step, epoch).items()})
         with warnings.catch_warnings():  # already reduced above; Lightning's sync hint does not apply
             warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
             self.log_dict(logged, on_step=False, on_epoch=True, sync_dist=False)
         self.last_val_results = results
-        self.validated_step = self.global_step  # the weights of this step are validated
+        self.validated_step = step  # the weights of this step are validated
 
     # ------------------------------------------------------------------ images
-    def _log_panel(self, key, batch, pred, i, size=None):
+    def _log_panel(self, key, batch, pred, i, size=None, step=None):
         from curriculum.evaluate import image_panel
 
         h, w = size or pred.shape[-2:]
@@ -246,13 +270,14 @@ class DepthModule(pl.LightningModule):
         panel = image_panel(batch, i, p[:h, :w], self.recipe["logging"]["depth_vmax"], rgb_key="image_uint8")
         out = Path(self.recipe["run"]["out_dir"]) / "panels"
         out.mkdir(parents=True, exist_ok=True)
-        name = f"{key.replace('/', '_')}_step{self.global_step:07d}.png"
+        step = self.global_step if step is None else step
+        name = f"{key.replace('/', '_')}_step{step:07d}.png"
         import PIL.Image
 
         PIL.Image.fromarray(panel).save(out / name)
         for logger in self.loggers:
             if hasattr(logger, "log_image"):
-                logger.log_image(key=key, images=[panel], step=self.global_step,
+                logger.log_image(key=key, images=[panel], step=step,
                                  caption=["rgb | ground truth | prediction | abs rel error"])
 
     # ------------------------------------------------------------------ optimizer
@@ -279,7 +304,11 @@ class DepthModule(pl.LightningModule):
             self.model.metadata(), policy_to_dict(self.policy), self.stage_name, self.recipe,
             {"stage_index": self.stage_index, "skipped_steps": self.skipped_steps,
              "bad_samples": position["bad_samples"][0],  # rank 0's, as logged
-             "data_position": position, **self.extra_metadata},
+             "data_position": position,
+             # saved before this step's scheduled validation ran (a stop or a periodic save at
+             # that step): a resume runs it first (train.validate_pending_step)
+             "validation_pending": self.validation_due(self.global_step) and self.validated_step != self.global_step,
+             **self.extra_metadata},
         )
         # Weights without any compile wrapper prefix (`_orig_mod.`).
         checkpoint["state_dict"] = {k.replace("_orig_mod.", ""): v for k, v in checkpoint["state_dict"].items()}

@@ -268,8 +268,27 @@ def resume_from_checkpoint(path: str, recipe: dict) -> dict:
     check_same_model({k: recipe["model"][k] for k in MODEL_KEYS}, meta["model"], f"resume '{path}'")
     _check_same_schedule(recipe, meta.get("recipe") or {}, path)
     lineage = {k: meta[k] for k in LINEAGE_KEYS if k in meta}
-    return {"global_step": int(ckpt["global_step"]), "wandb_run_id": meta.get("wandb_run_id", ""),
-            "lineage": lineage, "group": meta.get("recipe", {}).get("logging", {}).get("group", "")}
+    return {"global_step": int(ckpt["global_step"]), "epoch": int(ckpt.get("epoch", 0)),
+            "wandb_run_id": meta.get("wandb_run_id", ""), "lineage": lineage,
+            "group": meta.get("recipe", {}).get("logging", {}).get("group", ""),
+            "validation_pending": bool(meta.get("validation_pending", False))}
+
+
+def validate_pending_step(trainer: pl.Trainer, module: DepthModule, datamodule, path: str, resumed: dict) -> None:
+    """Run the validation the checkpoint's step was due when the checkpoint was saved before it
+    (a stop at that step, or a kill during it after a periodic save). Lightning's own restore
+    skips a validation pending at a train-batch-end checkpoint, so this runs it on the
+    checkpoint's weights before training goes on; its row and panel carry the checkpoint's step."""
+    step = resumed["global_step"]
+    if trainer.is_global_zero:
+        print(f"resume: validating step {step} first (the checkpoint was saved before its scheduled validation)",
+              flush=True)
+    module.load_state_dict(read_checkpoint(path, mmap=True)["state_dict"], strict=True)
+    module.validating_checkpoint_at = (step, resumed["epoch"])
+    try:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    finally:
+        module.validating_checkpoint_at = None
 
 
 def train(cfg: DictConfig) -> dict:
@@ -314,6 +333,8 @@ def train(cfg: DictConfig) -> dict:
         loggers = make_loggers(recipe, out_dir, resumed)
         wandb_logger = next((lg for lg in loggers if isinstance(lg, WandbLogger)), None)
         trainer = build_trainer(recipe, out_dir, loggers)
+        if resumed and resumed["validation_pending"]:
+            validate_pending_step(trainer, module, datamodule, recipe["resume"], resumed)
         trainer.fit(module, datamodule=datamodule, ckpt_path=recipe["resume"] or None,
                     weights_only=False if recipe["resume"] else None)
         # Saved before the final validation: a signal during it (the run's own handlers are gone

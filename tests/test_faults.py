@@ -670,6 +670,39 @@ def test_a_stop_read_late_is_taken_before_validation_and_resumes_exactly(tiny_sh
     assert resumed["global_step"] == whole["global_step"] == 5
     assert _same_weights(model_state(read_checkpoint(resumed["checkpoint"])),
                          model_state(read_checkpoint(whole["checkpoint"])))
+    # the validation the stop came before runs first, on the checkpoint's weights: every
+    # scheduled validation has its row, with the numbers the uninterrupted run logged
+    val = {name: {int(r["step"]): r["val/near/abs_rel"] for r in read_metrics(tmp_path / name) if r.get("val/near/abs_rel")}
+           for name in ("whole", "resumed")}
+    assert sorted(val["resumed"]) == sorted(val["whole"]) == [2, 4, 5]
+    assert float(val["resumed"][2]) == pytest.approx(float(val["whole"][2]), rel=1e-5)
+
+
+def test_a_validation_lost_with_its_run_runs_first_when_resumed(tiny_shards, tmp_path, add_callback, capsys):
+    """A run that dies during a scheduled validation (kill -9, an OOM) leaves the periodic
+    checkpoint saved just before it, which Lightning's restore would resume past that
+    validation; the resumed run validates that step first, once."""
+    train_dir, val_dir, _, _ = tiny_shards
+
+    class DiesDuringTheValidationAtStep4(pl.Callback):
+        def on_validation_start(self, trainer, pl_module):
+            if trainer.global_step == 4 and not self.__dict__.get("died"):
+                self.died = True
+                raise MemoryError("killed during validation")
+
+    add_callback(DiesDuringTheValidationAtStep4())
+    out = tmp_path / "run"
+    common = ("stages.0.steps=3", "stages.1.steps=3", "trainer.val_every_steps=2", "trainer.ckpt_every_steps=2")
+    with pytest.raises(MemoryError):
+        train_mod.train(_recipe(train_dir, val_dir, out, *common))
+    ckpt_path = out / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(ckpt_path)["global_step"] == 4
+    resumed = train_mod.train(_recipe(train_dir, val_dir, out, *common, f"resume={ckpt_path}"))
+    assert resumed["global_step"] == 6
+    assert "resume: validating step 4 first" in capsys.readouterr().out
+    steps = [int(r["step"]) for r in read_metrics(out) if r.get("val/near/abs_rel")]
+    assert steps == [2, 4, 6]
+    assert (out / "panels" / "val_panel_step0000004.png").is_file()
 
 
 def test_ranks_read_their_agreement_one_step_late_on_gpus(tmp_path, monkeypatch):
