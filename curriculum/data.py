@@ -532,6 +532,17 @@ class TrainStream(IterableDataset):
         # Known epoch length: progress bars get an ETA and Lightning ends epochs on count.
         return self.spec.batches_per_rank
 
+    def empty_batch(self) -> dict:
+        """A batch of this stream's shapes with no measured pixel (raw depth 0, no sky): every
+        mask policy gives it zero weight, so it trains nothing."""
+        h, w = self.spec.crop_height, self.spec.crop_width
+        samples = [{"rgb": np.zeros((h, w, 3), np.uint8), "depth_raw": np.zeros((h, w), np.uint16),
+                    "sky": np.zeros((h, w), bool), "meta": {"depth_scale": 1.0}, "key": "", "flip": False}
+                   for _ in range(self.spec.batch_size)]
+        out = (collate_train_crops if self.spec.device_resize else collate_train)(samples)
+        out["bad_samples"] = 0
+        return out
+
     def set_position(self, global_step: int, resume: tuple[int, list[int]] | None = None) -> None:
         """The global step the next iterator starts at and, for a resume, ``(epoch, drawn)`` of
         ``StreamPositions``: how many raw samples each stream had drawn when the checkpoint was
@@ -729,9 +740,32 @@ class _Loader(DataLoader):
 ResumeFn = Callable[[], "tuple[int, list[int]] | None"]
 
 
+class _StopTogether:
+    """A DDP rank's training batches, where a ``DataError`` of this rank's stream does not end the
+    process at once: the other ranks would wait in the step's gradient all-reduce (on NCCL until
+    the process group's timeout, on gloo they fail with a traceback). From the error on, this
+    rank trains on empty batches (no measured pixel: a zero loss, zero gradients) that carry the
+    error, and ``faults.SignalCheckpoint`` has every rank stop after the same step with it."""
+
+    def __init__(self, batches: Iterator[dict], stream: TrainStream):
+        self.batches, self.stream = batches, stream
+        self.error: str | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.error is None:
+            try:
+                return next(self.batches)
+            except DataError as exc:
+                self.error = str(exc)
+        return {**self.stream.empty_batch(), "data_error": self.error}
+
+
 class _PositionedLoader(_Loader):
     """Tells the stream the global step (and stream positions) each time an epoch's iterator is
-    created."""
+    created; under DDP, a data error stops the ranks together (``_StopTogether``)."""
 
     def __init__(self, dataset: TrainStream, position_fn: Callable[[], int], resume_fn: ResumeFn, **kw):
         super().__init__(dataset, batch_size=None, **kw)
@@ -739,7 +773,8 @@ class _PositionedLoader(_Loader):
 
     def __iter__(self):
         self.dataset.set_position(self.position_fn(), self.resume_fn())
-        return super().__iter__()
+        batches = super().__iter__()
+        return _StopTogether(batches, self.dataset) if self.dataset.world_size > 1 else batches
 
 
 def _worker_init(_: int) -> None:

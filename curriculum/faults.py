@@ -25,11 +25,15 @@ import torch
 import torch.distributed as dist
 
 from curriculum.checkpoint import AtomicCheckpointIO, CheckpointError
+from curriculum.data import DataError
 from curriculum.late_read import LateRead
 
 # Priority when ranks received different signals: a requeue request wins over a plain stop.
 _PRIORITY = {signal.SIGINT: 1, signal.SIGTERM: 2, signal.SIGUSR1: 3}
 _BY_PRIORITY = {v: k for k, v in _PRIORITY.items()}
+# A rank's training data failed (curriculum.data._StopTogether): above every signal, as that rank
+# has nothing left to train on.
+_DATA_ERROR = 4
 
 
 class RunInterrupted(SystemExit):
@@ -76,6 +80,7 @@ class SignalCheckpoint(pl.Callback):
         self.requeue_command = requeue_command
         self.pending = 0  # priority of the strongest signal received, 0 = none
         self.received: list[int] = []
+        self.data_error: str | None = None  # this rank's data error, carried by its batches
         self._late = LateRead([0], late=self.read_late)
         self._previous: dict[int, object] = {}
         self._connector = None
@@ -92,6 +97,7 @@ class SignalCheckpoint(pl.Callback):
             return
         self.pending = 0
         self.received = []
+        self.data_error = None
         self._late = LateRead([0], late=self.read_late)
         for signum in _PRIORITY:
             self._previous[signum] = signal.getsignal(signum)
@@ -139,6 +145,9 @@ class SignalCheckpoint(pl.Callback):
         return code
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if isinstance(batch, dict) and batch.get("data_error"):
+            self.data_error = str(batch["data_error"])
+            self.pending = _DATA_ERROR
         self._maybe_stop(trainer, "", flush=True)
 
     def on_validation_start(self, trainer, pl_module) -> None:
@@ -156,6 +165,9 @@ class SignalCheckpoint(pl.Callback):
         code = self._agreed(trainer, now, reduced_only)
         if not code:
             return
+        if code == _DATA_ERROR:  # no checkpoint: the periodic ones stand, as on one process
+            raise DataError(self.data_error or f"rank {trainer.global_rank} stopped after step "
+                            f"{trainer.global_step}: another rank's training data failed (its error is above)")
         if flush:
             # Lightning hands a step's logged values to the loggers after on_train_batch_end, which
             # this stop leaves by raising: without this the step's metrics.csv row would be lost

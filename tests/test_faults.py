@@ -442,6 +442,97 @@ def test_too_many_bad_samples_end_the_cli_run_in_one_line_naming_the_shard(tmp_p
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 
 
+def test_a_ddp_ranks_data_error_becomes_empty_batches_carrying_it(tmp_path, monkeypatch):
+    """Under DDP a rank whose stream fails goes on with batches that train nothing (zero weight
+    under every policy), each carrying the error, so that the ranks stop together; on one
+    process the error is raised at once, as before."""
+    from curriculum import data as data_mod
+
+    _write_shards(tmp_path / "train", [["normal"] * 4] * 2)
+    urls = sorted(str(p) for p in (tmp_path / "train").glob("*.tar"))
+    spec = TrainSpec(batch_size=2, batches_per_rank=4, crop_height=14, crop_width=28)
+
+    real_iter = TrainStream.__iter__
+
+    def fails_after_one_batch(self):
+        yield from list(real_iter(self))[:1]
+        raise DataError("shard-x.tar: more than 0 bad samples in this reader")
+
+    monkeypatch.setattr(data_mod.TrainStream, "__iter__", fails_after_one_batch)
+    ddp = iter(train_loader(TrainStream(urls, spec, 1, 2, seed=0), lambda: 0, 0))
+    assert "data_error" not in next(ddp)
+    for _ in range(2):
+        batch = data_mod.unpack_batch(next(ddp))
+        assert batch["data_error"] == "shard-x.tar: more than 0 bad samples in this reader"
+        assert batch["image"].shape == (2, 3, 14, 28) and batch["bad_samples"] == 0
+        depth, no_measurement = data_mod.depth_to_metres(batch["depth_raw"], batch["depth_scale"])
+        sky = data_mod.unpack_mask(batch["sky_bits"], 28)
+        for policy in ({"name": "unclipped"}, {"name": "max_depth"}, {"name": "mixed"}):
+            weight, _ = build_policy(policy)(depth, sky, no_measurement)
+            assert not weight.any(), policy
+    alone = iter(train_loader(TrainStream(urls, spec, 0, 1, seed=0), lambda: 0, 0))
+    next(alone)
+    with pytest.raises(DataError, match="shard-x.tar"):
+        next(alone)
+
+
+def test_ranks_stop_together_on_a_data_error_naming_it_where_it_happened(tmp_path, monkeypatch):
+    """The rank whose batch carries the error raises it; the others, told by the agreement, raise
+    a line pointing at it; nobody saves a checkpoint."""
+    from curriculum import faults
+
+    class FakeTrainer:
+        world_size, global_rank, global_step = 2, 1, 7
+
+        class strategy:
+            root_device = torch.device("cpu")
+
+        def save_checkpoint(self, *a, **k):
+            raise AssertionError("no checkpoint at a data error")
+
+    monkeypatch.setattr(faults, "_distributed", lambda trainer: True)
+    agreed = []
+    monkeypatch.setattr(faults.dist, "all_reduce", lambda t, op=None: t.fill_(max([int(t.item()), *agreed])))
+    failing, other = SignalCheckpoint(tmp_path / "a.ckpt"), SignalCheckpoint(tmp_path / "b.ckpt")
+    for cb in (failing, other):
+        cb.setup(FakeTrainer(), None, "fit")
+    try:
+        other.on_train_batch_end(FakeTrainer(), None, None, {"key": ["a"]}, 0)  # nothing agreed yet
+        with pytest.raises(DataError, match=r"^shard-x.tar: more than 0 bad samples$"):
+            failing.on_train_batch_end(FakeTrainer(), None, None, {"data_error": "shard-x.tar: more than 0 bad samples"}, 0)
+        agreed.append(4)  # what the failing rank's flag makes of the all-reduce
+        with pytest.raises(DataError, match=r"^rank 1 stopped after step 7: another rank's training data failed"):
+            other.on_train_batch_end(FakeTrainer(), None, None, {"key": ["a"]}, 0)
+    finally:
+        for cb in (failing, other):
+            cb.on_exception(FakeTrainer(), None, RuntimeError())
+    assert not list(tmp_path.glob("*.ckpt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed,failing_rank", [(0, 1), (6, 0)])
+def test_a_bad_shard_on_any_ddp_rank_ends_every_rank_in_one_line(tmp_path, seed, failing_rank):
+    """Two processes (gloo): the bad shard's rank prints its one-line error, the other rank one
+    line pointing at it, both exit 2 after the same step (a rank other than 0 failing used to
+    leave rank 0 dying in the gradient all-reduce with a long traceback; on NCCL, a hang)."""
+    _write_shards(tmp_path / "train", [["normal"] * 8] * 3 + [["bad_json"] * 4 + ["normal"] * 4])
+    write_tiny_shards(tmp_path / "val", n_shards=2, per_shard=2, seed=1)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-m", "curriculum.cli", "train", str(RECIPES_DIR / "smoke.yaml"),
+                           *_overrides(tmp_path / "train", tmp_path / "val", tmp_path / "run", "data.max_bad_samples=1",
+                                       "trainer.devices=2", "trainer.strategy=ddp", f"run.seed={seed}",
+                                       "logging.mode=disabled")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert any("shard-000003.tar: more than 1 bad samples in this reader" in e for e in errors)
+    assert any(f"rank {1 - failing_rank} stopped after step" in e and "another rank's training data failed" in e
+               for e in errors)
+
+
 # ---------------------------------------------------------------------------- 3. non-finite loss
 
 
