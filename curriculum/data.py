@@ -666,6 +666,7 @@ class ValStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.height, self.width = batch_size, height, width
         self.max_images, self.max_bad_samples = max_images, max_bad_samples
+        self.data_error: str | None = None  # under DDP, set by _EndOnDataError for the module to share
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -763,6 +764,35 @@ class _StopTogether:
         return {**self.stream.empty_batch(), "data_error": self.error}
 
 
+class _EndOnDataError:
+    """A DDP rank's validation batches, where a ``DataError`` ends this rank's validation early
+    instead of the process: the other ranks would wait in the epoch-end all-reduce of the metric
+    sums. The error is kept on the stream; ``DepthModule.on_validation_epoch_end`` adds it to that
+    all-reduce, so that every rank stops there with it."""
+
+    def __init__(self, batches: Iterator[dict], stream: ValStream):
+        self.batches, self.stream = batches, stream
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.stream.data_error is not None:
+            raise StopIteration
+        try:
+            return next(self.batches)
+        except DataError as exc:
+            self.stream.data_error = str(exc)
+            raise StopIteration from None
+
+
+class _ValLoader(_Loader):
+    def __iter__(self):
+        self.dataset.data_error = None
+        batches = super().__iter__()
+        return _EndOnDataError(batches, self.dataset) if self.dataset.world_size > 1 else batches
+
+
 class _PositionedLoader(_Loader):
     """Tells the stream the global step (and stream positions) each time an epoch's iterator is
     created; under DDP, a data error stops the ranks together (``_StopTogether``)."""
@@ -813,8 +843,8 @@ def train_loader(stream: TrainStream, position_fn: Callable[[], int], num_worker
 
 
 def val_loader(stream: ValStream, num_workers: int) -> DataLoader:
-    return _Loader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                   worker_init_fn=_worker_init if num_workers > 0 else None)
+    return _ValLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=_worker_init if num_workers > 0 else None)
 
 
 def uneven_split_note(n_shards: int, world_size: int, num_workers: int, what: str) -> str | None:

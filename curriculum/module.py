@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from curriculum.checkpoint import META_KEY, build_metadata
 from curriculum.config import total_steps
-from curriculum.data import StreamPositions, finish_train_batch, normalize_images
+from curriculum.data import DataError, StreamPositions, finish_train_batch, normalize_images
 from curriculum.layers import upsample_depth
 from curriculum.losses import compute_loss
 from curriculum.masks import build_policy, policy_to_dict
@@ -249,7 +249,15 @@ class DepthModule(pl.LightningModule):
         # no collective runs per step (a per-step sync_dist deadlocks when ranks validate unevenly).
         state = self.val_metrics.state().to(self.device)
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(state, op=dist.ReduceOp.SUM)
+            # with a flag for a rank whose validation data failed (curriculum.data._EndOnDataError):
+            # every rank stops here with it, none waits for that rank
+            error = self._val_data_error()
+            flagged = torch.cat([state, torch.full((1,), float(error is not None), dtype=state.dtype, device=state.device)])
+            dist.all_reduce(flagged, op=dist.ReduceOp.SUM)
+            state = flagged[:-1]
+            if flagged[-1].item() > 0:
+                raise DataError(error or f"rank {self.global_rank} stopped validating at step {self._validated_at()[0]}: "
+                                "another rank's validation data failed (its error is above)")
         self.val_metrics.load_state(state.cpu())
         results = self.val_metrics.compute()
         logged = {f"val/{k}": float(v) for k, v in results.items() if not (isinstance(v, float) and math.isnan(v))}
@@ -260,6 +268,10 @@ class DepthModule(pl.LightningModule):
             self.log_dict(logged, on_step=False, on_epoch=True, sync_dist=False)
         self.last_val_results = results
         self.validated_step = step  # the weights of this step are validated
+
+    def _val_data_error(self) -> str | None:
+        stream = getattr(getattr(self._trainer, "datamodule", None), "val_stream", None)
+        return getattr(stream, "data_error", None)
 
     # ------------------------------------------------------------------ images
     def _log_panel(self, key, batch, pred, i, size=None, step=None):

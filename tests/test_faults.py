@@ -509,6 +509,21 @@ def test_ranks_stop_together_on_a_data_error_naming_it_where_it_happened(tmp_pat
     assert not list(tmp_path.glob("*.ckpt"))
 
 
+def test_a_ddp_ranks_validation_data_error_ends_its_validation_and_is_kept(tmp_path):
+    """Under DDP a rank whose validation shard fails stops validating (the module's epoch-end
+    all-reduce then stops every rank with the error); on one process the error is raised."""
+    from curriculum.data import val_loader
+
+    _write_shards(tmp_path / "val", [["normal"] * 2, ["bad_json"] * 3 + ["normal"]])
+    urls = sorted(str(p) for p in (tmp_path / "val").glob("*.tar"))
+    ranks = [ValStream(urls, rank, 2, 1, 14, 28, max_bad_samples=1) for rank in range(2)]
+    batches = [list(val_loader(stream, 0)) for stream in ranks]
+    assert len(batches[0]) == 2 and ranks[0].data_error is None
+    assert batches[1] == [] and "shard-000001.tar: more than 1 bad samples" in ranks[1].data_error
+    with pytest.raises(DataError, match="more than 1 bad samples"):
+        list(val_loader(ValStream(urls, 0, 1, 1, 14, 28, max_bad_samples=1), 0))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed,failing_rank", [(0, 1), (6, 0)])
 def test_a_bad_shard_on_any_ddp_rank_ends_every_rank_in_one_line(tmp_path, seed, failing_rank):
@@ -531,6 +546,25 @@ def test_a_bad_shard_on_any_ddp_rank_ends_every_rank_in_one_line(tmp_path, seed,
     assert any("shard-000003.tar: more than 1 bad samples in this reader" in e for e in errors)
     assert any(f"rank {1 - failing_rank} stopped after step" in e and "another rank's training data failed" in e
                for e in errors)
+
+
+@pytest.mark.slow
+def test_a_bad_validation_shard_on_one_ddp_rank_ends_every_rank_in_one_line(tmp_path):
+    _write_shards(tmp_path / "train", [["normal"] * 8] * 2)
+    _write_shards(tmp_path / "val", [["normal"] * 2, ["bad_json"] * 3 + ["normal"]])
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-m", "curriculum.cli", "train", str(RECIPES_DIR / "smoke.yaml"),
+                           *_overrides(tmp_path / "train", tmp_path / "val", tmp_path / "run", "data.max_bad_samples=1",
+                                       "trainer.devices=2", "trainer.strategy=ddp", "trainer.val_every_steps=2",
+                                       "logging.mode=disabled")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert any("shard-000001.tar: more than 1 bad samples in this reader" in e for e in errors)
+    assert any("rank 0 stopped validating at step 2: another rank's validation data failed" in e for e in errors)
 
 
 # ---------------------------------------------------------------------------- 3. non-finite loss
