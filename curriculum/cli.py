@@ -186,11 +186,18 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[argv[0]](argv[1:])
     except (RecipeError, DataError, CheckpointError, SetupError, NonFiniteError, CompareError, ValueError,
             OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error_line(f"error: {exc}")
         return 2
     except MisconfigurationException as exc:  # Lightning's refusal of a trainer setting the recipe check let through
-        print(f"error: trainer: {str(exc).splitlines()[0]}", file=sys.stderr)
+        _error_line(f"error: trainer: {str(exc).splitlines()[0]}")
         return 2
+
+
+def _error_line(text: str) -> None:
+    # one write, newline included: print writes the text and its end apart, so the lines of DDP
+    # ranks failing together could run into each other on a shared terminal
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":
