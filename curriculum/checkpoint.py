@@ -39,7 +39,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
-    """Load a checkpoint with weights_only=True; one-line errors for missing or corrupt files.
+    """Load a checkpoint with weights_only=True (or a .safetensors state dict); one-line errors
+    for missing or corrupt files.
     ``mmap`` maps the file instead of reading it: for a look at its metadata and step before
     Lightning reads the whole of it again (a vitl checkpoint with AdamW state is several GB)."""
     path = Path(path)
@@ -50,9 +51,12 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
-        magic = f.read(4)
-    if len(magic) < 4 or not magic.strip(b"\0"):  # cut short, or zeros where a crash left no data
+        head = f.read(9)
+    magic = head[:4]
+    if len(magic) < 4 or not head.strip(b"\0"):  # cut short, or zeros where a crash left no data
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint (empty or zero-filled)")
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+        return _read_safetensors(path)
     if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch.save's zip archive, or its older pickle format
         raise CheckpointError(f"{path}: not a torch checkpoint file")
     try:
@@ -66,6 +70,18 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a checkpoint (a {type(ckpt).__name__})")
     return ckpt
+
+
+def _read_safetensors(path: Path) -> dict:
+    """A .safetensors file (timm's and the hubs' weight format): a flat state dict, no metadata."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({first[:200]})") from None
 
 
 def taught_far_target(meta: dict) -> float | None:

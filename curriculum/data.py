@@ -192,10 +192,11 @@ def _imagenet_stats_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor
     return mean, std
 
 
-def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B,3,H,W) -> ImageNet-normalised float; done on the device after transfer."""
+def normalize_images(images: torch.Tensor, full_scale: float = 255.0) -> torch.Tensor:
+    """uint8 (B,3,H,W) -> ImageNet-normalised float; done on the device after transfer.
+    ``full_scale`` 1.0: float images already in [0, 1]."""
     mean, std = _imagenet_stats_on(images.device)
-    return (images.float().div_(255.0) - mean) / std
+    return (images.float().div_(full_scale) - mean) / std
 
 
 _ALIGN = 64  # every field starts on a cache line, so that its bytes view as any dtype

@@ -66,7 +66,9 @@ def _state_dict_like(obj: dict) -> dict | None:
         if isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
             break
-    keys = [k.replace("module.", "", 1) if k.startswith("module.") else k for k in obj]
+    from curriculum.model import _strip_wrappers
+
+    keys = _strip_wrappers(obj, [])  # what load_official reads: without DDP or compile prefixes
     if any(k.startswith("pretrained.") for k in keys) and any(k.startswith("depth_head.") for k in keys):
         return obj
     return None
@@ -188,9 +190,14 @@ def predict_image(predictor: Predictor, rgb: np.ndarray) -> tuple[np.ndarray, np
     """Depth (H, W) float32 metres at the image's size, uncertainty (H, W) or None, network size."""
     h, w = rgb.shape[:2]
     nh, nw = network_size(h, w, predictor.input_size)
-    resized = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_CUBIC)  # as the validation stream does
+    if predictor.source == "official":
+        # as Depth-Anything-V2's infer_image: the image in [0, 1] resized as floats, overshoot kept
+        resized = cv2.resize(rgb.astype(np.float32) / 255.0, (nw, nh), interpolation=cv2.INTER_CUBIC)
+        scale = 1.0
+    else:  # as this project's validation stream, which its checkpoints were validated on
+        resized, scale = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_CUBIC), 255.0
     x = torch.from_numpy(resized).permute(2, 0, 1)[None].to(predictor.device)
-    out = predictor.model(normalize_images(x))
+    out = predictor.model(normalize_images(x, scale))
 
     def back(t: torch.Tensor) -> np.ndarray:
         return upsample_depth(t, (h, w))[0].cpu().numpy().astype(np.float32)

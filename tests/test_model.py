@@ -282,6 +282,29 @@ def test_load_encoder_weights_timm_layout():
     assert all(torch.equal(v, dst.depth_head.state_dict()[k]) for k, v in head_before.items())
 
 
+@pytest.mark.parametrize("layout", ["timm", "official"])
+def test_safetensors_weights_load_as_torch_files_do(tmp_path, layout):
+    """timm and the model hubs ship .safetensors; whatever the first bytes of its header length
+    (a check for torch's own formats used to refuse most such files)."""
+    from safetensors.torch import save_file
+
+    from curriculum.checkpoint import CheckpointError, read_checkpoint
+
+    src, dst = _tiny(seed=1), _tiny(seed=2)
+    sd = src.pretrained.state_dict() if layout == "timm" else official_state_dict(src)
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "model.safetensors")
+    report = load_encoder_weights(dst, tmp_path / "model.safetensors")
+    assert report.source == ("timm" if layout == "timm" else "depth_anything_v2")
+    assert _encoder_equal(src, dst)
+    if layout == "official":
+        loaded = load_official(tmp_path / "model.safetensors", "tiny", 80.0)
+        assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in src.state_dict().items())
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes((tmp_path / "model.safetensors").read_bytes()[:200])
+    with pytest.raises(CheckpointError, match=r"cut.safetensors: corrupt or truncated safetensors file"):
+        read_checkpoint(cut)
+
+
 def test_load_encoder_weights_dinov2_layout(tmp_path):
     src, dst = _tiny(seed=1), _tiny(seed=2)
     sd = src.pretrained.state_dict()

@@ -19,7 +19,7 @@ from conftest import write_tiny_shards
 from curriculum.checkpoint import load_model, taught_far_target
 from curriculum.cli import main as cli_main
 from curriculum.config import RECIPES_DIR, load_recipe
-from curriculum.data import normalize_images
+from curriculum.data import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 from curriculum.model import DepthModel, official_state_dict
 from curriculum.pointcloud import keep_not_edge, read_ply
 from curriculum.predict import network_size
@@ -332,9 +332,11 @@ def test_official_checkpoint_with_encoder_and_max_depth(official, images, tmp_pa
     depth = np.load(out / "a_wide_depth.npy")
     nh, nw = network_size(h, w, 56)
     rgb = np.asarray(Image.open(folder / "a_wide.png").convert("RGB"))
-    x = torch.from_numpy(cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_CUBIC)).permute(2, 0, 1)[None]
+    # Depth-Anything-V2's infer_image: / 255, cubic resize of the floats (no rounding or clipping)
+    x = torch.from_numpy(cv2.resize(rgb / 255.0, (nw, nh), interpolation=cv2.INTER_CUBIC)).permute(2, 0, 1)[None]
     with torch.no_grad():
-        pred = model(normalize_images(x)).depth
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        pred = model((x.float() - mean) / std).depth
     expected = F.interpolate(pred[:, None], size=(h, w), mode="bilinear", align_corners=True)[0, 0].numpy()
     np.testing.assert_allclose(depth, expected, rtol=1e-5, atol=1e-5)
     assert depth.max() <= 80.0
@@ -345,6 +347,13 @@ def test_official_checkpoint_with_encoder_and_max_depth(official, images, tmp_pa
     rc, text, err = _predict(["--checkpoint", path, "--input", folder / "a_wide.png", "--out", tmp_path / "o2",
                               "--max-depth", 80, "--input-size", 56], capsys)
     assert rc == 0 and "encoder inferred from the weights: tiny" in text
+    # saved from a compiled model (`_orig_mod.` prefixes), as load_official reads it
+    compiled = tmp_path / "compiled.pth"
+    torch.save({f"_orig_mod.{k}": v for k, v in torch.load(path).items()}, compiled)
+    rc, text, err = _predict(["--checkpoint", compiled, "--input", folder / "a_wide.png", "--out", tmp_path / "o3",
+                              "--max-depth", 80, "--input-size", 56, "--save-npy"], capsys)
+    assert rc == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "o3" / "a_wide_depth.npy"), depth)
 
 
 def test_official_checkpoint_needs_max_depth(official, images, tmp_path, capsys):
