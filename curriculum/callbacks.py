@@ -94,7 +94,6 @@ class StepProgressBar(pl.callbacks.ProgressBar):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if self.bar is None or trainer.global_step % self.refresh_steps:
             return
-        self.bar.update(trainer.global_step - self.bar.n)
         done = trainer.global_step - self._start_step
         images = done * len(batch["key"]) * trainer.world_size
         loss = float("nan")
@@ -103,6 +102,7 @@ class StepProgressBar(pl.callbacks.ProgressBar):
             loss = self._loss.push(outputs["loss"].detach().float().reshape(1))[0]
         self.bar.set_postfix(stage=module.stage_name, loss=f"{loss:.3f}",
                              img_s=f"{images / max(time.perf_counter() - self._t0, 1e-9):.1f}", refresh=False)
+        self.bar.update(trainer.global_step - self.bar.n)  # draws the line: after its new postfix
 
     def on_train_end(self, trainer, module) -> None:
         if self.bar is not None:
@@ -135,5 +135,6 @@ class StepProgressBar(pl.callbacks.ProgressBar):
             from tqdm import tqdm
 
             ranks = f" on rank 0 of {trainer.world_size}" if trainer.world_size > 1 else ""
-            tqdm.write(f"validation at step {trainer.global_step}: {self._val_images} images{ranks} in {seconds:.1f} s "
+            step = module._validated_at()[0] if hasattr(module, "_validated_at") else trainer.global_step
+            tqdm.write(f"validation at step {step}: {self._val_images} images{ranks} in {seconds:.1f} s "
                        f"({self._val_images / max(seconds, 1e-9):.1f} images/s)", file=sys.stderr)

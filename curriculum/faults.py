@@ -186,7 +186,9 @@ class SignalCheckpoint(pl.Callback):
         message = (f"interrupted at step {step} by {name}{note}; checkpoint saved to {self.checkpoint}; "
                    f"resume with resume={self.checkpoint}" + ("; SLURM job requeued" if requeued else ""))
         if trainer.is_global_zero:
-            print(message, file=sys.stderr, flush=True)
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stderr)  # on a line of its own below a progress bar
         raise RunInterrupted(message, signum, step, str(self.checkpoint), requeued)
 
     def _requeue(self) -> bool:

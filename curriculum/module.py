@@ -6,6 +6,7 @@ when each runs, what is logged, and what a checkpoint carries.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
 import warnings
@@ -25,8 +26,10 @@ from curriculum.metrics import MetricAccumulator
 from curriculum.model import build_model
 from curriculum.optim import NonFiniteCounter, before_step, release
 from curriculum.schedule import lr_factor
+from data_prep.files import atomic_write_text
 
 MODEL_KEYS = ("encoder", "head", "min_depth", "max_depth", "uncertainty")
+VALIDATED_NOTE = "validated.json"  # beside a run's checkpoints: the step its last finished validation measured
 EVAL_MAX_DEPTH = 80.0  # the near/far split of every report (DESIGN.md, Metrics)
 
 
@@ -63,6 +66,7 @@ class DepthModule(pl.LightningModule):
         # (step, epoch) a validation reports instead of the trainer's: set for the validation of a
         # checkpoint's step that a resume runs before training on (train.validate_pending_step)
         self.validating_checkpoint_at: tuple[int, int] | None = None
+        self.trained_epoch = -1  # epoch of the last step trained (Lightning's moves on after fit)
         self._t_last = None
         self.extra_metadata: dict = {}
 
@@ -141,6 +145,7 @@ class DepthModule(pl.LightningModule):
         self.bad_samples += batch.get("bad_samples", 0)  # plain ints from the loader: no device sync
         self._pending_batch = (self.global_step, batch.get("stream_position"), batch.get("bad_samples", 0))
         self.train_batches += 1
+        self.trained_epoch = self.current_epoch
         bs = batch["image"].shape[0]
         log = {f"train/{k}": v.detach().float() for k, v in losses.items()}
         log["train/valid_fraction"] = (weight > 0).float().mean()
@@ -268,6 +273,11 @@ class DepthModule(pl.LightningModule):
             self.log_dict(logged, on_step=False, on_epoch=True, sync_dist=False)
         self.last_val_results = results
         self.validated_step = step  # the weights of this step are validated
+        if self.global_rank == 0 and self._trainer is not None:
+            # a checkpoint of this step, saved before this validation, says it was pending: this
+            # note keeps a resume from running it again (train.resume_from_checkpoint)
+            atomic_write_text(Path(self.recipe["run"]["out_dir"]) / "checkpoints" / VALIDATED_NOTE,
+                              json.dumps({"step": int(step)}))
 
     def _val_data_error(self) -> str | None:
         stream = getattr(getattr(self._trainer, "datamodule", None), "val_stream", None)
@@ -320,6 +330,7 @@ class DepthModule(pl.LightningModule):
              # saved before this step's scheduled validation ran (a stop or a periodic save at
              # that step): a resume runs it first (train.validate_pending_step)
              "validation_pending": self.validation_due(self.global_step) and self.validated_step != self.global_step,
+             "trained_epoch": self.trained_epoch if self.trained_epoch >= 0 else self.current_epoch,
              **self.extra_metadata},
         )
         # Weights without any compile wrapper prefix (`_orig_mod.`).
@@ -367,6 +378,7 @@ class DepthModule(pl.LightningModule):
         # this world size (else rank 0's), and its stream positions where the whole data layout
         # is unchanged (else the stream skips one sample per trained sample: see curriculum.data)
         self.bad_samples = int(meta.get("bad_samples", 0))
+        self.trained_epoch = int(meta.get("trained_epoch", -1))
         self._pending_batch = None
         position, rank = meta.get("data_position"), self.global_rank
         if not position or position["world_size"] != self.trainer.world_size:

@@ -24,7 +24,7 @@ from curriculum.checkpoint import (
 from curriculum.config import to_plain, total_steps
 from curriculum.datamodule import DepthDataModule
 from curriculum.faults import ReportingCheckpointIO, SignalCheckpoint
-from curriculum.module import MODEL_KEYS, DepthModule
+from curriculum.module import MODEL_KEYS, VALIDATED_NOTE, DepthModule
 from data_prep.files import atomic_write_text
 
 
@@ -268,10 +268,18 @@ def resume_from_checkpoint(path: str, recipe: dict) -> dict:
     check_same_model({k: recipe["model"][k] for k in MODEL_KEYS}, meta["model"], f"resume '{path}'")
     _check_same_schedule(recipe, meta.get("recipe") or {}, path)
     lineage = {k: meta[k] for k in LINEAGE_KEYS if k in meta}
-    return {"global_step": int(ckpt["global_step"]), "epoch": int(ckpt.get("epoch", 0)),
+    step = int(ckpt["global_step"])
+    # pending when saved before its step's validation, unless that validation finished later
+    # (its note beside the checkpoint; a kill after it is the usual case)
+    note = Path(path).parent / VALIDATED_NOTE
+    try:
+        validated = int(json.loads(note.read_text())["step"]) if note.is_file() else -1
+    except (OSError, ValueError, KeyError, TypeError):
+        validated = -1
+    return {"global_step": step, "epoch": int(meta.get("trained_epoch", ckpt.get("epoch", 0))),
             "wandb_run_id": meta.get("wandb_run_id", ""), "lineage": lineage,
             "group": meta.get("recipe", {}).get("logging", {}).get("group", ""),
-            "validation_pending": bool(meta.get("validation_pending", False))}
+            "validation_pending": bool(meta.get("validation_pending", False)) and validated != step}
 
 
 def validate_pending_step(trainer: pl.Trainer, module: DepthModule, datamodule, path: str, resumed: dict) -> None:
@@ -344,7 +352,13 @@ def train(cfg: DictConfig) -> dict:
         # the final model, always, unless the run's own schedule has just validated it (every N
         # steps, or at an epoch's end); a resumed run whose stop came before that validation does it here
         if module.validated_step != trainer.global_step:
-            trainer.validate(module, datamodule=datamodule, verbose=False)
+            # at the epoch of the last step trained: Lightning's epoch count has moved on after fit
+            trained = module.trained_epoch if module.trained_epoch >= 0 else trainer.current_epoch
+            module.validating_checkpoint_at = (trainer.global_step, trained)
+            try:
+                trainer.validate(module, datamodule=datamodule, verbose=False)
+            finally:
+                module.validating_checkpoint_at = None
     run_id = module.extra_metadata.get("wandb_run_id", "")
     if wandb_logger is not None and trainer.is_global_zero:
         wandb_logger.experiment.finish()

@@ -822,12 +822,40 @@ def test_a_validation_lost_with_its_run_runs_first_when_resumed(tiny_shards, tmp
         train_mod.train(_recipe(train_dir, val_dir, out, *common))
     ckpt_path = out / "checkpoints" / "last.ckpt"
     assert read_checkpoint(ckpt_path)["global_step"] == 4
-    resumed = train_mod.train(_recipe(train_dir, val_dir, out, *common, f"resume={ckpt_path}"))
+    resumed = train_mod.train(_recipe(train_dir, val_dir, out, *common, f"resume={ckpt_path}", "trainer.progress=true"))
     assert resumed["global_step"] == 6
-    assert "resume: validating step 4 first" in capsys.readouterr().out
-    steps = [int(r["step"]) for r in read_metrics(out) if r.get("val/near/abs_rel")]
-    assert steps == [2, 4, 6]
+    printed = capsys.readouterr()
+    assert "resume: validating step 4 first" in printed.out
+    assert "validation at step 4:" in printed.err  # the checkpoint's step, not the trainer's 0 before fit
+    rows = [r for r in read_metrics(out) if r.get("val/near/abs_rel")]
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
     assert (out / "panels" / "val_panel_step0000004.png").is_file()
+
+
+def test_a_validation_that_finished_before_a_kill_is_not_run_again(tiny_shards, tmp_path, add_callback, capsys):
+    """The checkpoint of a validation step is saved before that validation and says it pending;
+    once the validation has finished, a note beside the checkpoints says so, and a resume after
+    a later kill does not run it again (nor log its row twice)."""
+    train_dir, val_dir, _, _ = tiny_shards
+
+    class DiesAtStep5(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 5 and not self.__dict__.get("died"):
+                self.died = True
+                raise MemoryError("killed")
+
+    add_callback(DiesAtStep5())
+    out = tmp_path / "run"
+    common = ("stages.0.steps=4", "stages.1.steps=4", "trainer.val_every_steps=4", "trainer.ckpt_every_steps=4")
+    with pytest.raises(MemoryError):
+        train_mod.train(_recipe(train_dir, val_dir, out, *common))
+    ckpt_path = out / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(ckpt_path)["global_step"] == 4
+    assert read_checkpoint(ckpt_path)["curriculum"]["validation_pending"] is True  # saved before it
+    assert json.loads((out / "checkpoints" / "validated.json").read_text()) == {"step": 4}
+    resumed = train_mod.train(_recipe(train_dir, val_dir, out, *common, f"resume={ckpt_path}"))
+    assert resumed["global_step"] == 8 and "validating step" not in capsys.readouterr().out
+    assert [int(r["step"]) for r in read_metrics(out) if r.get("val/near/abs_rel")] == [4, 8]
 
 
 def test_ranks_read_their_agreement_one_step_late_on_gpus(tmp_path, monkeypatch):

@@ -50,6 +50,16 @@ def test_device_resize_trains(tiny_shards, tmp_path):
     assert losses and all(torch.isfinite(torch.tensor(losses)))
 
 
+def test_the_final_validation_row_carries_the_epoch_of_the_last_step(tiny_shards, tmp_path):
+    """6 steps of an 8-batch epoch: the validation after fit is logged at epoch 0, as the step it
+    measures (Lightning's epoch count has moved on to 1 by then)."""
+    result = train(_recipe(tiny_shards, tmp_path / "run", "stages.0.steps=3", "stages.1.steps=3"))
+    rows = read_metrics(tmp_path / "run")
+    val = [r for r in rows if r.get("val/near/abs_rel")]
+    assert result["global_step"] == 6 and [(r["step"], r["epoch"]) for r in val] == [("6", "0")]
+    assert {r["epoch"] for r in rows if r.get("train/loss")} == {"0"}
+
+
 def test_stage_two_starts_from_stage_one_weights_with_fresh_optimizer(tiny_shards, tmp_path):
     pre = train(_recipe(tiny_shards, tmp_path / "pre", "stages.0.steps=3", files=("smoke.yaml", "pretrain.yaml")))
     pre_ckpt = read_checkpoint(pre["checkpoint"])
@@ -417,9 +427,11 @@ def test_resumed_metrics_csv_keeps_earlier_rows_and_drops_the_retrained_ones(tmp
 
 
 def test_progress_bars_cover_training_and_validation(tiny_shards, tmp_path, capfd):
-    train(_recipe(tiny_shards, tmp_path / "run", "stages.0.steps=2", "stages.1.steps=1", "trainer.progress=true"))
+    train(_recipe(tiny_shards, tmp_path / "run", "stages.0.steps=1", "stages.1.steps=2", "trainer.progress=true"))
     err = capfd.readouterr().err
     assert "train: 100%" in err and "3/3" in err and "img_s=" in err  # the run's bar: steps, rate, ETA
+    # a drawn line says the stage and loss of the step it counts (the postfix is set before drawing)
+    assert re.search(r" 1/3 [^\r\n]*stage=pretrain", err), err
     assert "validate:" in err and re.search(r"validation at step 3: 6 images in [0-9.]+ s \([0-9.]+ images/s\)", err)
 
 
