@@ -131,11 +131,12 @@ def model_state(ckpt: dict, prefix: str = "model.") -> dict[str, torch.Tensor]:
     return {k.replace("_orig_mod.", ""): v for k, v in out.items()}
 
 
-def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
-    """Model and metadata of one of this project's checkpoints, for eval and predict."""
+def load_model(path: str | os.PathLike, ckpt: dict | None = None) -> tuple[torch.nn.Module, dict]:
+    """Model and metadata of one of this project's checkpoints (``ckpt``: the file, already read),
+    for eval and predict."""
     from curriculum.model import build_model
 
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
     meta = metadata(ckpt, path)
     model = build_model({k: meta["model"][k] for k in MODEL_FIELDS})
     missing, unexpected = model.load_state_dict(model_state(ckpt), strict=False)

@@ -43,7 +43,8 @@ def _eval(argv: list[str]) -> int:
     from curriculum.metrics import PROTOCOLS
 
     p = ArgumentParser(prog="curriculum eval", description="evaluate a checkpoint on shards")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="this project's checkpoint or an official Depth-Anything-V2 "
+                   "metric one (then give --max-depth; the input size defaults to 518x518)")
     p.add_argument("--shards", required=True, help="brace pattern or glob of validation shards")
     p.add_argument("--protocol", default="synthetic", choices=PROTOCOLS)
     p.add_argument("--out", help="write the report as JSON here, with its figures beside it (<name>.png: "
@@ -52,7 +53,10 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("--height", type=int, help="network input height (default: the checkpoint's recipe)")
     p.add_argument("--width", type=int)
     p.add_argument("--max-depth", type=float, help="the head's range (model.max_depth); must agree with the "
-                   "checkpoint's if given. Evaluation splits near and far at 80 m whatever the range")
+                   "checkpoint's if given; needed for an official checkpoint (80 vKITTI 2, 20 Hypersim). "
+                   "Evaluation splits near and far at 80 m whatever the range")
+    p.add_argument("--encoder", choices=("vits", "vitb", "vitl", "tiny"),
+                   help="an official checkpoint's encoder (default: inferred from its weights)")
     p.add_argument("--max-images", type=int, default=0)
     args = p.parse_args(argv)
     for flag, value, lowest in (("--batch-size", args.batch_size, 1), ("--max-images", args.max_images, 0)):
@@ -63,13 +67,19 @@ def _eval(argv: list[str]) -> int:
             raise ValueError(f"{flag} {value}: must be a positive multiple of 14 (the patch size)")
     if args.out and (os.path.isdir(args.out) or not args.out.endswith(".json")):
         raise ValueError(f"--out {args.out}: give a .json file name (the figures are written beside it)")
-    from curriculum.checkpoint import load_model
-    from curriculum.evaluate import evaluate, format_table, save_figures, write_json
+    from curriculum.checkpoint import META_KEY, load_model, read_checkpoint
+    from curriculum.evaluate import evaluate, format_table, load_official_for_eval, save_figures, write_json
 
-    model, meta = load_model(args.checkpoint)
-    if args.max_depth is not None and args.max_depth != meta["model"]["max_depth"]:
-        raise ValueError(f"--max-depth {args.max_depth:g} conflicts with the checkpoint's range "
-                         f"{meta['model']['max_depth']:g} m ({args.checkpoint}); drop the flag")
+    ckpt = read_checkpoint(args.checkpoint)
+    if META_KEY in ckpt:
+        model, meta = load_model(args.checkpoint, ckpt)
+        for flag, value, key in (("--max-depth", args.max_depth, "max_depth"), ("--encoder", args.encoder, "encoder")):
+            if value is not None and value != meta["model"][key]:
+                raise ValueError(f"{flag} {value} conflicts with the checkpoint's {key} {meta['model'][key]} "
+                                 f"({args.checkpoint}); drop the flag")
+    else:
+        model, meta = load_official_for_eval(args.checkpoint, ckpt, args.encoder, args.max_depth)
+    del ckpt
     report = evaluate(args.checkpoint, args.shards, args.protocol, args.batch_size, args.height, args.width,
                       max_images=args.max_images, model=model, meta=meta, examples=4 if args.out else 0)
     print(format_table(report))

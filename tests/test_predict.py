@@ -513,6 +513,31 @@ def _constant_checkpoint(tmp_path: Path) -> Path:
     return tmp_path / "const.ckpt"
 
 
+def test_cli_eval_of_an_official_checkpoint(tmp_path, capsys):
+    """An official Depth-Anything-V2 metric state dict (sigmoid x max_depth, no metadata): its
+    range and encoder come from the flags; 20 m everywhere scores as the constant checkpoint."""
+    _known_shards(tmp_path / "val")
+    model = DepthModel("tiny", "sigmoid", 1e-3, 80.0)
+    last = model.depth_head.scratch.output_conv2[2]
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.constant_(last.bias, math.log(0.25 / 0.75))  # sigmoid -> 0.25: 20 m of 80
+    torch.save(official_state_dict(model), tmp_path / "depth_anything_v2_metric_vkitti_tiny.pth")
+    args = ["eval", "--checkpoint", str(tmp_path / "depth_anything_v2_metric_vkitti_tiny.pth"),
+            "--shards", f"{tmp_path}/val/*.tar", "--height", str(H), "--width", str(W)]
+    assert cli_main(args) == 2
+    assert "records no depth range: give --max-depth" in capsys.readouterr().err
+    assert cli_main([*args, "--max-depth", "80", "--encoder", "tiny", "--out", str(tmp_path / "o.json")]) == 0
+    assert "phantom rate" in capsys.readouterr().out
+    official = json.loads((tmp_path / "o.json").read_text())
+    assert official["stage"] == "official Depth-Anything-V2"
+    assert official["model"]["head"] == "sigmoid" and official["model"]["max_depth"] == 80.0
+    assert cli_main(["eval", "--checkpoint", str(_constant_checkpoint(tmp_path)), "--shards", f"{tmp_path}/val/*.tar",
+                     "--out", str(tmp_path / "c.json")]) == 0
+    constant = json.loads((tmp_path / "c.json").read_text())
+    for key in ("near/abs_rel", "phantom_rate", "images"):
+        assert official["metrics"][key] == pytest.approx(constant["metrics"][key], rel=1e-5), key
+
+
 def test_cli_eval_of_a_constant_depth_checkpoint(tmp_path, capsys):
     _known_shards(tmp_path / "val")
     rc = cli_main(["eval", "--checkpoint", str(_constant_checkpoint(tmp_path)), "--shards", f"{tmp_path}/val/*.tar",
