@@ -5,6 +5,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -147,12 +148,25 @@ def make_loggers(recipe: dict, out_dir: Path, resumed: dict | None = None) -> li
         job_type = stages[0] if len(stages) == 1 else "curriculum"
         os.environ.setdefault("WANDB_SILENT", "true")
         run_id = (resumed or {}).get("wandb_run_id") or None
-        loggers.append(WandbLogger(
+        wandb_logger = WandbLogger(
             project=lcfg["project"], name=recipe["run"]["name"], group=lcfg["group"] or recipe["run"]["name"],
             job_type=job_type, save_dir=str(out_dir), offline=(mode == "offline"), config=recipe,
             id=run_id, resume="allow" if run_id else None,
-        ))
+        )
+        # Lightning always passes wandb an `anonymous` setting, which wandb now warns about on every run
+        wandb_logger._wandb_init.pop("anonymous", None)
+        loggers.append(wandb_logger)
     return loggers
+
+
+class _NoAdvert(logging.Filter):
+    """Drops Lightning's advert for its cloud logger, printed on every run without it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+_NO_ADVERT = _NoAdvert()
 
 
 def _one_process(tcfg: dict) -> bool:
@@ -336,6 +350,13 @@ def train(cfg: DictConfig) -> dict:
         # who may write into the folder, and the streams resume exactly (data positions).
         warnings.filterwarnings("ignore", message=".*directory .* exists and is not empty.*")
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+        # on every run: DepthModule finishes batches on the device on purpose, and Lightning's own
+        # use of a deprecated torch name is not ours to fix
+        warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*LightningDataModule.*")
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+        for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+            if _NO_ADVERT not in logging.getLogger(name).filters:
+                logging.getLogger(name).addFilter(_NO_ADVERT)
         if replace_old_run:  # every input read and checked: only now is the old run removed
             _clear_folder(out_dir)
         loggers = make_loggers(recipe, out_dir, resumed)

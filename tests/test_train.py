@@ -428,7 +428,8 @@ def test_resumed_metrics_csv_keeps_earlier_rows_and_drops_the_retrained_ones(tmp
 
 def test_progress_bars_cover_training_and_validation(tiny_shards, tmp_path, capfd):
     train(_recipe(tiny_shards, tmp_path / "run", "stages.0.steps=1", "stages.1.steps=2", "trainer.progress=true"))
-    err = capfd.readouterr().err
+    out, err = capfd.readouterr()
+    assert "litlogger" not in out + err  # Lightning's advert for its cloud logger, on every run
     assert "train: 100%" in err and "3/3" in err and "img_s=" in err  # the run's bar: steps, rate, ETA
     # a drawn line says the stage and loss of the step it counts (the postfix is set before drawing)
     assert re.search(r" 1/3 [^\r\n]*stage=pretrain", err), err
