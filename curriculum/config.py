@@ -379,6 +379,12 @@ def validate(cfg: DictConfig) -> None:
         if i == 0 and stage.rewarm_steps > 0:  # it would multiply with optim.warmup_steps' ramp
             raise RecipeError(f"stages.0.rewarm_steps: {stage.rewarm_steps}, but the first stage follows no switch; "
                               "its warm-up is optim.warmup_steps")
+        if stage.rewarm_steps > stage.steps:  # the stage would end before its rate comes back
+            raise RecipeError(f"stages.{i}.rewarm_steps: {stage.rewarm_steps} is longer than the stage's "
+                              f"{stage.steps} steps")
+        if i > 0 and stage.rewarm_steps > 0 and cfg.optim.warmup_steps > cfg.stages[0].steps:
+            raise RecipeError(f"optim.warmup_steps: {cfg.optim.warmup_steps} runs past stage 0's {cfg.stages[0].steps} "
+                              f"steps into a stage that re-warms (stages.{i}.rewarm_steps): the two ramps would multiply")
     if not 0 < cfg.model.min_depth < cfg.model.max_depth or not math.isfinite(cfg.model.max_depth):
         raise RecipeError(f"model.min_depth, model.max_depth: need 0 < min_depth < max_depth < inf, got "
                           f"{cfg.model.min_depth}, {cfg.model.max_depth}")

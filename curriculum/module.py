@@ -24,7 +24,7 @@ from curriculum.losses import compute_loss
 from curriculum.masks import build_policy, policy_to_dict
 from curriculum.metrics import MetricAccumulator
 from curriculum.model import build_model
-from curriculum.optim import NonFiniteCounter, before_step, release
+from curriculum.optim import NonFiniteCounter, before_step, match_restored_groups, release
 from curriculum.schedule import lr_factor
 from data_prep.files import atomic_write_text
 
@@ -58,6 +58,7 @@ class DepthModule(pl.LightningModule):
         self.max_nonfinite = int(recipe["trainer"]["max_nonfinite_steps"])
         self.grad_clip = float(recipe["optim"]["grad_clip"])  # total 2-norm; 0 = no clipping
         self.nonfinite = NonFiniteCounter()
+        self._uncounted_skips = 0  # skips of a step a checkpoint saved inside it will run again
         self.bad_samples = 0
         self.stream_positions = StreamPositions(max(1, int(recipe["data"]["num_workers"])))
         self._pending_batch: tuple | None = None  # (step, stream position, bad samples) until the step is taken
@@ -78,6 +79,11 @@ class DepthModule(pl.LightningModule):
     @property
     def stage_name(self) -> str:
         return self.stages[self.stage_index]["name"]
+
+    def on_train_start(self) -> None:
+        # restored optimizer state (resume) carries the saved run's kernel choice
+        for optimizer in self.trainer.optimizers:
+            match_restored_groups(getattr(optimizer, "optimizer", optimizer))
 
     def on_fit_start(self) -> None:
         # The W&B run id goes into every checkpoint so stage 2 can name its parent run.
@@ -202,7 +208,12 @@ class DepthModule(pl.LightningModule):
                 raise NonFiniteError(f"{what}; the weights themselves are non-finite, so no checkpoint was "
                                      "saved: resume from an earlier one")
             path = Path(self.recipe["run"]["out_dir"]) / "checkpoints" / "nonfinite-stop.ckpt"
-            self.trainer.save_checkpoint(path, weights_only=False)
+            # saved inside this step, which a resume runs again: its own skip is not counted yet
+            self._uncounted_skips = int(self.nonfinite.streak > 0)
+            try:
+                self.trainer.save_checkpoint(path, weights_only=False)
+            finally:
+                self._uncounted_skips = 0
             raise NonFiniteError(f"{what}; last good weights saved to {path}")
 
     @property
@@ -324,7 +335,7 @@ class DepthModule(pl.LightningModule):
         position = self._data_position()
         checkpoint[META_KEY] = build_metadata(
             self.model.metadata(), policy_to_dict(self.policy), self.stage_name, self.recipe,
-            {"stage_index": self.stage_index, "skipped_steps": self.skipped_steps,
+            {"stage_index": self.stage_index, "skipped_steps": self.skipped_steps - self._uncounted_skips,
              "bad_samples": position["bad_samples"][0],  # rank 0's, as logged
              "data_position": position,
              # saved before this step's scheduled validation ran (a stop or a periodic save at

@@ -38,8 +38,27 @@ def nonfinite_flag(grads: list[torch.Tensor], loss: torch.Tensor | None) -> torc
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the optimizer honours ``found_inf`` (torch's fused Adam/AdamW kernels do)."""
-    return bool(optimizer.defaults.get("fused")) and isinstance(optimizer, torch.optim.Adam)
+    """Whether the optimizer honours ``found_inf`` (torch's fused Adam/AdamW kernels do). Decided
+    from its param groups, whose settings pick the kernel (see ``match_restored_groups``)."""
+    return (isinstance(optimizer, torch.optim.Adam) and bool(optimizer.param_groups)
+            and all(group.get("fused") for group in optimizer.param_groups))
+
+
+def match_restored_groups(optimizer: torch.optim.Optimizer) -> None:
+    """After ``load_state_dict``: each param group's ``fused``/``foreach`` (which pick the kernel)
+    come from the file, so a non-fused run resumed with fused AdamW (a CPU run resumed on a GPU)
+    would keep the file's kernel. Sets them back to this optimizer's own choice, with the step
+    counts where that kernel keeps them (fused: on the parameter's device)."""
+    fused = optimizer.defaults.get("fused")
+    for group in optimizer.param_groups:
+        if bool(group.get("fused")) == bool(fused):
+            continue
+        group["fused"], group["foreach"] = fused, optimizer.defaults.get("foreach")
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if torch.is_tensor(state.get("step")):
+                on_device = fused or group.get("capturable")
+                state["step"] = state["step"].to(device=p.device if on_device else "cpu", dtype=torch.float32)
 
 
 class NonFiniteCounter:

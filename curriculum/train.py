@@ -263,7 +263,9 @@ def _check_same_schedule(recipe: dict, old: dict, path: str) -> None:
             if a.get(key) != b.get(key):
                 raise CheckpointError(f"resume '{path}': stages.{i}.{key} is {a.get(key)!r} in the recipe but "
                                       f"{b.get(key)!r} in the checkpoint's run; {advice}")
-    for key in ("warmup_steps", "poly_power"):
+    # the learning rates, weight decay and betas come from the checkpoint's optimizer state: a
+    # changed value would be ignored while the recipe recorded from here on claimed it
+    for key in ("warmup_steps", "poly_power", "lr", "head_lr_mult", "weight_decay", "beta1", "beta2"):
         was = (old.get("optim") or {}).get(key, recipe["optim"][key])
         if was != recipe["optim"][key]:
             raise CheckpointError(f"resume '{path}': optim.{key} is {recipe['optim'][key]!r} in the recipe but "

@@ -605,12 +605,17 @@ def test_nonfinite_steps_are_skipped_counted_and_k_in_a_row_stop_with_the_last_g
     assert _same_weights(p.weights[4], p.weights[3])  # step 3 skipped
     ckpt = read_checkpoint(stop)
     assert _same_weights(model_state(ckpt), p.weights[3])  # the last good state, before steps 3 and 4
-    assert ckpt["curriculum"]["skipped_steps"] == 3
-    # saved inside the step: the step's own batch is not counted as read, a resume reads it again
+    # saved inside step 4, which a resume runs again: its batch is not counted as read, nor its skip
+    assert ckpt["global_step"] == 4 and ckpt["curriculum"]["skipped_steps"] == 2
     assert ckpt["curriculum"]["data_position"]["drawn"] == [[2 * ckpt["global_step"]]]
     # logged with the step that follows the skip
     assert {int(r["step"]): float(r["train/skipped_steps"]) for r in read_metrics(out)
             if r.get("train/skipped_steps")}[3] >= 1
+    # resumed, step 4 is skipped again (once more in a row is within the limit) and counted once
+    resumed = train_mod.train(_recipe(train_dir, val_dir, tmp_path / "resumed", "stages.0.steps=3",
+                                      "stages.1.steps=3", f"resume={stop}"))
+    assert resumed["global_step"] == 6
+    assert read_checkpoint(resumed["checkpoint"])["curriculum"]["skipped_steps"] == 3  # steps 1, 3 and 4
 
 
 def test_nonfinite_weights_are_never_saved_as_the_last_good_ones(tiny_shards, tmp_path, probe):

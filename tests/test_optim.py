@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from curriculum.optim import (NonFiniteCounter, before_step, nonfinite_flag, release, skip_if_nonfinite,
-                             skips_on_device)
+from curriculum.optim import (NonFiniteCounter, before_step, match_restored_groups, nonfinite_flag, release,
+                             skip_if_nonfinite, skips_on_device)
 
 
 def _params(seed=0):
@@ -58,6 +58,36 @@ def test_a_nonfinite_step_changes_nothing_and_a_finite_one_is_a_plain_step(fused
     assert counter.skipped == 3 and counter.streak == 1
     steps = {int(opt.state[p]["step"]) for p in guarded}
     assert steps == {2}  # bias correction counts only the steps taken
+
+
+@pytest.mark.parametrize("saved_fused,now_fused", [(False, True), (True, False)])
+def test_a_restored_optimizer_takes_this_runs_kernel(saved_fused, now_fused):
+    """load_state_dict brings the saved param groups' kernel choice along (a CPU run resumed on a
+    GPU: non-fused groups in a fused optimizer, which then handed found_inf to a kernel without
+    it); matched back, the optimizer skips and steps as one built fresh."""
+    params = _params()
+    saved = torch.optim.AdamW(params, lr=0.1, fused=saved_fused or None)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    saved.step()
+    restored_params = _params()
+    restored = torch.optim.AdamW(restored_params, lr=0.1, fused=now_fused or None)
+    restored.load_state_dict(saved.state_dict())
+    assert [bool(g.get("fused")) for g in restored.param_groups] == [saved_fused]  # the file's choice
+    match_restored_groups(restored)
+    assert [bool(g.get("fused")) for g in restored.param_groups] == [now_fused]
+    assert skips_on_device(restored) == now_fused
+    counter = NonFiniteCounter()
+    for bad in (True, False):
+        for p in restored_params:
+            p.grad = torch.full_like(p, float("nan") if bad else 1.0)
+        before = [p.detach().clone() for p in restored_params]
+        skip_if_nonfinite(restored, restored_params, torch.tensor(1.0), counter)
+        restored.step()
+        release(restored)
+        unchanged = all(torch.equal(p, b) for p, b in zip(restored_params, before))
+        assert unchanged == bad
+    assert {int(restored.state[p]["step"]) for p in restored_params} == {2}
 
 
 @pytest.mark.parametrize("fused", [True, False])

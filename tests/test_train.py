@@ -110,6 +110,8 @@ def test_resume_with_another_schedule_is_refused(tiny_shards, tmp_path):
                                                            r"\{.*'max_depth'.*\} in the checkpoint's run"),
         ("stages.1.steps=40", r"stages\.1\.steps is 40 in the recipe but 2 in the checkpoint's run"),
         ("stages.1.rewarm_steps=0", r"stages\.1\.rewarm_steps is 0 in the recipe but 1"),
+        ("optim.lr=2e-3", r"optim\.lr is 0\.002 in the recipe but 0\.001 in the checkpoint's run"),
+        ("optim.weight_decay=0.5", r"optim\.weight_decay is 0\.5 in the recipe but 0\.01"),
         ("optim.poly_power=2.0", r"optim\.poly_power is 2\.0 in the recipe but 0\.9"),
     ]:
         with pytest.raises(CheckpointError, match=rf"^resume '{ckpt}': {message}.*init_from starts a new stage") as e:
