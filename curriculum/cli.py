@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     from curriculum.checkpoint import CheckpointError
     from curriculum.compare import CompareError
     from curriculum.config import RecipeError
-    from curriculum.data import DataError
+    from curriculum.data import DataError, one_line
     from curriculum.module import NonFiniteError
     from curriculum.train import SetupError
 
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[argv[0]](argv[1:])
     except (RecipeError, DataError, CheckpointError, SetupError, NonFiniteError, CompareError, ValueError,
             OSError) as exc:
-        _error_line(f"error: {exc}")
+        _error_line(f"error: {one_line(str(exc))}")
         return 2
     except MisconfigurationException as exc:  # Lightning's refusal of a trainer setting the recipe check let through
         _error_line(f"error: trainer: {str(exc).splitlines()[0]}")

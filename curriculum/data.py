@@ -10,8 +10,10 @@ Design, against the traps of webdataset under DDP:
   the readers (ranks x workers) an epoch repeats some samples of the readers with fewer shards
   and leaves out some of those with more (a different split each epoch, so over epochs every
   sample is drawn alike). ``uneven_split_note`` says so at the start of training.
-- The data of a batch is a pure function of (seed, epoch, rank, batch index): augmentations draw
-  from a per-sample generator. A resumed run skips the batches already trained on (without
+- The data of a batch is a pure function of (seed, epoch, rank, loader worker, batch index) for a
+  given world size and ``num_workers``: augmentations draw from a per-sample generator. The seed
+  is ``run.seed``, mixed with the parent checkpoint's hash for a stage started with ``init_from``
+  (``train.data_seed``). A resumed run skips the batches already trained on (without
   decoding them) and sees the same batches an uninterrupted run would, provided `num_workers` and
   the world size are unchanged. Every batch carries its stream's position (raw samples drawn,
   failed decodes included); checkpoints keep the last trained one of every stream of every rank
@@ -59,6 +61,20 @@ REQUIRED_MEMBERS = ("depth.png", "meta.json")
 
 class DataError(RuntimeError):
     """A data problem that stops the run, reported in one line."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(one_line(str(message)))
+
+
+def one_line(message: str) -> str:
+    """The original message of an error a loader worker raised: torch re-raises it in the main
+    process wrapped in the worker's traceback ("Caught DataError in DataLoader worker process 0.
+    Original Traceback ..."), whose last line is "<type>: <message>"."""
+    if not message.startswith("Caught ") or "\nOriginal Traceback" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    head, sep, rest = last.partition(": ")
+    return rest if sep and " " not in head else last
 
 
 # ---------------------------------------------------------------------------- shard lists
@@ -760,8 +776,8 @@ class _StopTogether:
         if self.error is None:
             try:
                 return next(self.batches)
-            except DataError as exc:
-                self.error = str(exc)
+            except (DataError, OSError) as exc:  # OSError: a shard that cannot be read
+                self.error = one_line(str(exc))
         return {**self.stream.empty_batch(), "data_error": self.error}
 
 
@@ -782,8 +798,8 @@ class _EndOnDataError:
             raise StopIteration
         try:
             return next(self.batches)
-        except DataError as exc:
-            self.stream.data_error = str(exc)
+        except (DataError, OSError) as exc:  # OSError: a shard that cannot be read
+            self.stream.data_error = one_line(str(exc))
             raise StopIteration from None
 
 

@@ -59,6 +59,7 @@ class DepthModule(pl.LightningModule):
         self.grad_clip = float(recipe["optim"]["grad_clip"])  # total 2-norm; 0 = no clipping
         self.nonfinite = NonFiniteCounter()
         self._uncounted_skips = 0  # skips of a step a checkpoint saved inside it will run again
+        self.data_error: str | None = None  # this rank's training-data error (DDP: _StopTogether)
         self.bad_samples = 0
         self.stream_positions = StreamPositions(max(1, int(recipe["data"]["num_workers"])))
         self._pending_batch: tuple | None = None  # (step, stream position, bad samples) until the step is taken
@@ -152,6 +153,8 @@ class DepthModule(pl.LightningModule):
         self._pending_batch = (self.global_step, batch.get("stream_position"), batch.get("bad_samples", 0))
         self.train_batches += 1
         self.trained_epoch = self.current_epoch
+        if batch.get("data_error"):  # see _data_position
+            self.data_error = str(batch["data_error"])
         bs = batch["image"].shape[0]
         log = {f"train/{k}": v.detach().float() for k, v in losses.items()}
         log["train/valid_fraction"] = (weight > 0).float().mean()
@@ -284,11 +287,17 @@ class DepthModule(pl.LightningModule):
             self.log_dict(logged, on_step=False, on_epoch=True, sync_dist=False)
         self.last_val_results = results
         self.validated_step = step  # the weights of this step are validated
-        if self.global_rank == 0 and self._trainer is not None:
-            # a checkpoint of this step, saved before this validation, says it was pending: this
-            # note keeps a resume from running it again (train.resume_from_checkpoint)
-            atomic_write_text(Path(self.recipe["run"]["out_dir"]) / "checkpoints" / VALIDATED_NOTE,
-                              json.dumps({"step": int(step)}))
+
+    def on_validation_end(self) -> None:
+        # A checkpoint of this step, saved before this validation, says it was pending; this note
+        # keeps a resume from running it again (train.resume_from_checkpoint). Written once the
+        # loggers have put the validation's row on disk, so a kill between the two loses neither.
+        if self.global_rank != 0 or self._trainer is None or self.validated_step < 0:
+            return
+        for logger in self.loggers:
+            logger.save()
+        atomic_write_text(Path(self.recipe["run"]["out_dir"]) / "checkpoints" / VALIDATED_NOTE,
+                          json.dumps({"step": int(self.validated_step)}))
 
     def _val_data_error(self) -> str | None:
         stream = getattr(getattr(self._trainer, "datamodule", None), "val_stream", None)
@@ -371,7 +380,7 @@ class DepthModule(pl.LightningModule):
         save is collective), so the gather is too."""
         self._take_pending_batch()
         bad = self.bad_samples - (self._pending_batch[2] if self._pending_batch is not None else 0)
-        row = [bad, self.stream_positions.epoch, *self.stream_positions.drawn]
+        row = [bad, self.stream_positions.epoch, *self.stream_positions.drawn, int(self.data_error is not None)]
         layout = self._data_layout()
         if layout["world_size"] > 1:
             # the strategy's device: after fit, Lightning moves the module to the CPU, which NCCL cannot gather
@@ -379,6 +388,12 @@ class DepthModule(pl.LightningModule):
             rows = self.all_gather(torch.tensor(row, dtype=torch.int64, device=device)).tolist()
         else:
             rows = [row]
+        if any(r[-1] for r in rows):
+            # a rank trained on empty batches since its data failed (curriculum.data._StopTogether);
+            # on GPUs the stop comes a step late, after this save: every rank stops here instead
+            raise DataError(self.data_error or f"rank {self.global_rank} stopped at step {self.global_step}: "
+                            "another rank's training data failed (its error is above)")
+        rows = [r[:-1] for r in rows]
         return {**layout, "bad_samples": [r[0] for r in rows], "epoch": [r[1] for r in rows],
                 "drawn": [r[2:] for r in rows]}
 

@@ -265,6 +265,10 @@ def _check_same_schedule(recipe: dict, old: dict, path: str) -> None:
                                       f"{b.get(key)!r} in the checkpoint's run; {advice}")
     # the learning rates, weight decay and betas come from the checkpoint's optimizer state: a
     # changed value would be ignored while the recipe recorded from here on claimed it
+    was = (old.get("run") or {}).get("seed", recipe["run"]["seed"])
+    if was != recipe["run"]["seed"]:  # the recorded stream positions point into the old seed's stream
+        raise CheckpointError(f"resume '{path}': run.seed is {recipe['run']['seed']!r} in the recipe but {was!r} "
+                              f"in the checkpoint's run; {advice}")
     for key in ("warmup_steps", "poly_power", "lr", "head_lr_mult", "weight_decay", "beta1", "beta2"):
         was = (old.get("optim") or {}).get(key, recipe["optim"][key])
         if was != recipe["optim"][key]:
@@ -292,10 +296,13 @@ def resume_from_checkpoint(path: str, recipe: dict) -> dict:
         validated = int(json.loads(note.read_text())["step"]) if note.is_file() else -1
     except (OSError, ValueError, KeyError, TypeError):
         validated = -1
+    # validations run in order, so a note at or past this step means this step's finished too
+    done = validated >= step
     return {"global_step": step, "epoch": int(meta.get("trained_epoch", ckpt.get("epoch", 0))),
             "wandb_run_id": meta.get("wandb_run_id", ""), "lineage": lineage,
             "group": meta.get("recipe", {}).get("logging", {}).get("group", ""),
-            "validation_pending": bool(meta.get("validation_pending", False)) and validated != step}
+            "validation_pending": bool(meta.get("validation_pending", False)) and not done,
+            "validated": done, "data_seed": meta.get("data_seed")}
 
 
 def validate_pending_step(trainer: pl.Trainer, module: DepthModule, datamodule, path: str, resumed: dict) -> None:
@@ -337,7 +344,10 @@ def train(cfg: DictConfig) -> dict:
     resumed = resume_from_checkpoint(recipe["resume"], recipe) if recipe["resume"] else None
     lineage = init_from_checkpoint(module, recipe["init_from"], recipe) if recipe["init_from"] else \
         (resumed or {}).get("lineage", {})
-    datamodule.seed = data_seed(recipe["run"]["seed"], lineage)
+    # a resumed run keeps the seed its stream was drawn with (runs from before the seed was
+    # recorded used run.seed)
+    datamodule.seed = data_seed(recipe["run"]["seed"], lineage) if resumed is None else \
+        int(resumed["data_seed"] if resumed["data_seed"] is not None else recipe["run"]["seed"])
     module.extra_metadata["data_seed"] = datamodule.seed
     if lineage:
         module.extra_metadata.update(lineage)
@@ -366,6 +376,8 @@ def train(cfg: DictConfig) -> dict:
         trainer = build_trainer(recipe, out_dir, loggers)
         if resumed and resumed["validation_pending"]:
             validate_pending_step(trainer, module, datamodule, recipe["resume"], resumed)
+        elif resumed and resumed["validated"]:  # a finished run resumed: its final validation is done
+            module.validated_step = resumed["global_step"]
         trainer.fit(module, datamodule=datamodule, ckpt_path=recipe["resume"] or None,
                     weights_only=False if recipe["resume"] else None)
         # Saved before the final validation: a signal during it (the run's own handlers are gone

@@ -31,7 +31,7 @@ from curriculum import module as module_mod
 from curriculum import train as train_mod
 from curriculum.checkpoint import AtomicCheckpointIO, CheckpointError, model_state, read_checkpoint
 from curriculum.cli import main as cli_main
-from curriculum.config import RECIPES_DIR, RecipeError, load_recipe
+from curriculum.config import RECIPES_DIR, RecipeError, load_recipe, to_plain
 from curriculum.data import DataError, StreamPositions, TrainSpec, TrainStream, ValStream, train_loader
 from curriculum.faults import ReportingCheckpointIO, RunInterrupted, SignalCheckpoint
 from curriculum.losses import compute_loss
@@ -429,12 +429,14 @@ def test_training_run_skips_bad_samples_and_logs_the_count(tmp_path):
     assert len(logged) == 2 and logged == sorted(logged) and logged[-1] >= 2  # cumulative, never silent
 
 
-def test_too_many_bad_samples_end_the_cli_run_in_one_line_naming_the_shard(tmp_path, capsys):
+@pytest.mark.parametrize("workers", [0, 1])  # 1: torch re-raises a worker's error wrapped in its traceback
+def test_too_many_bad_samples_end_the_cli_run_in_one_line_naming_the_shard(tmp_path, capsys, workers):
     _write_shards(tmp_path / "train", [["normal", "depth8", "normal", "normal"]] * 2)
     write_tiny_shards(tmp_path / "val", n_shards=1, per_shard=2, seed=1)
     rc = cli_main(["train", str(RECIPES_DIR / "smoke.yaml"),
                    *_overrides(tmp_path / "train", tmp_path / "val", tmp_path / "run", "stages.0.steps=2",
-                               "stages.1.steps=1", "data.max_bad_samples=0", "data.shuffle_buffer=1")])
+                               "stages.1.steps=1", "data.max_bad_samples=0", "data.shuffle_buffer=1",
+                               f"data.num_workers={workers}")])
     line = _one_line_error(capsys)
     assert rc == 2
     assert str(tmp_path / "train" / "shard-") in line and ".tar: more than 0 bad samples" in line
@@ -474,6 +476,48 @@ def test_a_ddp_ranks_data_error_becomes_empty_batches_carrying_it(tmp_path, monk
     next(alone)
     with pytest.raises(DataError, match="shard-x.tar"):
         next(alone)
+
+
+def test_an_unreadable_shard_on_a_ddp_rank_becomes_empty_batches_too(tmp_path):
+    _write_shards(tmp_path / "train", [["normal"] * 4])
+    urls = [str(tmp_path / "train" / "shard-000000.tar"), str(tmp_path / "train" / "gone.tar")]
+    spec = TrainSpec(batch_size=2, batches_per_rank=4, crop_height=14, crop_width=28, shuffle_buffer=1)
+    batches = iter(train_loader(TrainStream(urls, spec, 1, 2, seed=0), lambda: 0, 0))
+    errors = [next(batches).get("data_error") for _ in range(4)]
+    assert errors[-1] and "gone.tar" in errors[-1] and "\n" not in errors[-1]
+
+
+def test_a_checkpoint_after_a_ranks_data_error_is_refused_on_every_rank(tiny_shards):
+    """On GPUs the ranks agree on a stop a step late, so a periodic save can come first: the
+    positions gather carries each rank's data-error flag and every rank stops there, no file."""
+    cfg = load_recipe([RECIPES_DIR / "smoke.yaml"], [])
+    module = module_mod.DepthModule(to_plain(cfg))
+    layout = {"world_size": 2, "streams": 1, "batch_size": 2, "batches_per_rank": 4}
+    module._data_layout = lambda: layout
+
+    class Trainer:
+        global_rank, global_step = 0, 0
+
+        class strategy:
+            root_device = torch.device("cpu")
+
+    object.__setattr__(module, "_trainer", Trainer())
+    for mine, theirs, message in [(None, 1, "rank 0 stopped at step 0: another rank's training data failed"),
+                                  ("x.tar: more than 0 bad samples", 0, "^x.tar: more than 0 bad samples$")]:
+        module.data_error = mine
+        module.all_gather = lambda t, theirs=theirs: torch.stack([t, torch.tensor([0, -1, 0, theirs])])
+        with pytest.raises(DataError, match=message):
+            module._data_position()
+    module.data_error = None
+    module.all_gather = lambda t: torch.stack([t, torch.tensor([0, -1, 0, 0])])
+    assert module._data_position()["drawn"] == [[0], [0]]
+
+
+def test_a_worker_s_wrapped_error_reads_as_its_own_line():
+    wrapped = ("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+               "  File \"x.py\", line 1, in f\n    raise DataError(m)\ncurriculum.data.DataError: a.tar: more than 1 bad samples")
+    assert str(DataError(wrapped)) == "a.tar: more than 1 bad samples"
+    assert str(DataError("plain: message")) == "plain: message"
 
 
 def test_ranks_stop_together_on_a_data_error_naming_it_where_it_happened(tmp_path, monkeypatch):
@@ -802,10 +846,10 @@ def test_a_stop_read_late_is_taken_before_validation_and_resumes_exactly(tiny_sh
                          model_state(read_checkpoint(whole["checkpoint"])))
     # the validation the stop came before runs first, on the checkpoint's weights: every
     # scheduled validation has its row, with the numbers the uninterrupted run logged
-    val = {name: {int(r["step"]): r["val/near/abs_rel"] for r in read_metrics(tmp_path / name) if r.get("val/near/abs_rel")}
-           for name in ("whole", "resumed")}
-    assert sorted(val["resumed"]) == sorted(val["whole"]) == [2, 4, 5]
-    assert float(val["resumed"][2]) == pytest.approx(float(val["whole"][2]), rel=1e-5)
+    val = {name: [(int(r["step"]), float(r["val/near/abs_rel"])) for r in read_metrics(tmp_path / name)
+                  if r.get("val/near/abs_rel")] for name in ("whole", "resumed")}
+    assert [s for s, _ in val["resumed"]] == [s for s, _ in val["whole"]] == [2, 4, 5]  # each once
+    assert val["resumed"][0][1] == pytest.approx(val["whole"][0][1], rel=1e-5)
 
 
 def test_a_validation_lost_with_its_run_runs_first_when_resumed(tiny_shards, tmp_path, add_callback, capsys):
@@ -837,30 +881,55 @@ def test_a_validation_lost_with_its_run_runs_first_when_resumed(tiny_shards, tmp
     assert (out / "panels" / "val_panel_step0000004.png").is_file()
 
 
-def test_a_validation_that_finished_before_a_kill_is_not_run_again(tiny_shards, tmp_path, add_callback, capsys):
+@pytest.mark.parametrize("val_every,dies_at,validated", [(4, 5, [4, 8]), (2, 7, [2, 4, 6, 8])])
+def test_a_validation_that_finished_before_a_kill_is_not_run_again(tiny_shards, tmp_path, add_callback, capsys,
+                                                                   val_every, dies_at, validated):
     """The checkpoint of a validation step is saved before that validation and says it pending;
-    once the validation has finished, a note beside the checkpoints says so, and a resume after
-    a later kill does not run it again (nor log its row twice)."""
+    once the validation has finished, a note beside the checkpoints says so (the last validated
+    step: validations run in order), and a resume after a later kill does not run it again (nor
+    log its row twice), whether or not later validations ran before the kill."""
     train_dir, val_dir, _, _ = tiny_shards
 
-    class DiesAtStep5(pl.Callback):
+    class Dies(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 5 and not self.__dict__.get("died"):
+            if trainer.global_step == dies_at and not self.__dict__.get("died"):
                 self.died = True
                 raise MemoryError("killed")
 
-    add_callback(DiesAtStep5())
+    add_callback(Dies())
     out = tmp_path / "run"
-    common = ("stages.0.steps=4", "stages.1.steps=4", "trainer.val_every_steps=4", "trainer.ckpt_every_steps=4")
+    common = ("stages.0.steps=4", "stages.1.steps=4", f"trainer.val_every_steps={val_every}",
+              "trainer.ckpt_every_steps=4")
     with pytest.raises(MemoryError):
         train_mod.train(_recipe(train_dir, val_dir, out, *common))
     ckpt_path = out / "checkpoints" / "last.ckpt"
     assert read_checkpoint(ckpt_path)["global_step"] == 4
     assert read_checkpoint(ckpt_path)["curriculum"]["validation_pending"] is True  # saved before it
-    assert json.loads((out / "checkpoints" / "validated.json").read_text()) == {"step": 4}
+    assert json.loads((out / "checkpoints" / "validated.json").read_text()) == {"step": dies_at - 1}
     resumed = train_mod.train(_recipe(train_dir, val_dir, out, *common, f"resume={ckpt_path}"))
     assert resumed["global_step"] == 8 and "validating step" not in capsys.readouterr().out
-    assert [int(r["step"]) for r in read_metrics(out) if r.get("val/near/abs_rel")] == [4, 8]
+    assert [int(r["step"]) for r in read_metrics(out) if r.get("val/near/abs_rel")] == validated
+    # a finished run resumed: its final validation is done, not logged again
+    again = train_mod.train(_recipe(train_dir, val_dir, out, *common, f"resume={out / 'checkpoints' / 'last.ckpt'}"))
+    assert again["global_step"] == 8
+    assert [int(r["step"]) for r in read_metrics(out) if r.get("val/near/abs_rel")] == validated
+
+
+def test_the_validated_note_follows_its_row_onto_disk(tiny_shards, tmp_path, monkeypatch):
+    """A kill between the two must not leave a note for a row that was never written."""
+    train_dir, val_dir, _, _ = tiny_shards
+    seen = []
+    write = module_mod.atomic_write_text
+
+    def noting(path, text):
+        step = json.loads(text)["step"]
+        seen.append((step, [int(r["step"]) for r in read_metrics(tmp_path / "run") if r.get("val/near/abs_rel")]))
+        return write(path, text)
+
+    monkeypatch.setattr(module_mod, "atomic_write_text", noting)
+    train_mod.train(_recipe(train_dir, val_dir, tmp_path / "run", "stages.0.steps=2", "stages.1.steps=2",
+                            "trainer.val_every_steps=2", "trainer.log_every_steps=50"))
+    assert [step for step, _ in seen] == [2, 4] and all(step in rows for step, rows in seen)
 
 
 def test_ranks_read_their_agreement_one_step_late_on_gpus(tmp_path, monkeypatch):

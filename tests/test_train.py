@@ -87,6 +87,16 @@ def test_stage_two_starts_from_stage_one_weights_with_fresh_optimizer(tiny_shard
     # would otherwise replay batch for batch
     assert pre_ckpt["curriculum"]["data_seed"] == 0
     assert ckpt["curriculum"]["data_seed"] == data_seed(0, lineage) != 0
+    # a resume keeps the seed its checkpoint was drawn with; one recorded before seeds were
+    # (no data_seed) was drawn with run.seed
+    for recorded, kept in ((12345, 12345), (None, 0)):
+        old = dict(ckpt, curriculum={k: v for k, v in ckpt["curriculum"].items() if k != "data_seed"})
+        if recorded is not None:
+            old["curriculum"]["data_seed"] = recorded
+        torch.save(old, tmp_path / "old.ckpt")
+        again = train(_recipe(tiny_shards, tmp_path / f"again{recorded}", f"resume={tmp_path / 'old.ckpt'}",
+                              "stages.0.steps=2", files=("smoke.yaml", "finetune.yaml")))
+        assert read_checkpoint(again["checkpoint"])["curriculum"]["data_seed"] == kept
     # a fresh optimizer: AdamW's step count equals stage 2's steps only
     state = ckpt["optimizer_states"][0]["state"]
     assert all(int(s["step"]) == 2 for s in state.values())
@@ -111,6 +121,7 @@ def test_resume_with_another_schedule_is_refused(tiny_shards, tmp_path):
         ("stages.1.steps=40", r"stages\.1\.steps is 40 in the recipe but 2 in the checkpoint's run"),
         ("stages.1.rewarm_steps=0", r"stages\.1\.rewarm_steps is 0 in the recipe but 1"),
         ("optim.lr=2e-3", r"optim\.lr is 0\.002 in the recipe but 0\.001 in the checkpoint's run"),
+        ("run.seed=5", r"run\.seed is 5 in the recipe but 0 in the checkpoint's run"),
         ("optim.weight_decay=0.5", r"optim\.weight_decay is 0\.5 in the recipe but 0\.01"),
         ("optim.poly_power=2.0", r"optim\.poly_power is 2\.0 in the recipe but 0\.9"),
     ]:
