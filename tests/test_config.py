@@ -31,7 +31,7 @@ def test_gpu_recipes_carry_depth_anything_hyperparameters():
 
 
 def test_overrides_win_and_are_typed():
-    cfg = load_recipe([RECIPES_DIR / "curriculum.yaml"], ["data.batch_size=3", "stages.1.steps=7",
+    cfg = load_recipe([RECIPES_DIR / "curriculum.yaml"], ["data.batch_size=3", "stages.1.steps=7", "stages.1.rewarm_steps=5",
                                                           "stages.1.policy.max_depth=60", "run.name=x"])
     assert cfg.data.batch_size == 3 and cfg.stages[1].steps == 7 and cfg.stages[1].policy["max_depth"] == 60
     assert cfg.run.name == "x"

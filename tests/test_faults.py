@@ -309,7 +309,7 @@ def test_ranks_gather_their_positions_on_the_strategys_device(monkeypatch):
 
     def gather(t):
         devices.append(t.device)
-        return torch.stack([torch.tensor([3, 0, 9]), torch.tensor([1, 0, 8])])
+        return torch.stack([torch.tensor([3, 0, 9, 0]), torch.tensor([1, 0, 8, 0])])  # last: data-error flags
 
     monkeypatch.setattr(module, "all_gather", gather)
     position = module._data_position()
@@ -569,8 +569,8 @@ def test_a_ddp_ranks_validation_data_error_ends_its_validation_and_is_kept(tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed,failing_rank", [(0, 1), (6, 0)])
-def test_a_bad_shard_on_any_ddp_rank_ends_every_rank_in_one_line(tmp_path, seed, failing_rank):
+@pytest.mark.parametrize("seed,failing_rank,workers", [(0, 1, 0), (6, 0, 1)])  # 1: the error crosses from a worker
+def test_a_bad_shard_on_any_ddp_rank_ends_every_rank_in_one_line(tmp_path, seed, failing_rank, workers):
     """Two processes (gloo): the bad shard's rank prints its one-line error, the other rank one
     line pointing at it, both exit 2 after the same step (a rank other than 0 failing used to
     leave rank 0 dying in the gradient all-reduce with a long traceback; on NCCL, a hang)."""
@@ -582,7 +582,7 @@ def test_a_bad_shard_on_any_ddp_rank_ends_every_rank_in_one_line(tmp_path, seed,
     proc = subprocess.run([sys.executable, "-m", "curriculum.cli", "train", str(RECIPES_DIR / "smoke.yaml"),
                            *_overrides(tmp_path / "train", tmp_path / "val", tmp_path / "run", "data.max_bad_samples=1",
                                        "trainer.devices=2", "trainer.strategy=ddp", f"run.seed={seed}",
-                                       "logging.mode=disabled")],
+                                       f"data.num_workers={workers}", "logging.mode=disabled")],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
