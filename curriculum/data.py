@@ -12,7 +12,7 @@ Design, against the traps of webdataset under DDP:
   sample is drawn alike). ``uneven_split_note`` says so at the start of training.
 - The data of a batch is a pure function of (seed, epoch, rank, loader worker, batch index) for a
   given world size and ``num_workers``: augmentations draw from a per-sample generator. The seed
-  is ``run.seed``, mixed with the parent checkpoint's hash for a stage started with ``init_from``
+  is ``run.seed``, mixed with where the parent stood for a stage started with ``init_from``
   (``train.data_seed``). A resumed run skips the batches already trained on (without
   decoding them) and sees the same batches an uninterrupted run would, provided `num_workers` and
   the world size are unchanged. Every batch carries its stream's position (raw samples drawn,

@@ -228,22 +228,26 @@ def init_from_checkpoint(module: DepthModule, path: str, recipe: dict) -> dict:
         "parent_run": meta.get("wandb_run_id", ""),
         "parent_far_target": taught_far_target(meta),  # where predict's --drop-sky starts
         "parent_group": parent_recipe.get("logging", {}).get("group") or parent_recipe.get("run", {}).get("name", ""),
+        "parent_step": int(ckpt.get("global_step", 0)),
+        "parent_data_seed": int(meta.get("data_seed", parent_recipe.get("run", {}).get("seed", 0))),
     }
 
 
 def data_seed(seed: int, lineage: dict) -> int:
-    """The training stream's seed: ``run.seed``, mixed with the parent checkpoint's hash for a stage
-    started with ``init_from``. Such a run counts its steps from 0 again, so with the parent's
-    seed it would replay the parent's batches (shard order, crops, flips, jitter) in the same order;
-    a resume of it keeps its lineage, so the same seed."""
-    parent = lineage.get("init_from_sha256")
-    if not parent:
+    """The training stream's seed: ``run.seed``, mixed, for a stage started with ``init_from``,
+    with where its parent stood (the parent's data seed, step and stage). Such a run counts its
+    steps from 0 again, so with the parent's seed it would replay the parent's batches (shard
+    order, crops, flips, jitter) in the same order. Not the parent file's hash: that holds a W&B
+    run id, and the same two-stage recipe would then draw other batches on every run. A resume
+    keeps the seed its checkpoint records."""
+    if "parent_step" not in lineage:
         return int(seed)
-    digest = hashlib.sha256(f"{int(seed)}:{parent}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: any numpy or random seed
+    key = f"{int(seed)}:{lineage['parent_data_seed']}:{lineage['parent_step']}:{lineage.get('parent_stage')}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1  # 63 bits: any seed
 
 
-LINEAGE_KEYS = ("init_from", "init_from_sha256", "parent_stage", "parent_run", "parent_far_target", "parent_group")
+LINEAGE_KEYS = ("init_from", "init_from_sha256", "parent_stage", "parent_run", "parent_far_target", "parent_group",
+                "parent_step", "parent_data_seed")
 
 
 def _check_same_schedule(recipe: dict, old: dict, path: str) -> None:

@@ -87,6 +87,13 @@ def test_stage_two_starts_from_stage_one_weights_with_fresh_optimizer(tiny_shard
     # would otherwise replay batch for batch
     assert pre_ckpt["curriculum"]["data_seed"] == 0
     assert ckpt["curriculum"]["data_seed"] == data_seed(0, lineage) != 0
+    # the same parent run gives the same seed, whatever else its file holds (its W&B run id)
+    other = dict(pre_ckpt, curriculum=dict(pre_ckpt["curriculum"], wandb_run_id="another"))
+    torch.save(other, tmp_path / "parent_copy.ckpt")
+    copy_lineage = init_from_checkpoint(DepthModule(to_plain(cfg)), tmp_path / "parent_copy.ckpt", to_plain(cfg))
+    assert copy_lineage["init_from_sha256"] != lineage["init_from_sha256"]
+    assert data_seed(0, copy_lineage) == data_seed(0, lineage)
+    assert data_seed(1, lineage) != data_seed(0, lineage)
     # a resume keeps the seed its checkpoint was drawn with; one recorded before seeds were
     # (no data_seed) was drawn with run.seed
     for recorded, kept in ((12345, 12345), (None, 0)):
