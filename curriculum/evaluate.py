@@ -39,21 +39,9 @@ def load_official_for_eval(path: str, ckpt: dict, encoder: str | None, max_depth
     """An official Depth-Anything-V2 metric checkpoint as (model, metadata) for ``evaluate``: it is
     fed what this project's checkpoints are, the validation stream's images (a uint8 cubic resize;
     Depth-Anything-V2's own inference resizes floats, which ``predict`` does for such files)."""
-    from curriculum.checkpoint import CheckpointError
-    from curriculum.model import load_official
-    from curriculum.predict import _state_dict_like
+    from curriculum.predict import load_official_file
 
-    sd = _state_dict_like(ckpt)
-    if sd is None:
-        raise CheckpointError(f"{path}: neither a checkpoint of this project (no 'curriculum' metadata) nor an "
-                              "official Depth-Anything-V2 state dict (pretrained.* and depth_head.* keys)")
-    if max_depth is None:
-        raise ValueError(f"{path} is an official Depth-Anything-V2 checkpoint, which records no depth range: "
-                         "give --max-depth (80 for outdoor / Virtual KITTI 2, 20 for indoor / Hypersim)")
-    try:
-        model = load_official(sd, encoder, float(max_depth))
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: {str(exc).splitlines()[0]}") from None
+    model = load_official_file(path, ckpt, encoder, max_depth)
     return model, {"model": model.metadata(), "stage": "official Depth-Anything-V2"}
 
 

@@ -74,11 +74,29 @@ def _state_dict_like(obj: dict) -> dict | None:
     return None
 
 
+def load_official_file(path, ckpt: dict, encoder: str | None, max_depth: float | None):
+    """The model of a file without this project's metadata (``ckpt``, already read), which must be
+    an official Depth-Anything-V2 metric state dict; ``max_depth`` is required (not in the file)."""
+    from curriculum.model import load_official
+
+    sd = _state_dict_like(ckpt)
+    if sd is None:
+        raise CheckpointError(f"{path}: neither a checkpoint of this project (no '{META_KEY}' metadata) nor an "
+                              "official Depth-Anything-V2 state dict (pretrained.* and depth_head.* keys)")
+    if max_depth is None:
+        raise PredictError(f"{path} is an official Depth-Anything-V2 checkpoint, which records no depth range: "
+                           "give --max-depth (80 for outdoor / Virtual KITTI 2, 20 for indoor / Hypersim)")
+    try:
+        return load_official(sd, encoder, float(max_depth))
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {str(exc).splitlines()[0]}") from None
+
+
 def load_predictor(checkpoint: str | os.PathLike, encoder: str | None = None, max_depth: float | None = None,
                    input_size: int | None = None, sky_depth: float | None = None,
                    device: str | None = None) -> Predictor:
     """Load one of this project's checkpoints or an official Depth-Anything-V2 metric checkpoint."""
-    from curriculum.model import build_model, load_official
+    from curriculum.model import build_model
 
     path = Path(checkpoint)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -112,17 +130,7 @@ def load_predictor(checkpoint: str | os.PathLike, encoder: str | None = None, ma
         default_sky = min(far / 2.0, top) if far is not None else top
         source, enc, lo, hi, unc = "checkpoint", mm["encoder"], float(mm["min_depth"]), float(mm["max_depth"]), bool(mm["uncertainty"])
     else:
-        sd = _state_dict_like(ckpt)
-        if sd is None:
-            raise CheckpointError(f"{path}: neither a checkpoint of this project (no '{META_KEY}' metadata) nor an "
-                                  "official Depth-Anything-V2 state dict (pretrained.* and depth_head.* keys)")
-        if max_depth is None:
-            raise PredictError(f"{path} is an official Depth-Anything-V2 checkpoint, which records no depth range: "
-                               "give --max-depth (80 for outdoor / Virtual KITTI 2, 20 for indoor / Hypersim)")
-        try:
-            model = load_official(sd, encoder, float(max_depth))
-        except ValueError as exc:
-            raise CheckpointError(f"{path}: {str(exc).splitlines()[0]}") from None
+        model = load_official_file(path, ckpt, encoder, max_depth)
         if encoder is None:
             notes.append(f"encoder inferred from the weights: {model.encoder_name}")
         default_size = OFFICIAL_INPUT_SIZE
