@@ -353,6 +353,10 @@ def _train_one(c: dict, arm: str, seed: int, cfg, previous: tuple[str, dict | No
     return {**done, "skipped": False}
 
 
+def _val_size(cfg) -> tuple[int, int]:
+    return int(cfg.data.val_height), int(cfg.data.val_width)
+
+
 def _stats(values: list[float | None]) -> tuple[float | None, float | None]:
     v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
     if not v:
@@ -407,13 +411,17 @@ def run_compare(c: dict, log=print) -> dict:
     shards_mtime = max((os.stat(u).st_mtime_ns for u in expand_shards(val_shards) if os.path.exists(u)), default=0)
     for seed, arm in runs:
         ckpt = results[(seed, arm)]["checkpoint"]
+        # This run's input size, not the one a reused checkpoint recorded: data.val_height/width
+        # do not retrain an arm (NOT_TRAINING), so they must reach its evaluation.
+        height, width = _val_size(cfgs[(seed, arm)])
         settings = {"checkpoint_mtime_ns": os.stat(ckpt).st_mtime_ns, "shards": val_shards,
-                    "shards_mtime_ns": shards_mtime, "protocol": c["protocol"], "batch_size": c["eval_batch_size"]}
+                    "shards_mtime_ns": shards_mtime, "protocol": c["protocol"], "batch_size": c["eval_batch_size"],
+                    "input_size": [height, width]}
         eval_file = run_dir(c, arm, seed) / "eval.json"
         ev = json.loads(eval_file.read_text()) if eval_file.is_file() else {}
         if ev.get("compare_settings") != settings:  # a reused run keeps its evaluation
-            ev = evaluate(ckpt, val_shards, c["protocol"], c["eval_batch_size"], device=c["device"] or None,
-                          progress=False)
+            ev = evaluate(ckpt, val_shards, c["protocol"], c["eval_batch_size"], height=height, width=width,
+                          device=c["device"] or None, progress=False)
             ev["compare_settings"] = settings
             write_json(ev, eval_file)
             ev = json.loads(eval_file.read_text())
@@ -482,7 +490,13 @@ def near_table(report: dict) -> str:
 
 
 def _pct(x: float) -> str:
-    return f"{100.0 * x:.1f} %"
+    return f"{_pct_value(x):.1f} %"
+
+
+def _pct_value(x: float) -> float:
+    """A rate as the percentage the report prints (one decimal): ties and differences are
+    decided on these, so a sentence never contradicts the numbers beside it."""
+    return round(100.0 * x, 1)
 
 
 def summarize(report: dict) -> list[str]:
@@ -505,11 +519,11 @@ def summarize(report: dict) -> list[str]:
         return (f" (the difference is {'larger' if diff > sa + sb else 'smaller'} than the two arms' seed standard "
                 f"deviations added, {sa + sb:.4f})")
 
-    def lowest(have, k, digits):
-        """The arms at the lowest value as printed (``digits`` decimals; several = a tie) and how
+    def lowest(have, k, shown):
+        """The arms at the lowest value as printed (``shown`` gives it; several = a tie) and how
         to name them."""
-        top = min(round(mean(a, k), digits) for a in have)
-        tied = [a for a in have if round(mean(a, k), digits) == top]
+        top = min(shown(mean(a, k)) for a in have)
+        tied = [a for a in have if shown(mean(a, k)) == top]
         if len(tied) == 1:
             return tied, f"{tied[0]} {arms[tied[0]]['name']}"
         if len(tied) == len(have):
@@ -519,7 +533,7 @@ def summarize(report: dict) -> list[str]:
     key = "near/abs_rel"
     have = [a for a in arms if mean(a, key) is not None]
     if have:
-        tied, who = lowest(have, key, 4)
+        tied, who = lowest(have, key, lambda x: round(x, 4))  # printed with 4 decimals
         out.append(f"Lowest near-range abs_rel (≤ {EVAL_MAX_DEPTH:g} m): {who} ({mean(tied[0], key):.4f}).")
         if "A" in have:
             for a in [x for x in have if x != "A"]:
@@ -535,14 +549,13 @@ def summarize(report: dict) -> list[str]:
         if not have:
             out.append(f"No validation pixel for the {what}: the validation set has none of those pixels.")
             continue
-        tied, who = lowest(have, key, 3)  # printed as a percentage with one decimal
+        tied, who = lowest(have, key, _pct_value)
         best = tied[0]
         text = f"Lowest {what}: {who} ({_pct(mean(best, key))})"
         if "A" in have and "A" not in tied:
-            a0 = mean("A", key)
-            d = a0 - mean(best, key)
-            text += (f", {d * 100:.1f} percentage points below A ({_pct(a0)})"
-                     + (f", {d / a0:.0%} fewer phantom pixels" if a0 > 0 else "") + spread_note(best, "A", key))
+            a0, b0 = _pct_value(mean("A", key)), _pct_value(mean(best, key))
+            text += (f", {a0 - b0:.1f} percentage points below A ({_pct(mean('A', key))})"
+                     + f", {(a0 - b0) / a0:.0%} fewer phantom pixels" + spread_note(best, "A", key))
         elif tied == ["A"] and len(have) > 1:
             others = ", ".join(f"{a} {_pct(mean(a, key))}" for a in have if a != "A")
             text += f"; the others: {others}"
@@ -627,10 +640,10 @@ def make_figures(c: dict, report: dict, cfgs: dict, results: dict, val_shards: s
     vmin = 1.0
     preds: dict[str, list[np.ndarray]] = {}
     for arm in arms:
-        model, meta = load_model(results[(seed, arm)]["checkpoint"])
+        model, _ = load_model(results[(seed, arm)]["checkpoint"])
         model = model.to(device).eval()
-        data = meta["recipe"]["data"]
-        preds[arm] = [_predict_sample(model, s["rgb"], data["val_height"], data["val_width"], device) for s in samples]
+        height, width = _val_size(cfgs[(seed, arm)])
+        preds[arm] = [_predict_sample(model, s["rgb"], height, width, device) for s in samples]
 
     def shown_gt(s):
         gt = s["depth"].astype(np.float64).copy()

@@ -145,6 +145,13 @@ def test_tiny_compare_writes_the_full_report(tmp_path, tiny_shards, capsys):
     rc = cli_main(["compare", str(path), "train.trainer.log_every_steps=3", "name=renamed"])
     assert rc == 0 and capsys.readouterr().out.count("finished checkpoint exists") == 3
     assert {arm: (folder / arm / "seed0" / "checkpoints" / "last.ckpt").stat().st_mtime for arm in "ABC"} == mtimes
+    # ... and a new input size reaches the reused arms' evaluation (not only the report's heading)
+    rc = cli_main(["compare", str(path), "train.data.val_height=56", "train.data.val_width=112"])
+    assert rc == 0 and capsys.readouterr().out.count("finished checkpoint exists") == 3
+    resized = json.loads((folder / "report.json").read_text())
+    assert resized["input_size"] == [56, 112]
+    for arm in "ABC":
+        assert json.loads((folder / arm / "seed0" / "eval.json").read_text())["input_size"] == [56, 112]
 
 
 def test_arms_trained_on_other_shards_are_not_reused(tmp_path, tiny_shards, capsys):
@@ -262,6 +269,14 @@ def test_summary_uses_the_spread_over_seeds():
     text = "\n".join(summarize(tie))
     assert "Lowest phantom rate: a tie of all arms (100.0 %)." in text
     assert "Lowest near-range abs_rel (≤ 80 m): a tie of all arms (0.1000)." in text
+    # decided on the printed percentage: 20.25 % prints as 20.2 %, as does 20.249 %
+    edge = {**report, "arms": {"A": arm("baseline", 0.1, 0.002, 0.2025), "B": arm("curriculum", 0.1, 0.002, 0.20249)}}
+    assert "Lowest phantom rate: a tie of all arms (20.2 %)." in "\n".join(summarize(edge))
+    edge["arms"]["B"] = arm("curriculum", 0.1, 0.002, 0.20251)  # 20.3 %: A is lowest as printed
+    assert "Lowest phantom rate: A baseline (20.2 %); the others: B 20.3 %." in "\n".join(summarize(edge))
+    edge["arms"] = {"A": arm("baseline", 0.1, 0.002, 0.20251), "B": arm("curriculum", 0.1, 0.002, 0.2025)}
+    assert ("Lowest phantom rate: B curriculum (20.2 %), 0.1 percentage points below A (20.3 %), 0% fewer"
+            in "\n".join(summarize(edge)))
     three = {**report, "arms": {**tie["arms"], "C": arm("mixed", 0.2, 0.002, 0.5)}}
     three["config"] = {**report["config"], "arms": ["A", "B", "C"]}
     text = "\n".join(summarize(three))
