@@ -320,7 +320,7 @@ def _run(name: str, frames: Sequence[Any], load: Callable[[Any, dict], dict], op
         )
     except (FileExistsError, ValueError) as e:
         msg = str(e)
-        if isinstance(e, FileExistsError):
+        if isinstance(e, FileExistsError) and not args.overwrite:
             msg += " (pass --overwrite to replace them)"
         return fail(msg)
     except OSError as e:
@@ -357,17 +357,24 @@ def _run(name: str, frames: Sequence[Any], load: Callable[[Any, dict], dict], op
                         raise _Stop(f"{e} (no shards written)") from None
                 bar.update(1)
             if writer.total == 0:
-                raise _Stop(f"{name}: every frame was bad, nothing written")
+                raise _Stop(f"{name}: every frame was bad, nothing written (the first: {skipped[0]})")
     except _Stop as e:
         bar.close()
         return fail(str(e))
+    except OSError as e:  # writing failed (a full disk, a quota): the writer has cleaned up
+        bar.close()
+        left = ("the old data set is partly deleted and no index.json was written: rerun to complete it"
+                if writer.replacing else "no shards written")
+        return fail(f"{args.out}: cannot write shards ({e.strerror or e}); {left}")
     except BrokenProcessPool:
         bar.close()
         return fail(f"{name}: a conversion worker died (killed, out of memory?); no shards written")
     except KeyboardInterrupt as e:  # Ctrl-C, or Terminated by SIGTERM / SIGHUP
         bar.close()
         how = f"terminated by {e}" if isinstance(e, Terminated) else "interrupted"
-        print(f"{how}: removed the partial output in {args.out}", file=sys.stderr)
+        left = ("the old data set is partly deleted and no index.json was written: rerun to complete it"
+                if writer.replacing else f"removed the partial output in {args.out}")
+        print(f"{how}: {left}", file=sys.stderr)
         return 128 + e.signum if isinstance(e, Terminated) else EXIT_INTERRUPTED
     finally:
         bar.close()

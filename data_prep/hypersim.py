@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.root.is_dir():
         return convert.fail(f"{args.root}: not a folder")
-    if not (args.depth_scale > 0 and 0 < args.fov_deg < 180):
+    if not (math.isfinite(args.depth_scale) and args.depth_scale > 0 and 0 < args.fov_deg < 180):
         return convert.fail("--depth-scale must be > 0 and --fov-deg in (0, 180)")
     frames = find_frames(args.root)
     if not frames:

@@ -78,7 +78,7 @@ def _calib_cached(path: str, camera: str) -> tuple[float, float, float, float]:
 
 def parse_split(path: Path) -> list[tuple[str, str, int]]:
     """[(drive, camera dir, frame index)] from a split file (see module docstring)."""
-    out = []
+    out, seen = [], {}
     try:
         text = Path(path).read_text()
     except UnicodeDecodeError as e:  # its message names a byte, not the file
@@ -89,17 +89,22 @@ def parse_split(path: Path) -> list[tuple[str, str, int]]:
             continue
         tok = line.split()
         m = _PATH_RE.search(tok[0])
-        if m:
-            out.append((m.group(1), m.group(2), int(m.group(3))))
-            continue
         drive = tok[0].rstrip("/").rsplit("/", 1)[-1]
-        if len(tok) >= 2 and _DRIVE_RE.match(drive) and tok[1].isdigit():
+        if m:
+            frame = (m.group(1), m.group(2), int(m.group(3)))
+        elif len(tok) >= 2 and _DRIVE_RE.match(drive) and tok[1].isdigit():
             side = tok[2] if len(tok) >= 3 else "l"
             if side not in _CAMS:
                 raise ValueError(f"{path}: line {n}: camera must be l or r, got {side!r}")
-            out.append((drive, _CAMS[side], int(tok[1])))
-            continue
-        raise ValueError(f"{path}: line {n}: cannot parse {line!r}")
+            frame = (drive, _CAMS[side], int(tok[1]))
+        else:
+            raise ValueError(f"{path}: line {n}: cannot parse {line!r}")
+        if frame in seen:  # the same sample key twice: the writer would stop on it, naming neither
+            raise ValueError(f"{path}: line {n}: lists the frame of line {seen[frame]} again")
+        seen[frame] = n
+        out.append(frame)
+    if not out:
+        raise ValueError(f"{path}: lists no frames")
     return out
 
 

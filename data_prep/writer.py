@@ -53,12 +53,20 @@ def existing_outputs(out_dir: Path) -> list[Path]:
 
 
 def _replaced_outputs(out_dir: Path, prefix: str) -> list[Path]:
-    """What ``overwrite`` replaces: this prefix's shards, the shards the old index lists, the index."""
+    """What ``overwrite`` replaces: this prefix's shards, the shards the old index lists, the index.
+
+    Any other ``*.tar`` is refused rather than deleted or kept: the folder gets one index, and a
+    shard it does not list (left by a killed run with another prefix) would still be read by a
+    ``*.tar`` pattern, every frame twice."""
     found = set(out_dir.glob(f"{prefix}-*.tar"))
     try:
         found.update(out_dir / s["name"] for s in read_index(out_dir)["shards"])
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no readable index: only the prefix's shards
+    foreign = sorted(p.name for p in set(out_dir.glob("*.tar")) - found)
+    if foreign:
+        raise FileExistsError(f"{out_dir} holds {len(foreign)} shard(s) of no known data set ({foreign[0]} first: not "
+                              f"'{prefix}-*.tar' and not in its index.json); remove them or choose another folder")
     index = [out_dir / INDEX_NAME] if (out_dir / INDEX_NAME).exists() else []
     return index + sorted(found)
 
@@ -114,16 +122,22 @@ class ShardWriter:
         self._count = 0
         self._bytes = 0
         self._closed = False
+        self.replacing = False  # close() has begun deleting the data set this one replaces
 
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> "ShardWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:  # a full disk or Ctrl-C while finishing: leave the folder as found
+            if not self.replacing:  # past that point the old data set is partly gone: keep the new one
+                self.abort()
+            raise
 
     # -- writing ---------------------------------------------------------------------------
     @property
@@ -208,6 +222,7 @@ class ShardWriter:
         elif self._tar is not None:
             self._discard_tmp()
         index = self.index()
+        self.replacing = bool(self._replaces)
         for p in self._replaces:  # the index first: a crash in between leaves an incomplete folder
             p.unlink(missing_ok=True)
         if self._deferred:

@@ -76,7 +76,26 @@ def test_all_bad_with_skip_bad_fails(kitti_src, tmp_path, capsys):
     (raw / layouts.KITTI_DATE / "calib_cam_to_cam.txt").unlink()
     out = tmp_path / "out"
     assert kitti_main(raw, depth, out, "--skip-bad") == 2
-    assert "every frame was bad" in capsys.readouterr().err
+    err = one_line_error(capsys)
+    assert "every frame was bad" in err and "calib_cam_to_cam.txt" in err  # and why
+    assert_nothing_final(out)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(kitti_src, tmp_path, capsys, monkeypatch):
+    from data_prep.writer import ShardWriter
+
+    raw, depth = kitti_src
+    real_write = ShardWriter.write
+
+    def write(self, sample):
+        if self.total:
+            raise OSError(28, "No space left on device")
+        real_write(self, sample)
+    monkeypatch.setattr(ShardWriter, "write", write)
+    out = tmp_path / "out"
+    assert kitti_main(raw, depth, out, "--shard-size", "1") == 2
+    err = one_line_error(capsys)
+    assert f"{out}: cannot write shards (No space left on device); no shards written" in err
     assert_nothing_final(out)
 
 

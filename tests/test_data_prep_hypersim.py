@@ -108,6 +108,8 @@ def test_too_deep_for_scale_named(fixtures_dir, tmp_path, capsys):
     assert convert(root, tmp_path / "out", "--depth-scale", "0.0001") == 2  # max 6.5 m
     assert "does not fit uint16" in capsys.readouterr().err
     assert convert(root, tmp_path / "out2", "--depth-scale", "0.002") == 0
+    assert convert(root, tmp_path / "out3", "--depth-scale", "inf") == 2  # refused up front, not per frame
+    assert not (tmp_path / "out3").exists()
 
 
 def test_size_mismatch_named(fixtures_dir, tmp_path, capsys):

@@ -73,6 +73,16 @@ def test_split_parse_errors(tmp_path):
     ok = tmp_path / "ok.txt"
     ok.write_text("2011_09_26/2011_09_26_drive_0002_sync 0000000005 r\n")
     assert kitti.parse_split(ok) == [("2011_09_26_drive_0002_sync", "image_03", 5)]
+    # the same frame in both layouts: named with both lines, not as a duplicate key at write time
+    twice = tmp_path / "twice.txt"
+    twice.write_text("2011_09_26/2011_09_26_drive_0002_sync 0000000005 l\n\n"
+                     "2011_09_26/2011_09_26_drive_0002_sync/image_02/data/0000000005.png 0\n")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(twice))}: line 3: lists the frame of line 1 again$"):
+        kitti.parse_split(twice)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing yet\n\n")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(empty))}: lists no frames$"):
+        kitti.parse_split(empty)
 
 
 def test_split_file_not_text_named(tmp_path):

@@ -122,18 +122,78 @@ def test_failed_overwrite_keeps_the_old_data_set(tmp_path):
         for i in range(3):
             w.write(sample(i))
     old = {n: (tmp_path / n).read_bytes() for n in tars(tmp_path) + ["index.json"]}
-    (tmp_path / "val-000000.tar").write_bytes(b"another data set")
     with pytest.raises(RuntimeError, match="bad frame"):
         with ShardWriter(tmp_path, max_samples=1, overwrite=True) as w:
             w.write(sample(7))
             w.write(sample(8))  # one shard finished, waiting under a hidden name
-            assert tars(tmp_path) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "val-000000.tar"]
+            assert tars(tmp_path) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
             raise RuntimeError("bad frame")
     assert {n: (tmp_path / n).read_bytes() for n in old} == old and hidden(tmp_path) == []
     with ShardWriter(tmp_path, max_samples=2, overwrite=True) as w:
         w.write(sample(9))
-    assert tars(tmp_path) == ["shard-000000.tar", "val-000000.tar"] and hidden(tmp_path) == []
+    assert tars(tmp_path) == ["shard-000000.tar"] and hidden(tmp_path) == []
     assert read_index(tmp_path)["total"] == 1
+
+
+def test_overwrite_refuses_shards_of_no_known_data_set(tmp_path):
+    """A shard neither of this prefix nor in the index (a killed run's, another prefix) would be
+    read beside the new set by a *.tar pattern: refused by name, nothing deleted."""
+    with ShardWriter(tmp_path, max_samples=1) as w:
+        w.write(sample(0))
+    (tmp_path / "kitti-000000.tar").write_bytes(b"a killed run's shard")
+    with pytest.raises(FileExistsError) as e:
+        ShardWriter(tmp_path, overwrite=True)
+    assert "kitti-000000.tar" in str(e.value) and "\n" not in str(e.value)
+    assert tars(tmp_path) == ["kitti-000000.tar", "shard-000000.tar"] and read_index(tmp_path)["total"] == 1
+    # a listed shard of another prefix is part of the data set the new one replaces
+    with ShardWriter(tmp_path, prefix="kitti", max_samples=1, overwrite=True) as w:
+        w.write(sample(1))
+    assert tars(tmp_path) == ["kitti-000000.tar"]
+    with ShardWriter(tmp_path, prefix="val", max_samples=1, overwrite=True) as w:
+        w.write(sample(2))
+    assert tars(tmp_path) == ["val-000000.tar"] and read_index(tmp_path)["total"] == 1
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_failure_while_closing_leaves_the_folder_as_found(tmp_path, monkeypatch, overwrite):
+    """A full disk (or Ctrl-C) while the last shard is finished: the shards of this run go, as
+    for any other failure, and an old data set stays."""
+    import data_prep.writer as writer_module
+
+    if overwrite:
+        with ShardWriter(tmp_path, max_samples=1) as w:
+            w.write(sample(0))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real_fsync = os.fsync
+    with pytest.raises(OSError, match="No space left"):
+        with ShardWriter(tmp_path, max_samples=1, overwrite=overwrite) as w:
+            for i in range(3):
+                w.write(sample(10 + i))
+
+            def full(fd):
+                raise OSError(28, "No space left on device")
+            monkeypatch.setattr(writer_module.os, "fsync", full)
+    monkeypatch.setattr(writer_module.os, "fsync", real_fsync)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_failure_while_replacing_keeps_the_new_shards(tmp_path, monkeypatch):
+    """Once close() has begun deleting the old data set, aborting would lose both: the new
+    shards stay (no index, so the folder reads as incomplete) and the error goes up."""
+    import data_prep.writer as writer_module
+
+    with ShardWriter(tmp_path, max_samples=1) as w:
+        w.write(sample(0))
+
+    def full(path, data):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(writer_module, "atomic_write_bytes", full)
+    with pytest.raises(OSError):
+        with ShardWriter(tmp_path, max_samples=1, overwrite=True) as w:
+            w.write(sample(5))
+            w.write(sample(6))
+    assert w.replacing
+    assert tars(tmp_path) == ["shard-000000.tar", "shard-000001.tar"] and not (tmp_path / "index.json").exists()
 
 
 def test_deterministic_bytes(tmp_path):
