@@ -684,7 +684,7 @@ def make_figures(c: dict, report: dict, cfgs: dict, results: dict, val_shards: s
         topdown_view(points, colours, ax, max_range=float(c["topdown_range"]), title=title,
                      line_at=EVAL_MAX_DEPTH)
     fig.suptitle(f"top-down view of frame {s['key']} (seed {seed}), no point filter; phantom = ground truth sky or "
-                 f"beyond {EVAL_MAX_DEPTH:g} m, predicted within {EVAL_MAX_DEPTH:g} m")
+                 f"beyond {EVAL_MAX_DEPTH:g} m, predicted within {EVAL_MAX_DEPTH:g} m", parse_math=False)
     figures["topdown"] = save_figure(fig, out / "topdown.png")
     report["topdown_phantom_points"] = phantoms
     report["example_keys"] = [x["key"] for x in samples]

@@ -123,7 +123,7 @@ def save_figures(report: dict, stem: str | os.PathLike) -> list[str]:
 
     m, stem = report["metrics"], str(stem)
     fig = Figure(figsize=(10.0, 3.8), dpi=100, layout="constrained")
-    fig.suptitle(f"{checkpoint_label(report)} on {int(m.get('images') or 0)} images ({report['protocol']})")
+    fig.suptitle(f"{checkpoint_label(report)} on {int(m.get('images') or 0)} images ({report['protocol']})", parse_math=False)
     charts = (("abs_rel per range", [(label.strip(), m.get(f"{g}/abs_rel")) for label, g in GROUPS]),
               ("phantom rate (far and sky pixels predicted within 80 m)",
                [("all", m.get("phantom_rate")), ("far", m.get("far/phantom_rate")), ("sky", m.get("sky/phantom_rate"))]))

@@ -145,30 +145,35 @@ def load_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
     return arr.astype(bool)
 
 
-def keep_not_edge(depth: np.ndarray, rel_threshold: float = 0.05, neighbours: int = 4) -> np.ndarray:
+def keep_not_edge(depth: np.ndarray, rel_threshold: float = 0.05, neighbours: int = 4, step: int = 1) -> np.ndarray:
     """Keep-mask dropping flying pixels at depth discontinuities.
 
     A pixel is dropped if max over its neighbours n of |d - d_n| / d exceeds ``rel_threshold``.
-    ``neighbours`` is 4 or 8. Pixels on the image border compare only with neighbours that
+    ``neighbours`` is 4 or 8, ``step`` pixels away. A prediction resized up from the network's
+    resolution by a factor k spreads each jump over about k pixels, every one-pixel step of the
+    ramp under the threshold: ``step`` = ceil(k) compares across the whole ramp. Pixels on the image border compare only with neighbours that
     exist, and neighbours without a valid depth (non-finite or <= 0) are ignored, so holes in
     the measurement do not erode their surroundings. Invalid pixels themselves are kept here
     (``keep_valid`` is the filter for them).
     """
     if neighbours not in (4, 8):
         raise ValueError(f"neighbours must be 4 or 8, got {neighbours}")
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
+        raise ValueError(f"step must be a whole number of pixels >= 1, got {step!r}")
     depth = _as_depth(depth).astype(np.float64)
     valid = keep_valid(depth)
     d = np.where(valid, depth, np.nan)
     h, w = d.shape
-    padded = np.full((h + 2, w + 2), np.nan)
-    padded[1:-1, 1:-1] = d
+    k = int(step)
+    padded = np.full((h + 2 * k, w + 2 * k), np.nan)
+    padded[k:-k, k:-k] = d
     offsets = [(-1, 0), (1, 0), (0, -1), (0, 1)]
     if neighbours == 8:
         offsets += [(-1, -1), (-1, 1), (1, -1), (1, 1)]
     worst = np.zeros((h, w))
     with np.errstate(invalid="ignore"):
         for dy, dx in offsets:
-            n = padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+            n = padded[k + k * dy:k + k * dy + h, k + k * dx:k + k * dx + w]
             rel = np.abs(d - n) / d
             worst = np.fmax(worst, rel)  # fmax ignores NaN (missing or invalid neighbour)
     return ~(worst > rel_threshold)
@@ -193,6 +198,7 @@ def filter_points(
     sky_threshold: float | None = None,
     sky_mask: np.ndarray | str | os.PathLike | None = None,
     edge_threshold: float | None = None,
+    edge_step: int = 1,
     uncertainty: np.ndarray | None = None,
     max_uncertainty: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
@@ -203,7 +209,7 @@ def filter_points(
     ``{"total", <each applied filter>, "kept"}`` where each filter's count is the points it
     removed that no earlier filter had removed, so ``kept + sum(filters) == total``.
 
-    ``rgb`` is (H, W, 3) uint8 (None gives grey points). ``sky_mask`` may be a bool array or a
+    ``rgb`` is (H, W, 3) uint8 (None gives grey points). ``edge_step``: see ``keep_not_edge``. ``sky_mask`` may be a bool array or a
     PNG path (see ``load_mask``). Edge and uncertainty filters are judged on the full maps, not
     on what earlier filters left.
     """
@@ -224,7 +230,7 @@ def filter_points(
     if max_depth is not None:
         masks["beyond"] = keep_within(depth, max_depth)
     if edge_threshold is not None:
-        masks["edge"] = keep_not_edge(depth, edge_threshold)
+        masks["edge"] = keep_not_edge(depth, edge_threshold, step=edge_step)
     if uncertainty is not None:
         uncertainty = np.asarray(uncertainty)
         if uncertainty.shape != shape:
@@ -389,7 +395,7 @@ def topdown_view(
         ax.set_ylabel("z [m] (forward)")
         ax.legend(loc="upper right", fontsize="small")
         if title:
-            ax.set_title(title)
+            ax.set_title(title, parse_math=False)
 
     if hasattr(ax_or_path, "scatter"):
         draw(ax_or_path)

@@ -92,6 +92,21 @@ def load_official_file(path, ckpt: dict, encoder: str | None, max_depth: float |
         raise CheckpointError(f"{path}: {str(exc).splitlines()[0]}") from None
 
 
+def _check_device(device: str) -> str:
+    """The device as given, or a one-line PredictError where torch would fail later with a traceback."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise PredictError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise PredictError(f"--device {device}: no CUDA device is available here (use --device cpu)")
+        if dev.index is not None and dev.index >= count:
+            raise PredictError(f"--device {device}: this machine has {count} CUDA device(s)")
+    return device
+
+
 def load_predictor(checkpoint: str | os.PathLike, encoder: str | None = None, max_depth: float | None = None,
                    input_size: int | None = None, sky_depth: float | None = None,
                    device: str | None = None) -> Predictor:
@@ -99,7 +114,7 @@ def load_predictor(checkpoint: str | os.PathLike, encoder: str | None = None, ma
     from curriculum.model import build_model
 
     path = Path(checkpoint)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt = read_checkpoint(path)
     notes: list[str] = []
     if META_KEY in ckpt:
@@ -137,7 +152,7 @@ def load_predictor(checkpoint: str | os.PathLike, encoder: str | None = None, ma
         # sigmoid x max_depth saturates: the sky ends up just under max_depth.
         default_sky = 0.98 * float(max_depth)
         source, enc, lo, hi, unc = "official", model.encoder_name, model.min_depth, model.max_depth, False
-    size = int(input_size or default_size)
+    size = int(default_size if input_size is None else input_size)
     if size <= 0 or size % PATCH:
         raise PredictError(f"--input-size must be a positive multiple of {PATCH}, got {size}")
     if sky_depth is not None and not lo < sky_depth <= hi:
@@ -186,6 +201,11 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
+# The network sees the image with its short side at --input-size and the aspect ratio kept: an
+# image longer than 16:1 (a strip, a wide panorama) would give a token count out of all proportion.
+MAX_INPUT_AREA = 16
+
+
 def network_size(height: int, width: int, short_side: int) -> tuple[int, int]:
     """(h, w) with the shorter side `short_side`, the aspect ratio kept, both multiples of 14."""
     scale = short_side / min(height, width)
@@ -211,6 +231,12 @@ def predict_image(predictor: Predictor, rgb: np.ndarray) -> tuple[np.ndarray, np
         return upsample_depth(t, (h, w))[0].cpu().numpy().astype(np.float32)
 
     return back(out.depth), (back(out.uncertainty) if out.uncertainty is not None else None), (nh, nw)
+
+
+def edge_step(height: int, width: int, net_height: int, net_width: int) -> int:
+    """How far apart the edge filter compares pixels: the factor the prediction was resized up by
+    (a jump spreads over that many image pixels), 1 for an image no larger than the network's input."""
+    return max(1, math.ceil(max(height / net_height, width / net_width) - 1e-9))
 
 
 # ------------------------------------------------------------------------------------ driving
@@ -307,11 +333,20 @@ def run_predict(checkpoint: str | os.PathLike, inputs: str | os.PathLike, out_di
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise PredictError(f"--out {out_dir}: exists and is not a folder")
     files = list_inputs(inputs)
+    if Path(inputs).is_dir() and Path(out_dir).resolve() == Path(inputs).resolve():
+        # the next run would read this run's depth PNGs as photos (and may overwrite an input named x_depth.png)
+        raise PredictError(f"--out {out_dir} is the input folder: choose another folder for the outputs")
     # Every input and mask is decoded once before any output is written (and again when used,
     # so a large folder is never held in memory at once).
     sizes = [read_image(f).shape[:2] for f in files]
     predictor = load_predictor(checkpoint, encoder, max_depth, input_size, sky_depth, device)
     _check_options(pointcloud, predictor)
+    for file, (h, w) in zip(files, sizes):
+        nh, nw = network_size(h, w, predictor.input_size)
+        if nh * nw > MAX_INPUT_AREA * predictor.input_size ** 2:  # attention memory grows with its square
+            raise PredictError(f"{file}: {w}x{h} would enter the network as {nw}x{nh}, more than {MAX_INPUT_AREA} "
+                               f"times the {predictor.input_size}x{predictor.input_size} area; crop it or give a "
+                               "smaller --input-size")
     masks = [_sky_mask_for(pointcloud, f, len(files)) if pointcloud else None for f in files]
     for mask, size in zip(masks, sizes):
         if mask is not None:
@@ -319,7 +354,7 @@ def run_predict(checkpoint: str | os.PathLike, inputs: str | os.PathLike, out_di
     # intrinsics of every input now, so a bad one stops the run before any output
     intrinsics = [pointcloud.intrinsics(w, h) if pointcloud else None for h, w in sizes]
     vmax = float(vmax if vmax is not None else predictor.max_depth)
-    if not vmax > vmin > 0:
+    if not (math.isfinite(vmax) and vmax > vmin > 0):
         raise PredictError(f"colour range needs 0 < --vmin < --vmax, got {vmin:g}, {vmax:g}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -349,6 +384,7 @@ def run_predict(checkpoint: str | os.PathLike, inputs: str | os.PathLike, out_di
                 sky_threshold=predictor.sky_depth if pc.drop_sky else None,
                 sky_mask=sky_mask,
                 edge_threshold=pc.edge_threshold,
+                edge_step=edge_step(h, w, nh, nw),
                 uncertainty=unc if pc.max_uncertainty is not None else None,
                 max_uncertainty=pc.max_uncertainty,
             )

@@ -189,8 +189,9 @@ def save_depth_png(
 ) -> Path:
     """PNG figure of the colour depth map with a colour bar labelled in metres, written atomically.
 
-    The image pixels are exactly ``colorize_depth(depth, vmin, vmax, cmap, log_scale)``; grey is
-    "no depth".
+    The image is ``colorize_depth(depth, vmin, vmax, cmap, log_scale)`` drawn into the figure's
+    axes (nearest neighbour, so within a few per cent of its size, not pixel for pixel: the values
+    themselves are for ``--save-npy``); grey is "no depth".
     """
     from matplotlib.figure import Figure
 
@@ -204,7 +205,7 @@ def save_depth_png(
     ax.imshow(image, interpolation="nearest")
     ax.set_axis_off()
     if title:
-        ax.set_title(title)
+        ax.set_title(title, parse_math=False)  # a file name may hold "$"
     _depth_colorbar(fig, ax, vmin, vmax, cmap, log_scale, fraction=0.05, pad=0.02)
     return save_figure(fig, path)
 
@@ -243,7 +244,7 @@ def bar_chart(
     ax.set_xticks(x)
     ax.set_xticklabels(categories)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title, parse_math=False)
     if series:
         ax.legend(fontsize="small")
     ax.grid(axis="y", alpha=0.3)
@@ -286,9 +287,9 @@ def side_by_side(
             ax.imshow(image, cmap="gray", interpolation="nearest")
         else:
             ax.imshow(image, interpolation="nearest")
-        ax.set_title(str(label), fontsize="medium")
+        ax.set_title(str(label), fontsize="medium", parse_math=False)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, parse_math=False)
     if depth_bar is not None:
         _depth_colorbar(fig, axes, *depth_bar)
     return save_figure(fig, path)

@@ -143,6 +143,26 @@ def test_keep_not_edge_step():
     assert pc.keep_not_edge(d, 1.0).all()  # |10 - 20| / 10 = 1.0 is not > 1.0
 
 
+def test_keep_not_edge_across_an_upsampled_jump():
+    """An 8 m / 10 m edge resized up 8x (as predict resizes the network's output to a photo's
+    size) ramps over 8 pixels, 2.5 % a step: one-pixel neighbours keep the ramp's flying points,
+    neighbours 8 pixels apart drop them all, and the flat parts stay."""
+    import torch
+
+    from curriculum.layers import upsample_depth
+
+    low = torch.full((1, 4, 6), 8.0)
+    low[..., 3:] = 10.0
+    high = upsample_depth(low, (32, 48))[0].numpy()
+    ramp = (high > 8.0 + 1e-4) & (high < 10.0 - 1e-4)
+    assert ramp.sum() > 0 and pc.keep_not_edge(high, 0.05)[ramp].all()  # the old behaviour
+    keep = pc.keep_not_edge(high, 0.05, step=8)
+    assert not keep[ramp].any()
+    assert keep[:, :10].all() and keep[:, -10:].all()
+    with pytest.raises(ValueError, match="step must be a whole number"):
+        pc.keep_not_edge(high, 0.05, step=0)
+
+
 def test_keep_not_edge_diagonal_needs_8_neighbours():
     d = np.full((3, 3), 10.0)
     d[0, 0] = 30.0

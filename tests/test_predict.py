@@ -22,7 +22,7 @@ from curriculum.config import RECIPES_DIR, load_recipe
 from curriculum.data import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 from curriculum.model import DepthModel, official_state_dict
 from curriculum.pointcloud import keep_not_edge, read_ply
-from curriculum.predict import network_size
+from curriculum.predict import edge_step, network_size
 
 
 @pytest.fixture(scope="module")
@@ -157,9 +157,13 @@ def test_each_filter_removes_what_it_says(trained, images, tmp_path, capsys):
     text, n = run("--sky-mask", tmp_path / "sky.png")
     assert _removed(text, "sky") == [12 * 30] and n == total - 12 * 30
     # flying pixels at depth edges
-    rel = 0.002
-    expected_edges = int((~keep_not_edge(depth, rel)).sum())
-    assert 0 < expected_edges < total
+    text, _ = run()
+    nw, nh = (int(v) for v in re.search(r"\(network (\d+)x(\d+)\)", text).groups())
+    step = edge_step(h, w, nh, nw)  # compared across the resize from the network's resolution
+    assert step == math.ceil(max(h / nh, w / nw)) > 1
+    # a threshold that drops some pixels and keeps others on this (untrained, smooth) prediction
+    rel = next(r for r in (0.002, 0.005, 0.01, 0.02, 0.05) if 0 < (~keep_not_edge(depth, r, step=step)).sum() < total)
+    expected_edges = int((~keep_not_edge(depth, rel, step=step)).sum())
     text, n = run("--drop-edges", rel)
     assert _removed(text, "edge") == [expected_edges] and n == total - expected_edges
     # predicted uncertainty
@@ -171,7 +175,7 @@ def test_each_filter_removes_what_it_says(trained, images, tmp_path, capsys):
                   "--max-uncertainty", u_cut)
     sky = mask > 0
     beyond = ~sky & (depth > cut)
-    edge = ~sky & ~beyond & ~keep_not_edge(depth, rel)
+    edge = ~sky & ~beyond & ~keep_not_edge(depth, rel, step=step)
     uncertain = ~sky & ~beyond & ~edge & (unc > u_cut)
     assert _removed(text, "sky") == [int(sky.sum())]
     assert _removed(text, "beyond") == [int(beyond.sum())]
@@ -656,3 +660,35 @@ def test_eval_figures_name_the_run_and_stage_of_their_checkpoint():
         "demo/finetune/last.ckpt (finetune)"
     assert checkpoint_label({"checkpoint": "model.ckpt", "stage": None}) == "model.ckpt"
     assert checkpoint_label({"checkpoint": "/x.pth"}) == "/x.pth"
+
+
+def test_predict_refuses_settings_that_would_fail_later(trained, images, tmp_path, capsys):
+    """Each a one-line error before any output: torch's or matplotlib's own would come as a
+    traceback after the model loaded (or, for the output folder, only on the next run)."""
+    folder, _ = images
+    image = folder / "a_wide.png"
+    out = tmp_path / "out"
+    cases = [(["--input", folder, "--out", folder], "is the input folder"),
+             (["--input", image, "--out", out, "--vmax", "inf"], "colour range needs 0 < --vmin < --vmax"),
+             (["--input", image, "--out", out, "--input-size", "0"], "--input-size must be a positive multiple"),
+             (["--input", image, "--out", out, "--device", "tpu0"], "--device 'tpu0': not a device")]
+    if not torch.cuda.is_available():
+        cases.append((["--input", image, "--out", out, "--device", "cuda"], "--device cuda: no CUDA device"))
+    strip = tmp_path / "strip"
+    strip.mkdir()
+    Image.fromarray(np.zeros((4, 400, 3), np.uint8)).save(strip / "strip.png")  # 100:1
+    cases.append((["--input", strip, "--out", out], "strip.png: 400x4 would enter the network as"))
+    for flags, needle in cases:
+        rc, _, err = _predict(["--checkpoint", trained, *flags], capsys)
+        assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, (flags, err)
+        assert not out.exists() and sorted(p.name for p in folder.iterdir()) == ["a_wide.png", "b_tall.jpg"]
+
+
+def test_file_names_are_titles_as_they_are(trained, tmp_path, capsys):
+    """A "$" pair in a file name is text, not matplotlib math (which failed on "$1_$2")."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(folder / "run_$1_$2.png")
+    rc, _, err = _predict(["--checkpoint", trained, "--input", folder, "--out", tmp_path / "out"], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "out" / "run_$1_$2_depth.png").is_file()
