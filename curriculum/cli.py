@@ -204,8 +204,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _error_line(text: str) -> None:
-    # one write, newline included: print writes the text and its end apart, so the lines of DDP
-    # ranks failing together could run into each other on a shared terminal
+    # one line whatever the message (a library's error may span several), in one write, newline
+    # included: print writes the text and its end apart, so the lines of DDP ranks failing
+    # together could run into each other on a shared terminal
+    text = " ".join(part.strip() for part in text.splitlines() if part.strip())
     sys.stderr.write(text + "\n")
     sys.stderr.flush()
 

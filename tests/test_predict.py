@@ -692,3 +692,13 @@ def test_file_names_are_titles_as_they_are(trained, tmp_path, capsys):
     rc, _, err = _predict(["--checkpoint", trained, "--input", folder, "--out", tmp_path / "out"], capsys)
     assert rc == 0, err
     assert (tmp_path / "out" / "run_$1_$2_depth.png").is_file()
+
+
+def test_a_library_error_spanning_lines_prints_as_one(monkeypatch, capsys):
+    import curriculum.cli as cli
+
+    def fails(argv):
+        raise ValueError("Expected end of text, found '$'\n  (at char 4), (line:1, col:5)")
+    monkeypatch.setitem(cli.COMMANDS, "predict", fails)
+    rc, _, err = _predict([], capsys)
+    assert rc == 2 and err == "error: Expected end of text, found '$' (at char 4), (line:1, col:5)\n"
