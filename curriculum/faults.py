@@ -9,6 +9,7 @@ data stream skips the batches already trained on; see curriculum/data.py).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pickle
@@ -181,7 +182,7 @@ class SignalCheckpoint(pl.Callback):
         trainer.save_checkpoint(self.checkpoint, weights_only=False)
         requeued = False
         if signum == signal.SIGUSR1 and os.environ.get("SLURM_JOB_ID") and trainer.is_global_zero:
-            requeued = self._requeue()
+            requeued = requeue_slurm_job(self.requeue_command)
         step = int(trainer.global_step)
         message = (f"interrupted at step {step} by {name}{note}; checkpoint saved to {self.checkpoint}; "
                    f"resume with resume={self.checkpoint}" + ("; SLURM job requeued" if requeued else ""))
@@ -191,21 +192,68 @@ class SignalCheckpoint(pl.Callback):
             tqdm.write(message, file=sys.stderr)  # on a line of its own below a progress bar
         raise RunInterrupted(message, signum, step, str(self.checkpoint), requeued)
 
-    def _requeue(self) -> bool:
-        array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-        job = f"{array_job}_{task}" if array_job and task else os.environ["SLURM_JOB_ID"]
-        cmd = [*shlex.split(self.requeue_command), job]
-        try:
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            print(f"requeue of SLURM job {job} failed: {exc}", file=sys.stderr, flush=True)
-            return False
-        if result.returncode != 0:
-            detail = (result.stderr or result.stdout).strip().splitlines()
-            print(f"requeue of SLURM job {job} failed (exit {result.returncode}"
-                  f"{': ' + detail[0] if detail else ''})", file=sys.stderr, flush=True)
-            return False
-        return True
+
+
+def requeue_slurm_job(requeue_command: str) -> bool:
+    """Requeue this SLURM job (an array job's own task); False, with a line saying why, if that fails."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array_job}_{task}" if array_job and task else os.environ["SLURM_JOB_ID"]
+    cmd = [*shlex.split(requeue_command), job]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        print(f"requeue of SLURM job {job} failed: {exc}", file=sys.stderr, flush=True)
+        return False
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        print(f"requeue of SLURM job {job} failed (exit {result.returncode}"
+              f"{': ' + detail[0] if detail else ''})", file=sys.stderr, flush=True)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def stop_during_validation(trainer: pl.Trainer, what: str, checkpoint: str | os.PathLike,
+                           requeue_command: str = "scontrol requeue"):
+    """A stop signal during a validation run outside fit (the final one, or the one a resume runs
+    first) ends it at once: RunInterrupted, exit 128 + signal, SIGUSR1 requeues under SLURM.
+
+    There is no step boundary to wait for and nothing to save: ``checkpoint`` holds every step,
+    and a resume from it runs the validation again. Without this, Lightning's handling applied:
+    SIGTERM ended the validation and the process with status 0, as if the run had finished
+    (and its handler runs a collective inside the signal handler); SIGUSR1 killed the process.
+    Like Lightning's, the stop is per rank: a signal sent to one rank only leaves the others
+    waiting in the validation's all-reduce (schedulers signal every rank)."""
+    if not _in_main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        requeued = (signum == signal.SIGUSR1 and bool(os.environ.get("SLURM_JOB_ID")) and trainer.is_global_zero
+                    and requeue_slurm_job(requeue_command))
+        step = int(trainer.global_step)
+        message = (f"interrupted by {signal.Signals(signum).name} during {what} (step {step}); every step is in "
+                   f"{checkpoint}; resume with resume={checkpoint} to run the validation again"
+                   + ("; SLURM job requeued" if requeued else ""))
+        if trainer.is_global_zero:
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stderr)
+        raise RunInterrupted(message, signum, step, str(checkpoint), requeued)
+
+    previous = {signum: signal.getsignal(signum) for signum in _PRIORITY}
+    connector = getattr(trainer, "_signal_connector", None)
+    if connector is not None:
+        connector.register_signal_handlers = _noop
+    for signum in _PRIORITY:
+        signal.signal(signum, handle)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        if connector is not None:
+            connector.__dict__.pop("register_signal_handlers", None)
 
 
 class ReportingCheckpointIO(AtomicCheckpointIO):

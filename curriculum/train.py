@@ -24,7 +24,7 @@ from curriculum.checkpoint import (
 )
 from curriculum.config import to_plain, total_steps
 from curriculum.datamodule import DepthDataModule
-from curriculum.faults import ReportingCheckpointIO, SignalCheckpoint
+from curriculum.faults import ReportingCheckpointIO, SignalCheckpoint, stop_during_validation
 from curriculum.module import MODEL_KEYS, VALIDATED_NOTE, DepthModule
 from data_prep.files import atomic_write_text
 
@@ -321,9 +321,16 @@ def validate_pending_step(trainer: pl.Trainer, module: DepthModule, datamodule, 
     module.load_state_dict(read_checkpoint(path, mmap=True)["state_dict"], strict=True)
     module.validating_checkpoint_at = (step, resumed["epoch"])
     try:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+        with _stop_during(trainer, f"the validation of step {step} that resume runs first", path):
+            trainer.validate(module, datamodule=datamodule, verbose=False)
     finally:
         module.validating_checkpoint_at = None
+
+
+def _stop_during(trainer: pl.Trainer, what: str, checkpoint):
+    """A stop signal during a validation outside fit ends the run at once (see faults.stop_during_validation)."""
+    signals = next(cb for cb in trainer.callbacks if isinstance(cb, SignalCheckpoint))
+    return stop_during_validation(trainer, what, checkpoint, signals.requeue_command)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -384,8 +391,8 @@ def train(cfg: DictConfig) -> dict:
             module.validated_step = resumed["global_step"]
         trainer.fit(module, datamodule=datamodule, ckpt_path=recipe["resume"] or None,
                     weights_only=False if recipe["resume"] else None)
-        # Saved before the final validation: a signal during it (the run's own handlers are gone
-        # with fit) then costs the validation only, not the steps since the last periodic save.
+        # Saved before the final validation: a signal during it then costs the validation only,
+        # not the steps since the last periodic save.
         final = out_dir / "checkpoints" / "last.ckpt"
         trainer.save_checkpoint(final, weights_only=False)  # the full state, resumable
         # the final model, always, unless the run's own schedule has just validated it (every N
@@ -395,7 +402,8 @@ def train(cfg: DictConfig) -> dict:
             trained = module.trained_epoch if module.trained_epoch >= 0 else trainer.current_epoch
             module.validating_checkpoint_at = (trainer.global_step, trained)
             try:
-                trainer.validate(module, datamodule=datamodule, verbose=False)
+                with _stop_during(trainer, "the final validation", final):
+                    trainer.validate(module, datamodule=datamodule, verbose=False)
             finally:
                 module.validating_checkpoint_at = None
     run_id = module.extra_metadata.get("wandb_run_id", "")

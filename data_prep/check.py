@@ -184,7 +184,8 @@ def summary_table(folder: Path, stats: Stats, counts: dict, n_bad: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = ArgumentParser(prog="python -m data_prep.check", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m data_prep.check", description="validate a shard folder: schema, 16-bit depth, unique keys, index.json; prints depth "
+                        "percentiles and far/sky fractions")
     ap.add_argument("folder", type=Path, help="folder holding <prefix>-%%06d.tar shards and index.json")
     ap.add_argument("--quiet", action="store_true", help="print only problems and the verdict")
     args = ap.parse_args(argv)

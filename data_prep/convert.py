@@ -173,7 +173,7 @@ def add_output_args(ap: argparse.ArgumentParser, rgb_default: str = "source", sh
     ap.add_argument("--shard-mb", type=float, default=300.0, help="maximum shard size in MiB (default 300)")
     ap.add_argument("--prefix", default="shard", help="shard name prefix: <prefix>-%%06d.tar")
     ap.add_argument("--overwrite", action="store_true",
-                    help="delete shards and index.json already in --out instead of refusing")
+                    help="replace the data set in --out once the new one is complete (shards of no known data set are refused)")
     choices = ["source", "png", "jpg"] if rgb_default == "source" else ["png", "jpg"]
     ap.add_argument("--rgb-format", choices=choices, default=rgb_default,
                     help="how to store rgb" + (" (source: the source file's bytes, unchanged)"

@@ -706,6 +706,53 @@ def test_sigint_mid_stage_saves_a_checkpoint_and_stops_with_a_resume_hint(tiny_s
     assert resumed["global_step"] == 3 and resumed["switches"] == [(0, "pretrain"), (2, "finetune")]
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_during_the_final_validation_stops_with_its_status(tiny_shards, tmp_path, add_callback, capsys,
+                                                                    monkeypatch, signum):
+    """After the last step the run validates outside fit. A stop signal there ends the run with
+    128 + signal and a resume hint (Lightning's handling exited 0 on SIGTERM, as if the run had
+    finished, and SIGUSR1 killed it); SIGUSR1 requeues under SLURM. The resume validates the
+    final step and finishes."""
+    train_dir, val_dir, _, _ = tiny_shards
+    calls = tmp_path / "scontrol-calls"
+    fake = tmp_path / "bin" / "scontrol"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+
+    class SignalAtFinalValidation(pl.Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            if trainer.state.fn == "validate":
+                os.kill(os.getpid(), signum)
+
+    add_callback(SignalAtFinalValidation())
+    out = tmp_path / "run"
+    common = ("stages.0.steps=2", "stages.1.steps=1", "trainer.val_every_steps=0")
+    with pytest.raises(RunInterrupted) as err:
+        train_mod.train(_recipe(train_dir, val_dir, out, *common))
+    ckpt = out / "checkpoints" / "last.ckpt"
+    name = signal.Signals(signum).name
+    assert err.value.code == 128 + signum and err.value.step == 3
+    assert f"interrupted by {name} during the final validation (step 3); every step is in {ckpt}; resume with " \
+           f"resume={ckpt}" in capsys.readouterr().err
+    assert ("SLURM job requeued" in str(err.value)) == (signum == signal.SIGUSR1)
+    if signum == signal.SIGUSR1:
+        assert calls.read_text().split() == ["requeue", "4242"]
+    else:
+        assert not calls.exists()
+    assert {s: signal.getsignal(s) for s in before} == before  # handlers restored
+    assert read_checkpoint(ckpt)["global_step"] == 3 and not (out / "summary").exists()
+    assert 3 not in [int(r["step"]) for r in read_metrics(out) if r.get("val/phantom_rate")]
+
+    monkeypatch.setattr(SignalAtFinalValidation, "on_validation_batch_start", lambda *a, **k: None)
+    resumed = train_mod.train(_recipe(train_dir, val_dir, out, *common, f"resume={ckpt}"))
+    assert resumed["global_step"] == 3 and (out / "summary" / "rank0.json").is_file()
+    assert [int(r["step"]) for r in read_metrics(out) if r.get("val/phantom_rate")] == [3]
+
+
 def test_resume_in_the_same_folder_continues_its_metrics_and_lineage(tiny_shards, tmp_path, probe):
     """The requeue flow: resume= into the run's own folder. metrics.csv keeps the rows of the steps
     before the checkpoint and gets the rest once; a stage-2 run keeps its link to stage 1; a
