@@ -237,3 +237,12 @@ def test_number_words_and_bare_keys_on_the_command_line():
     with pytest.raises(RecipeError) as e:
         load_recipe([RECIPES_DIR / "nothere.yaml"])
     assert _one_line(e) == f"recipe file not found: {RECIPES_DIR / 'nothere.yaml'}"
+
+
+def test_lr_factor_poly_power_end_of_run_and_warmup_boundary():
+    stages = [{"name": "a", "steps": 10}, {"name": "b", "steps": 5}]
+    assert lr_factor(5, stages, 0, 0.9) == pytest.approx((1 - 5 / 15) ** 0.9)
+    assert lr_factor(15, stages, 0, 0.9) == 0.0
+    assert lr_factor(20, stages, 0, 0.9) == 0.0  # past the end: 0, not a complex number
+    assert lr_factor(3, stages, 4, 1.0) == pytest.approx(1 - 3 / 15)  # last warm-up step: full rate
+    assert lr_factor(4, stages, 4, 1.0) == pytest.approx(1 - 4 / 15)  # warm-up over

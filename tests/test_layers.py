@@ -210,3 +210,9 @@ def test_predictions_are_upsampled_corner_to_corner_as_depth_anything_does():
     # output row 1 reads input row 4/22 (align_corners=False would clamp it to row 0)
     t = 4 / 22
     assert torch.allclose(up[:, 1, 0], (1 - t) * p[:, 0, 0] + t * p[:, 1, 0])
+
+
+@pytest.mark.parametrize("n_in,n_out", [(0, 4), (4, 0)])
+def test_interp_matrix_rejects_empty_sizes_either_side(n_in, n_out):
+    with pytest.raises(ValueError, match="sizes must be positive"):
+        interp_matrix(n_in, n_out)

@@ -215,3 +215,45 @@ def test_silog_perfect_prediction_is_minimal_and_finite(rows, lam):
     target, weight = (torch.tensor(c, dtype=torch.float32) for c in zip(*rows))
     loss = silog_loss(target.clone(), target, weight, lam=lam)
     assert 0.0 <= loss.item() <= 1e-3
+
+
+def test_silog_excludes_infinite_weights():
+    good = silog_loss(t(2.0, 3.0), t(1.0, 4.0), t(1.0, 1.0))
+    loss = silog_loss(t(2.0, 3.0, 5.0), t(1.0, 4.0, 1.0), t(1.0, 1.0, math.inf))
+    assert loss.item() == pytest.approx(good.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf])
+def test_laplace_nll_excludes_pixels_with_an_invalid_scale(bad):
+    good = laplace_nll(t(2.0), t(1.0), t(1.0), t(0.5))
+    loss = laplace_nll(t(2.0, 3.0), t(1.0, 1.0), t(1.0, 1.0), t(0.5, bad))
+    assert loss.item() == pytest.approx(good.item(), rel=1e-6)
+
+
+def test_laplace_nll_small_valid_scale_is_used_as_is():
+    loss = laplace_nll(t(2.0), t(1.0), t(1.0), t(1e-4))
+    assert loss.item() == pytest.approx(LN2 / 1e-4 + math.log(1e-4), rel=1e-5)
+
+
+def test_gradient_matching_vertical_pairs_and_scales_without_pairs():
+    col = t(1.0, 2.0, 4.0, 8.0, 16.0)[None, :, None]  # (1, 5, 1): vertical neighbours only
+    ones = torch.ones_like(col)
+    assert gradient_matching_loss(col, ones, ones).item() == pytest.approx(7 * LN2 / 3, rel=1e-6)
+    row, ones = col.transpose(1, 2), ones.transpose(1, 2)
+    w = ones.clone()
+    w[..., 2] = w[..., 4] = 0  # only pair (0, 1) at scale 0; scales 1 and 2 have no valid pair
+    assert gradient_matching_loss(row, ones, w).item() == pytest.approx(LN2, rel=1e-6)
+    assert gradient_matching_loss(row, ones, ones, scales=1).item() == pytest.approx(LN2, rel=1e-6)
+    with pytest.raises(ValueError, match="scales"):
+        gradient_matching_loss(row, ones, ones, scales=0)
+
+
+def test_nll_trains_the_uncertainty_not_the_depth():
+    depth = t(2.0, 3.0, 5.0)[None].requires_grad_(True)
+    b = t(0.5, 0.3, 0.2)[None].requires_grad_(True)
+    target, weight = t(1.0, 4.0, 5.5)[None], torch.ones(1, 3)
+    compute_loss(DepthPrediction(depth, b), target, weight, nll_weight=1.0)["loss"].backward()
+    with_nll, depth.grad = depth.grad.clone(), None
+    compute_loss(DepthPrediction(depth, None), target, weight)["loss"].backward()
+    torch.testing.assert_close(with_nll, depth.grad)
+    assert b.grad.abs().sum() > 0

@@ -118,3 +118,33 @@ def test_build_policy_errors():
         build_policy({"max_depth": 80})
     with pytest.raises(ValueError, match="max_depth"):
         build_policy({"name": "max_depth", "max_depth": "eighty"})
+
+
+def test_min_depth_is_inclusive_for_every_policy():
+    depth = torch.tensor([[0.5, 0.4999]])
+    for policy in (UnclippedPolicy(min_depth=0.5), MaxDepthPolicy(min_depth=0.5), MixedPolicy(min_depth=0.5)):
+        weight, _ = policy(depth)
+        assert weight.tolist() == [[1.0, 0.0]], policy.name
+
+
+def test_zero_far_weight_is_valid_and_its_pixels_get_target_one():
+    for policy in (UnclippedPolicy(far_weight=0), MixedPolicy(far_weight=0.0)):
+        weight, target = policy(DEPTH, SKY, NO_MEAS)
+        assert weight[0, [3, 8, 9]].tolist() == [0.0, 0.0, 0.0], policy.name
+        assert target[0, [3, 8, 9]].tolist() == [1.0, 1.0, 1.0], policy.name
+    weight, target = MixedPolicy(far_weight=0.0)(DEPTH, SKY, NO_MEAS)
+    assert weight[0, 2].item() == 0.0 and target[0, 2].item() == 1.0  # measured beyond max_depth
+
+
+def test_range_boundaries_of_the_validation():
+    UnclippedPolicy(min_depth=1.0, far_target=1.0)  # far_target >= min_depth: equal is allowed
+    for cls in (MaxDepthPolicy, MixedPolicy):
+        with pytest.raises(ValueError, match="max_depth"):
+            cls(min_depth=5.0, max_depth=5.0)
+
+
+def test_bools_are_not_numbers():
+    with pytest.raises(ValueError, match="far_weight"):
+        UnclippedPolicy(far_weight=True)
+    with pytest.raises(ValueError, match="max_depth"):
+        build_policy({"name": "max_depth", "max_depth": True})

@@ -277,3 +277,38 @@ def test_protocol_text_states_what_the_numbers_follow():
     assert text.startswith("protocol kitti_garg: Garg crop; near range 0.001..80 m")
     assert ">= 10 pixels" in text and "predictions unclamped" in text and "clamp them to 80 m" in text
     assert "\n" not in text
+
+
+def test_zero_prediction_is_a_finite_huge_error():
+    got = depth_metrics(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 2.0]))
+    assert all(math.isfinite(v) for v in got.values()), got
+    assert got["d1"] == 0.5 and got["rmse_log"] > 10
+
+
+def test_d2_and_d3_thresholds():
+    got = depth_metrics(torch.tensor([1.8, 1.0, 2.0]), torch.tensor([1.0, 1.0, 1.0]))
+    # ratio 1.8 lies between 1.25^2 = 1.5625 and 1.25^3 = 1.953
+    assert got["d2"] == pytest.approx(1 / 3) and got["d3"] == pytest.approx(2 / 3)
+
+
+def test_group_and_phantom_boundaries():
+    acc = MetricAccumulator(min_depth=1.0, max_depth=80.0, min_pixels=1)
+    acc.update(*_image([1.0, 80.0, 90.0], [2.0, 40.0, 90.0]))  # gt at min_depth and at max_depth: near
+    out = acc.compute()
+    assert out["near/abs_rel"] == pytest.approx((1.0 + 0.5) / 2)
+    assert out["far/abs_rel"] == 0.0 and out["far/beyond_pixels"] == 1
+    acc = MetricAccumulator(max_depth=80.0, min_pixels=1)
+    acc.update(*_image([90.0, INF], [80.0, 80.0]))  # predicted exactly at max_depth: phantoms
+    assert acc.compute()["phantom_rate"] == 1.0
+
+
+def test_cropped_sky_pixels_are_not_counted():
+    acc = MetricAccumulator(min_pixels=1)
+    acc.update(*_image([5.0, 30.0], [5.0, 30.0], sky=[False, True], valid=[True, False]))
+    out = acc.compute()
+    assert out["sky/beyond_pixels"] == 0 and math.isnan(out["sky/phantom_rate"])
+
+
+def test_merge_refuses_other_depth_ranges():
+    with pytest.raises(ValueError, match="depth ranges"):
+        MetricAccumulator(max_depth=80.0).merge(MetricAccumulator(max_depth=20.0))

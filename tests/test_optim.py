@@ -137,3 +137,36 @@ def test_counter_on_cuda_reads_one_step_late_and_sync_catches_up():
     assert seen == [(1, 0), (2, 1), (3, 2)]
     c.sync()
     assert (c.skipped, c.streak) == (3, 0)
+
+
+def test_flag_ignores_huge_but_finite_gradients():
+    # a 2-norm of these overflows to inf in fp32; they are finite and must not skip the step
+    assert nonfinite_flag([torch.full((4,), 1e30), torch.ones(3)], torch.tensor(1.0)).item() == 0.0
+
+
+def test_mixed_fused_groups_do_not_skip_on_device():
+    a, b = _params()
+    opt = torch.optim.AdamW([{"params": [a], "fused": True}, {"params": [b], "fused": False}], lr=0.1)
+    assert not skips_on_device(opt)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_all_reduced_flag_decides_the_skip(fused):
+    """Another rank's non-finite step makes this rank skip its finite one."""
+    params = _params()
+    opt = torch.optim.AdamW(params, lr=0.1, fused=fused or None)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    seen = []
+
+    def all_reduce(flag):
+        seen.append(flag.item())
+        flag.fill_(1.0)
+
+    counter = NonFiniteCounter()
+    before = [p.detach().clone() for p in params]
+    skip_if_nonfinite(opt, params, torch.tensor(1.0), counter, all_reduce=all_reduce)
+    opt.step()
+    release(opt)
+    assert seen == [0.0] and counter.skipped == 1
+    assert all(torch.equal(p, w) for p, w in zip(params, before))

@@ -379,3 +379,64 @@ def test_topdown_view_into_axes():
     assert pc.topdown_view(pts, None, ax) is ax
     dashed = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
     assert len(dashed) == 1 and list(dashed[0].get_ydata()) == [80.0, 80.0]
+
+
+def test_project_uses_each_focal_length_on_its_axis():
+    uv = pc.project(np.array([1.0, 2.0, 4.0]), 500.0, 250.0, 10.0, 20.0)
+    np.testing.assert_allclose(uv, [1.0 * 500 / 4 + 10, 2.0 * 250 / 4 + 20])
+
+
+def test_keep_not_edge_8_neighbours_uses_all_four_diagonals():
+    d = np.full((3, 3), 10.0)
+    d[1, 1] = 30.0  # every corner has the outlier as its only bad (diagonal) neighbour
+    assert not pc.keep_not_edge(d, 0.05, neighbours=8).any()
+    assert pc.keep_not_edge(d, 0.05, neighbours=4)[[0, 0, 2, 2], [0, 2, 0, 2]].all()
+
+
+def test_load_mask_ignores_alpha(tmp_path):
+    arr = np.zeros((4, 6, 4), dtype=np.uint8)
+    arr[..., 3] = 255  # opaque everywhere, colour only in the top row
+    arr[0, :, 0] = 255
+    path = tmp_path / "sky.png"
+    Image.fromarray(arr, "RGBA").save(path)
+    mask = pc.load_mask(path, (4, 6))
+    assert mask[0].all() and mask.sum() == 6
+
+
+def test_filter_points_rgba_keeps_the_colour_channels():
+    d = np.full((2, 3), 5.0)
+    rgba = np.zeros((2, 3, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[..., 1], rgba[..., 2], rgba[..., 3] = 10, 20, 30, 255
+    _, cols, _ = pc.filter_points(d, rgba, (1.0, 1.0, 1.0, 0.5))
+    assert (cols == [10, 20, 30]).all()
+
+
+def test_read_ply_refuses_trailing_bytes_and_accepts_comments(tmp_path):
+    pts = np.arange(6, dtype=np.float32).reshape(2, 3)
+    cols = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    path = tmp_path / "long.ply"
+    pc.write_ply(path, pts, cols)
+    data = path.read_bytes()
+    path.write_bytes(data + b"\x00" * 15)
+    with pytest.raises(ValueError, match="long.ply"):
+        pc.read_ply(path)
+    commented = tmp_path / "commented.ply"
+    commented.write_bytes(data.replace(b"1.0\n", b"1.0\ncomment made elsewhere\n", 1))
+    pts2, cols2 = pc.read_ply(commented)
+    np.testing.assert_array_equal(pts2, pts)
+    np.testing.assert_array_equal(cols2, cols)
+
+
+def test_topdown_view_counts_points_strictly_beyond_max_range():
+    from matplotlib.figure import Figure
+
+    ax = Figure().add_subplot(1, 1, 1)
+    pc.topdown_view(np.array([[0.0, 0.0, 100.0], [0.0, 0.0, 100.5]]), None, ax, max_range=100.0)
+    assert "1 points beyond 100 m" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_bad_fov_and_step_are_refused():
+    with pytest.raises(ValueError, match="hfov_deg"):
+        pc.intrinsics_from_fov(640, 480, 180.0)
+    with pytest.raises(ValueError, match="step"):
+        pc.keep_not_edge(np.ones((3, 3)), 0.05, step=True)
