@@ -352,6 +352,11 @@ def validate(cfg: DictConfig) -> None:
     if cfg.trainer.accelerator not in ("auto", "cpu", "gpu", "cuda"):
         raise RecipeError(f"trainer.accelerator: '{cfg.trainer.accelerator}' is not one of auto, cpu, gpu, cuda")
     _check_devices(cfg.trainer.devices)
+    if cfg.trainer.strategy not in ("auto", "ddp"):
+        # the checkpoint, metrics and summary are written by the launching process after fit, which
+        # a spawning strategy leaves untrained; other strategies are untested with the position gather
+        raise RecipeError(f"trainer.strategy: '{cfg.trainer.strategy}' is not supported (auto, or ddp: Lightning "
+                          "launches one process per device)")
     if cfg.trainer.precision not in PRECISIONS:
         why = ("fp16 needs loss scaling, which fights the non-finite step skip" if str(cfg.trainer.precision).startswith("16")
                else "the loss and the final activation are kept in fp32 under mixed precision only")
@@ -373,6 +378,9 @@ def validate(cfg: DictConfig) -> None:
     if not cfg.loss.silog_lambda <= 1:
         # above 1 the variance term can go negative: the loss then sits at its floor with no gradient
         raise RecipeError(f"loss.silog_lambda: must lie in [0, 1], got {cfg.loss.silog_lambda}")
+    if cfg.optim.warmup_steps > total_steps(cfg):  # the rate would never reach its value
+        raise RecipeError(f"optim.warmup_steps: {cfg.optim.warmup_steps} is longer than the run's "
+                          f"{total_steps(cfg)} steps")
     for i, stage in enumerate(cfg.stages):
         if stage.rewarm_steps < 0:
             raise RecipeError(f"stages.{i}.rewarm_steps: must be >= 0, got {stage.rewarm_steps}")

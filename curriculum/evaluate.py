@@ -176,11 +176,12 @@ def format_table(report: dict) -> str:
     if nonfinite:  # else ranges left without finite predictions would read "n/a" like ranges without images
         lines.append(f"warning: {nonfinite} predicted pixels are not finite (NaN or inf): left out of the error "
                      "metrics, counted as phantoms on far and sky pixels")
-    lines.append(f"{'range':<16}" + "".join(f"{c:>10}" for c in METRIC_COLUMNS) + f"{'images':>8}")
+    # a space before each column whatever its width: large errors (56.3519, 43095.3079) ran together
+    lines.append(f"{'range':<16}" + "".join(f" {c:>10}" for c in METRIC_COLUMNS) + f" {'images':>8}")
     for label, group in GROUPS:
         count = m.get(f"{group}/images")
-        lines.append(f"{label:<16}" + "".join(f"{_fmt(m.get(f'{group}/{c}')):>10}" for c in METRIC_COLUMNS)
-                     + f"{int(count or 0):>8}")
+        lines.append(f"{label:<16}" + "".join(f" {_fmt(m.get(f'{group}/{c}')):>10}" for c in METRIC_COLUMNS)
+                     + f" {int(count or 0):>8}")
     lines.append(f"phantom rate (gt beyond 80 m or sky, predicted within 80 m): {_fmt(m.get('phantom_rate'))}"
                  f"  far: {_fmt(m.get('far/phantom_rate'))}  sky: {_fmt(m.get('sky/phantom_rate'))}")
     return "\n".join(lines)

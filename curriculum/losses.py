@@ -138,11 +138,18 @@ def compute_loss(
     """Total training loss and its parts.
 
     Returns {"loss": total (with graph), "silog": ..., and "grad" when grad_weight > 0, "nll" when
-    the prediction carries an uncertainty}; the parts are detached, for logging. The uncertainty
-    is trained on the detached depth, so it estimates the error without changing the depth
-    objective; its head is always connected to the total (a zero term when nll_weight is 0).
+    the prediction carries an uncertainty, "nonfinite_prediction": 1.0 when any predicted depth
+    is NaN or infinite, else 0.0}; the parts are detached, for logging. The uncertainty is trained
+    on the detached depth, so it estimates the error without changing the depth objective; its
+    head is always connected to the total (a zero term when nll_weight is 0).
+
+    The terms leave out pixels whose prediction is not finite, as they leave out bad targets; but
+    a network that predicts NaN is broken, not its data: the total is then NaN, so the step is
+    skipped and counted as a non-finite one (the terms alone gave a loss of 0 for a network
+    predicting NaN everywhere, a perfect fit in the logs).
     """
     depth = prediction.depth
+    broken = (~torch.isfinite(depth.detach().float())).any()
     parts: dict[str, torch.Tensor] = {}
     silog = silog_loss(depth, target, weight, lam=silog_lambda)
     total = silog
@@ -155,4 +162,6 @@ def compute_loss(
         nll = laplace_nll(depth.detach(), target, weight, prediction.uncertainty)
         total = total + nll_weight * nll + _graph_zero(prediction.uncertainty)
         parts["nll"] = nll.detach()
+    total = total + torch.where(broken, torch.full_like(total, float("nan")), torch.zeros_like(total)).detach()
+    parts["nonfinite_prediction"] = broken.float()
     return {"loss": total, **parts}

@@ -345,7 +345,9 @@ class DepthModel(nn.Module):
         hidden = oc2[1](oc2[0](feats))
         unc_hidden = None
         if self.uncertainty_head is not None:
-            unc_hidden = F.relu(self.uncertainty_head.conv1(feats))
+            # detached: the uncertainty reads the depth features without training them (its NLL
+            # pulled the shared features towards whatever makes b small, and depth fell apart)
+            unc_hidden = F.relu(self.uncertainty_head.conv1(feats.detach()))
         sum_projection = self.sum_projection
         if sum_projection is None:  # eager keeps the convolutions, so eager runs stay bit-identical
             sum_projection = torch.compiler.is_compiling()

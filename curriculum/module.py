@@ -59,6 +59,7 @@ class DepthModule(pl.LightningModule):
         self.grad_clip = float(recipe["optim"]["grad_clip"])  # total 2-norm; 0 = no clipping
         self.nonfinite = NonFiniteCounter()
         self._uncounted_skips = 0  # skips of a step a checkpoint saved inside it will run again
+        self._predicted_nonfinite: torch.Tensor | bool = False  # this step's prediction held NaN/inf
         self.data_error: str | None = None  # this rank's training-data error (DDP: _StopTogether)
         self.bad_samples = 0
         self.stream_positions = StreamPositions(max(1, int(recipe["data"]["num_workers"])))
@@ -148,6 +149,7 @@ class DepthModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         depth, weight, losses = self.training_losses(batch)
+        self._predicted_nonfinite = losses["nonfinite_prediction"]  # a device flag, read only at a stop
         self._take_pending_batch()
         self.bad_samples += batch.get("bad_samples", 0)  # plain ints from the loader: no device sync
         self._pending_batch = (self.global_step, batch.get("stream_position"), batch.get("bad_samples", 0))
@@ -210,6 +212,9 @@ class DepthModule(pl.LightningModule):
             if not all(bool(torch.isfinite(p).all()) for p in params):
                 raise NonFiniteError(f"{what}; the weights themselves are non-finite, so no checkpoint was "
                                      "saved: resume from an earlier one")
+            if bool(self._predicted_nonfinite):  # finite weights that predict NaN
+                raise NonFiniteError(f"{what}; the weights predict non-finite depth, so no checkpoint was "
+                                     "saved: resume from an earlier one (with a lower optim.lr?)")
             path = Path(self.recipe["run"]["out_dir"]) / "checkpoints" / "nonfinite-stop.ckpt"
             # saved inside this step, which a resume runs again: its own skip is not counted yet
             self._uncounted_skips = int(self.nonfinite.streak > 0)
@@ -374,6 +379,14 @@ class DepthModule(pl.LightningModule):
                 "batch_size": int(self.recipe["data"]["batch_size"]),
                 "batches_per_rank": datamodule.batches_per_rank(world) if datamodule is not None else 0}
 
+    @staticmethod
+    def _gather(row: torch.Tensor) -> torch.Tensor:
+        """(world size, n): every rank's ``row``, by c10d's all_gather (LightningModule.all_gather
+        goes through a torch path that warns it is deprecated)."""
+        gathered = [torch.empty_like(row) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, row)
+        return torch.stack(gathered)
+
     def _data_position(self) -> dict:
         """Every rank's bad-sample count and stream positions, gathered: the file is written by
         rank 0, but each rank resumes its own streams. Every rank saves every checkpoint (Lightning's
@@ -385,7 +398,7 @@ class DepthModule(pl.LightningModule):
         if layout["world_size"] > 1:
             # the strategy's device: after fit, Lightning moves the module to the CPU, which NCCL cannot gather
             device = self.trainer.strategy.root_device
-            rows = self.all_gather(torch.tensor(row, dtype=torch.int64, device=device)).tolist()
+            rows = self._gather(torch.tensor(row, dtype=torch.int64, device=device)).tolist()
         else:
             rows = [row]
         if any(r[-1] for r in rows):

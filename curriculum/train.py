@@ -206,7 +206,8 @@ def build_trainer(recipe: dict, out_dir: Path, loggers: list) -> pl.Trainer:
         accelerator=tcfg["accelerator"], devices=tcfg["devices"], num_nodes=tcfg["num_nodes"], strategy=strategy,
         precision=tcfg["precision"], max_steps=steps, max_epochs=-1,
         val_check_interval=val_every if val_every else None, check_val_every_n_epoch=None if val_every else 1,
-        log_every_n_steps=tcfg["log_every_steps"], callbacks=callbacks, logger=loggers,
+        # a run shorter than the logging interval still logs its last step
+        log_every_n_steps=min(tcfg["log_every_steps"], steps), callbacks=callbacks, logger=loggers,
         plugins=[ReportingCheckpointIO()], default_root_dir=str(out_dir), num_sanity_val_steps=0,
         enable_progress_bar=tcfg["progress"], enable_model_summary=False,
         benchmark=tcfg["cudnn_benchmark"],  # gradients are clipped by DepthModule.optimizer_step
@@ -377,6 +378,9 @@ def train(cfg: DictConfig) -> dict:
         # use of a deprecated torch name is not ours to fix
         warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*LightningDataModule.*")
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+        # validation metrics are all-reduced by DepthModule itself (sums, then ratios); Lightning's
+        # hint to sync them again comes when it reduces the epoch's values, outside log_dict
+        warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
         for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
             if _NO_ADVERT not in logging.getLogger(name).filters:
                 logging.getLogger(name).addFilter(_NO_ADVERT)

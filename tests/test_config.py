@@ -142,6 +142,9 @@ def test_bad_values_are_one_line_errors_naming_the_key(override, message):
     ("stages.0.rewarm_steps=10", "stages.0.rewarm_steps: 10, but the first stage follows no switch"),
     ("stages.1.rewarm_steps=5000", "stages.1.rewarm_steps: 5000 is longer than the stage's 1000 steps"),
     ("optim.warmup_steps=2500", "optim.warmup_steps: 2500 runs past stage 0's 2000 steps into a stage that re-warms"),
+    ("optim.warmup_steps=3001", "optim.warmup_steps: 3001 is longer than the run's 3000 steps"),
+    ("trainer.strategy=ddp_spawn", "trainer.strategy: 'ddp_spawn' is not supported (auto, or ddp"),
+    ("trainer.strategy=bogus", "trainer.strategy: 'bogus' is not supported"),
     ("stages.1.policy={name: mixed, far_target: 50}", "stages.1.policy.far_target: 50 m lies within the policy's "
                                                       "max_depth 80 m"),
 ])

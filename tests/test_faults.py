@@ -6,6 +6,7 @@ The table of what survives what is docs/faults.md.
 import copy
 import errno
 import json
+import math
 import os
 import signal
 import socket
@@ -311,7 +312,7 @@ def test_ranks_gather_their_positions_on_the_strategys_device(monkeypatch):
         devices.append(t.device)
         return torch.stack([torch.tensor([3, 0, 9, 0]), torch.tensor([1, 0, 8, 0])])  # last: data-error flags
 
-    monkeypatch.setattr(module, "all_gather", gather)
+    monkeypatch.setattr(module, "_gather", gather)
     position = module._data_position()
     assert devices == [torch.device("meta")]
     assert position["bad_samples"] == [3, 1] and position["drawn"] == [[9], [8]] and position["world_size"] == 2
@@ -505,11 +506,11 @@ def test_a_checkpoint_after_a_ranks_data_error_is_refused_on_every_rank(tiny_sha
     for mine, theirs, message in [(None, 1, "rank 0 stopped at step 0: another rank's training data failed"),
                                   ("x.tar: more than 0 bad samples", 0, "^x.tar: more than 0 bad samples$")]:
         module.data_error = mine
-        module.all_gather = lambda t, theirs=theirs: torch.stack([t, torch.tensor([0, -1, 0, theirs])])
+        module._gather = lambda t, theirs=theirs: torch.stack([t, torch.tensor([0, -1, 0, theirs])])
         with pytest.raises(DataError, match=message):
             module._data_position()
     module.data_error = None
-    module.all_gather = lambda t: torch.stack([t, torch.tensor([0, -1, 0, 0])])
+    module._gather = lambda t: torch.stack([t, torch.tensor([0, -1, 0, 0])])
     assert module._data_position()["drawn"] == [[0], [0]]
 
 
@@ -660,6 +661,33 @@ def test_nonfinite_steps_are_skipped_counted_and_k_in_a_row_stop_with_the_last_g
                                       "stages.1.steps=3", f"resume={stop}"))
     assert resumed["global_step"] == 6
     assert read_checkpoint(resumed["checkpoint"])["curriculum"]["skipped_steps"] == 3  # steps 1, 3 and 4
+
+
+def test_weights_that_predict_nan_are_skipped_logged_and_never_saved_as_good(tiny_shards, tmp_path, probe,
+                                                                             monkeypatch):
+    """Finite weights whose prediction is NaN (an update too large for the network): each step is
+    skipped and counted (its terms alone gave a loss of 0, logged as a perfect fit), and the stop
+    saves no 'last good weights'."""
+    from curriculum.model import DepthModel, DepthPrediction
+
+    train_dir, val_dir, _, _ = tiny_shards
+    original, broken = DepthModel.forward, {"now": False}
+
+    def forward(self, x):
+        out = original(self, x)
+        return DepthPrediction(out.depth * float("nan"), out.uncertainty) if broken["now"] else out
+
+    monkeypatch.setattr(DepthModel, "forward", forward)
+    probe(on_setup=lambda trainer, module: setattr(module, "max_nonfinite", 2),
+          at_step={1: lambda: broken.update(now=True)})
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match=r"2 consecutive steps .* at step 2; the weights predict non-finite "
+                                             r"depth, so no checkpoint was saved"):
+        train_mod.train(_recipe(train_dir, val_dir, out, "stages.0.steps=3", "stages.1.steps=3"))
+    assert not (out / "checkpoints" / "nonfinite-stop.ckpt").exists()
+    rows = {int(r["step"]): r for r in read_metrics(out) if r.get("train/silog")}
+    assert float(rows[1]["train/nonfinite_prediction"]) == 0.0 and math.isfinite(float(rows[1]["train/loss"]))
+    assert float(rows[2]["train/nonfinite_prediction"]) == 1.0 and math.isnan(float(rows[2]["train/loss"]))
 
 
 def test_nonfinite_weights_are_never_saved_as_the_last_good_ones(tiny_shards, tmp_path, probe):

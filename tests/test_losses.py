@@ -179,14 +179,30 @@ def test_compute_loss_components():
     weight, target = UnclippedPolicy()(depth, sky, torch.zeros_like(sky))
     pred = model(x)
     out = compute_loss(pred, target, weight, silog_lambda=0.85, grad_weight=0.5, nll_weight=0.1)
-    assert set(out) == {"loss", "silog", "grad", "nll"}
+    assert set(out) == {"loss", "silog", "grad", "nll", "nonfinite_prediction"} and out["nonfinite_prediction"] == 0
     expected = out["silog"] + 0.5 * out["grad"] + 0.1 * out["nll"]
     assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert out["silog"].item() == pytest.approx(silog_loss(pred.depth, target, weight, 0.85).item(), rel=1e-6)
     out["loss"].backward()
     _all_params_have_finite_grads(model)
     plain = compute_loss(DepthPrediction(pred.depth.detach(), None), target, weight)
-    assert set(plain) == {"loss", "silog"}
+    assert set(plain) == {"loss", "silog", "nonfinite_prediction"}
+
+
+def test_a_prediction_holding_nan_makes_the_total_nan():
+    """The terms leave NaN predictions out (finite, as for bad targets), but a network predicting
+    NaN is broken: the total is NaN so that training skips and counts the step, and says why."""
+    target, weight = torch.full((1, 2, 3), 10.0), torch.ones(1, 2, 3)
+    for bad in (math.nan, math.inf):
+        depth = torch.full((1, 2, 3), 8.0)
+        depth[0, 1, 2] = bad
+        depth.requires_grad_(True)
+        out = compute_loss(DepthPrediction(depth, None), target, weight)
+        assert math.isnan(out["loss"].item()) and math.isfinite(out["silog"].item())
+        assert out["nonfinite_prediction"].item() == 1.0
+    everywhere = torch.full((1, 2, 3), math.nan, requires_grad=True)
+    out = compute_loss(DepthPrediction(everywhere, None), target, weight)
+    assert out["silog"].item() == 0.0 and math.isnan(out["loss"].item())  # was logged as a loss of 0
 
 
 # ------------------------------------------------------------------------------- properties

@@ -519,3 +519,21 @@ def test_cudnn_gets_every_convolution_in_the_layout_it_computes_in(monkeypatch):
         with layouts:
             compute_loss(model(image), target, weight)["loss"].backward()
     assert layouts.convs > 40 and layouts.copies == []
+
+
+def test_the_uncertainty_head_reads_the_depth_features_without_training_them():
+    """Its NLL trains the head alone: sharing the gradient pulled the encoder and depth head
+    towards features that make the scale small, and the depth fell apart (abs_rel 56 vs 0.35)."""
+    from curriculum.losses import laplace_nll
+
+    torch.manual_seed(0)
+    model = DepthModel("tiny", "log", 0.1, 100.0, uncertainty=True).train()
+    out = model(torch.randn(2, 3, 42, 56))
+    target = torch.full_like(out.depth, 20.0)
+    laplace_nll(out.depth.detach(), target, torch.ones_like(target), out.uncertainty).backward()
+    for name, p in model.named_parameters():
+        grad = 0.0 if p.grad is None else float(p.grad.abs().sum())
+        if name.startswith("uncertainty_head."):
+            assert grad > 0, name
+        else:
+            assert grad == 0.0, name

@@ -472,7 +472,7 @@ def test_eval_matches_hand_computed_numbers(tmp_path, capsys):
 def test_eval_of_non_finite_predictions_counts_and_warns(tmp_path):
     """NaN on sky and far rows and one NaN near pixel: the near metrics stay numbers, the NaN
     pixels count as phantoms, and the report says how many predictions were not finite."""
-    from curriculum.evaluate import evaluate, format_table, write_json
+    from curriculum.evaluate import METRIC_COLUMNS, evaluate, format_table, write_json
     from curriculum.model import DepthPrediction
 
     class NaNs(torch.nn.Module):
@@ -495,6 +495,12 @@ def test_eval_of_non_finite_predictions_counts_and_warns(tmp_path):
     assert [line for line in table if line.startswith("warning:")] == [
         f"warning: {2 * (28 * W + 1)} predicted pixels are not finite (NaN or inf): left out of the error "
         "metrics, counted as phantoms on far and sky pixels"]
+    # columns stay apart whatever their width (an error of 56.3519 beside 43095.3079 ran together)
+    header = next(line for line in table if line.startswith("range"))
+    assert header.split() == ["range", *METRIC_COLUMNS, "images"]
+    report["metrics"].update({"near/abs_rel": 56.3519, "near/sq_rel": 43095.3079})
+    near = next(line for line in format_table(report).splitlines() if line.startswith("near"))
+    assert "56.3519 43095.3079" in near
     write_json(report, tmp_path / "e.json")
     assert json.loads((tmp_path / "e.json").read_text())["metrics"]["nonfinite_pixels"] == 2 * (28 * W + 1)
     report["metrics"]["nonfinite_pixels"] = 0

@@ -41,6 +41,11 @@ def test_curriculum_switches_policy_at_the_exact_step(tiny_shards, tmp_path):
     assert any(k.startswith("val/near/") for k in val_rows[-1]) and "val/phantom_rate" in val_rows[-1]
 
 
+def test_a_run_shorter_than_the_logging_interval_logs_its_last_step(tiny_shards, tmp_path):
+    train(_recipe(tiny_shards, tmp_path / "run", "stages.0.steps=2", "stages.1.steps=1", "trainer.log_every_steps=50"))
+    assert [int(r["step"]) for r in read_metrics(tmp_path / "run") if r.get("train/loss")] == [3]
+
+
 def test_device_resize_trains(tiny_shards, tmp_path):
     """data.device_resize: crops of several sizes cross unresized and DepthModule finishes them."""
     result = train(_recipe(tiny_shards, tmp_path / "run", "stages.0.steps=2", "stages.1.steps=1",
