@@ -692,7 +692,9 @@ class ValStream(IterableDataset):
         bad = _BadSampleCounter(self.max_bad_samples)
         by_shard = len(self.urls) >= slots and not self.max_images
         urls = self.urls[slot::slots] if by_shard else self.urls
-        batch = []
+        # A full batch waits for the next sample before it goes: bad samples found after the
+        # last one (a cut-off final frame) ride with it instead of being lost with the stream.
+        batch, full = [], None
         for index, raw in enumerate(_raw_samples(urls, bad)):
             if not by_shard:
                 if self.max_images and index >= self.max_images:
@@ -705,10 +707,14 @@ class ValStream(IterableDataset):
                 bad(raw.get("__url__", "?"), str(exc))
                 continue
             s["rgb"] = cv2.resize(s["rgb"], (self.width, self.height), interpolation=cv2.INTER_CUBIC)
+            if full is not None:
+                yield self._finish(full, bad)
+                full = None
             batch.append(s)
             if len(batch) == self.batch_size:
-                yield self._finish(batch, bad)
-                batch = []
+                full, batch = batch, []
+        if full is not None:
+            yield self._finish(full, bad)
         if batch:
             yield self._finish(batch, bad)
 

@@ -1,4 +1,5 @@
 import io
+import json
 import os
 import subprocess
 import sys
@@ -16,8 +17,8 @@ from torch.utils.data import DataLoader
 from conftest import write_tiny_shards
 from curriculum.data import (
     DataError, TrainSpec, TrainStream, ValStream, batch_to_metres, check_readers, collate_train, count_samples,
-    crop_resize, depth_to_metres, expand_shards, normalize_images, pack_mask, resize_crops,
-    train_loader, uneven_split_note, unpack_batch, unpack_mask, _imagenet_stats_on, _nearest_index_on,
+    crop_resize, crop_window, depth_to_metres, expand_shards, normalize_images, pack_mask, resize_crops,
+    jitter_factors, train_loader, uneven_split_note, unpack_batch, unpack_mask, _imagenet_stats_on, _nearest_index_on,
 )
 from data_prep.schema import FAR_RAW, raw_to_depth
 
@@ -362,3 +363,110 @@ def test_crops_keep_image_depth_and_sky_aligned(out, scale_jitter):
         assert np.array_equal(s, depth_x < 50)  # sky goes with depth, pixel for pixel
         flips += bool(depth_x[0, 0] > depth_x[0, -1])
     assert 0 < flips < 30  # flipped and unflipped crops were both checked
+
+
+def test_a_shard_missing_from_its_index_is_a_one_line_error(tiny_shards):
+    """count_samples: a shard the index.json beside it does not list is a DataError naming it,
+    not a KeyError from inside the count."""
+    train_dir, _, train, _ = tiny_shards
+    index_path = train_dir / "index.json"
+    index = json.loads(index_path.read_text())
+    dropped = index["shards"].pop(-1)["name"]
+    index_path.write_text(json.dumps(index))
+    assert count_samples(train[:-1]) == 12
+    with pytest.raises(DataError, match=rf"index.json: no entry for shard {dropped}"):
+        count_samples(train)
+
+
+def test_crop_windows_reach_every_offset_and_the_whole_jitter_range():
+    """Offsets run from the top-left to the bottom-right corner, both included (no edge row or
+    column is left out of training), flips are drawn about half the time, and scale jitter zooms
+    over all of [1, 1 + scale_jitter]."""
+    rng = np.random.default_rng(0)
+    windows = [crop_window(20, 30, 14, 14, rng, 0.0, True) for _ in range(2000)]
+    assert {(y0, ch, cw) for y0, _, ch, cw, _ in windows} == {(0, 20, 20)}  # a lower-bound resize: rows fit
+    assert {x0 for _, x0, *_ in windows} == set(range(0, 30 - 20 + 1))  # 11 offsets, both ends included
+    rng = np.random.default_rng(1)
+    windows = [crop_window(100, 100, 50, 50, rng, 1.0, False) for _ in range(3000)]
+    assert not any(flip for *_, flip in windows)
+    sizes = [ch for _, _, ch, _, _ in windows]
+    # zoom 1 + u, u in [0, 1]: crops of round(100 / (1 + u)) source pixels, 50..100
+    assert min(sizes) >= 50 and max(sizes) <= 100
+    assert min(sizes) <= 52 and max(sizes) >= 98  # both ends of the jitter range are drawn
+    zoomed = [(y0, x0, ch, cw) for y0, x0, ch, cw, _ in windows if ch < 100]
+    assert any(y0 == 0 for y0, _, _, _ in zoomed) and any(x0 == 0 for _, x0, _, _ in zoomed)
+    assert any(y0 + ch == 100 for y0, _, ch, _ in zoomed)  # the bottom row ...
+    assert any(x0 + cw == 100 for _, x0, _, cw in zoomed)  # ... and the right column are reached
+    flips = [crop_window(40, 60, 14, 14, np.random.default_rng(s), 0.0, True)[4] for s in range(2000)]
+    assert 0.45 < np.mean(flips) < 0.55
+
+
+def test_colour_jitter_factors_spread_both_ways_within_the_amount():
+    rng = np.random.default_rng(0)
+    assert jitter_factors(0.0, rng) is None
+    factors = np.array([jitter_factors(0.3, rng) for _ in range(500)])
+    assert factors.shape == (500, 3) and factors.dtype == np.float64
+    assert (factors >= 0.7 - 1e-6).all() and (factors <= 1.3 + 1e-6).all()
+    # brightness, contrast and saturation each darken/flatten as often as they brighten/boost
+    assert ((factors < 0.8).any(axis=0) & (factors > 1.2).any(axis=0)).all()
+    assert np.allclose(factors.mean(axis=0), 1.0, atol=0.05)
+
+
+def test_bad_sample_limit_allows_exactly_that_many(tmp_path):
+    """max_bad_samples is how many a reader may skip: that many pass, one more stops the run."""
+    shards = write_tiny_shards(tmp_path / "d", n_shards=1, per_shard=4)
+    _append_broken_sample(shards[0], "broken_0001")  # one bad sample
+    with pytest.warns(UserWarning, match="lacks depth.png"):
+        batches = list(TrainStream(shards, _spec(batches_per_rank=3, shuffle_buffer=1, max_bad_samples=1), 0, 1, 0))
+    assert len(batches) == 3 and sum(int(b["bad_samples"]) for b in batches) == 1
+
+
+def test_the_shard_split_over_readers_changes_with_the_epoch(tiny_shards):
+    """Shards are dealt to the readers by an epoch-seeded permutation: a reader that holds fewer
+    shards in one epoch is not the same reader in every epoch (the module docstring's known limit
+    evens out over epochs only so)."""
+    _, _, train, _ = tiny_shards  # 4 shards of 4 samples
+
+    def rank0_keys(epoch):
+        s = TrainStream(train, _spec(batch_size=1, batches_per_rank=8, shuffle_buffer=1), 0, 2, 3)
+        s.set_position(epoch * 8)
+        return frozenset(_keys(list(s)))
+
+    assert len({rank0_keys(e) for e in range(4)}) > 1
+
+
+def test_each_pass_over_a_readers_shards_takes_them_in_a_new_order(tmp_path):
+    """A reader that cycles its shards within an epoch takes them in a new order on each pass."""
+    shards = write_tiny_shards(tmp_path / "d", n_shards=4, per_shard=2)
+    keys = _keys(list(TrainStream(shards, _spec(batch_size=1, batches_per_rank=16, shuffle_buffer=1), 0, 1, 0)))
+    shard_of = [int(k.rsplit("_", 1)[1]) // 2 for k in keys]  # frame i is in shard i // 2
+    passes = [shard_of[:8:2], shard_of[8::2]]
+    assert sorted(passes[0]) == sorted(passes[1]) == [0, 1, 2, 3]
+    assert passes[0] != passes[1]
+
+
+def test_augmentations_differ_between_readers_and_epochs_for_the_same_frames(tmp_path):
+    """The per-sample generator is seeded by (seed, epoch, reader, position): two readers holding
+    identical frames, or one reader in two epochs, do not crop, flip and jitter them alike."""
+    a = write_tiny_shards(tmp_path / "a", n_shards=1, per_shard=4, seed=0)
+    b = write_tiny_shards(tmp_path / "b", n_shards=1, per_shard=4, seed=0)  # the same frames
+    spec = _spec(batch_size=2, batches_per_rank=2, shuffle_buffer=1, scale_jitter=0.5, color_jitter=0.3)
+    ranks = [list(TrainStream(a + b, spec, rank, 2, 0)) for rank in range(2)]
+    assert _keys(ranks[0]) == _keys(ranks[1])  # the same frames in the same order ...
+    assert not any(torch.equal(x["packed"], y["packed"]) for x, y in zip(*ranks))  # ... augmented apart
+
+    def epoch(e):
+        s = TrainStream(a, spec, 0, 1, 0)
+        s.set_position(e * spec.batches_per_rank)
+        return list(s)
+
+    e0, e1 = epoch(0), epoch(1)
+    assert _keys(e0) == _keys(e1)
+    assert not any(torch.equal(x["packed"], y["packed"]) for x, y in zip(e0, e1))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_validation_max_images_reads_exactly_that_many(tiny_shards, world):
+    _, _, _, val = tiny_shards  # 2 shards x 3 samples
+    keys = _keys(b for rank in range(world) for b in ValStream(val, rank, world, 2, 28, 56, max_images=4))
+    assert len(keys) == 4 and len(set(keys)) == 4

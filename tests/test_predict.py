@@ -708,3 +708,113 @@ def test_a_library_error_spanning_lines_prints_as_one(monkeypatch, capsys):
     monkeypatch.setitem(cli.COMMANDS, "predict", fails)
     rc, _, err = _predict([], capsys)
     assert rc == 2 and err == "error: Expected end of text, found '$' (at char 4), (line:1, col:5)\n"
+
+
+def _drop_last_frame(shard) -> None:
+    """Cut a shard before its end-of-archive marker: the reader drops (and counts) its last frame."""
+    with tarfile.open(shard) as tar:
+        last = tar.getmembers()[-1]
+    end = last.offset_data + -(-last.size // 512) * 512
+    shard.write_bytes(shard.read_bytes()[:end])
+
+
+_PATTERN_META = {"model": {}, "recipe": {"data": {"val_height": H, "val_width": W}}}
+
+
+def test_eval_scores_only_the_protocols_crop(tmp_path):
+    """kitti_garg keeps rows [22, 55) and columns [4, 107) of a 56x112 frame: the sky rows fall out,
+    six far rows and 13 rows of each near band stay (row 41 is a hole, row 55 is cut)."""
+    from curriculum.evaluate import evaluate, protocol_text
+
+    _known_shards(tmp_path / "val")
+    report = evaluate("pattern", f"{tmp_path}/val/*.tar", "kitti_garg", batch_size=2, model=_Pattern(),
+                      meta=_PATTERN_META, device="cpu", progress=False)
+    m = report["metrics"]
+    assert report["protocol_text"] == protocol_text("kitti_garg", 1e-3, 80.0)
+    assert m["beyond_pixels"] == 2 * 6 * 103  # far rows 22-27 x columns 4-106; no sky pixel
+    frame0 = (13 * 2 / 18 + 13 * 10 / 30) / 26
+    frame1 = (13 * 10 / 10 + 13 * 30 / 50) / 26
+    assert m["near/abs_rel"] == pytest.approx((frame0 + frame1) / 2, rel=1e-6)
+    # far rows: columns 4-55 predicted 20 m (error 0.8), columns 56-106 predicted 500 m (error 4.0)
+    assert m["far/abs_rel"] == pytest.approx((52 * 0.8 + 51 * 4.0) / 103, rel=1e-6)
+
+
+def test_eval_adds_up_the_bad_samples_of_every_batch(tmp_path):
+    """Three shards read one image per batch; the first two lose their last frame, so the two
+    skipped samples travel with different batches (and the last batch carries none)."""
+    from curriculum.evaluate import evaluate
+
+    for name in ("a", "b", "c"):
+        _known_shards(tmp_path / name)
+    for name in ("a", "b"):
+        _drop_last_frame(next((tmp_path / name).glob("*.tar")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = evaluate("pattern", f"{tmp_path}/{{a,b,c}}/*.tar", "synthetic", batch_size=1, model=_Pattern(),
+                          meta=_PATTERN_META, device="cpu", progress=False)
+    assert report["metrics"]["images"] == 4 and report["bad_samples"] == 2
+
+
+def test_eval_sizes_examples_and_empty_ranges(tmp_path):
+    """--height/--width win over the checkpoint's validation size; ``examples`` keeps exactly that
+    many panels; a range without an image is None (JSON null), not NaN."""
+    from curriculum.evaluate import evaluate
+
+    _known_shards(tmp_path / "val")
+    report = evaluate("pattern", f"{tmp_path}/val/*.tar", "synthetic", batch_size=2, model=_Pattern(),
+                      meta=_PATTERN_META, device="cpu", progress=False, height=28, width=56, examples=1)
+    assert report["input_size"] == [28, 56] and report["metrics"]["images"] == 2
+    assert len(report["examples"]) == 1  # of two images
+    report = evaluate("pattern", f"{tmp_path}/val/*.tar", "synthetic", batch_size=2, model=_Pattern(),
+                      meta=_PATTERN_META, device="cpu", progress=False, max_images=1)
+    assert "examples" not in report
+    m = report["metrics"]
+    assert m["images"] == 1 and m["near/40_80/images"] == 0  # frame 0 has 18 m and 30 m only
+    assert m["near/40_80/abs_rel"] is None and m["near/20_40/abs_rel"] is not None
+
+
+def test_protocol_text_names_each_protocols_crop():
+    from curriculum.evaluate import protocol_text
+
+    crops = {"kitti_garg": "Garg crop", "kitti_eigen": "Eigen crop", "nyu": "NYU crop", "synthetic": "no crop",
+             "none": "no crop"}
+    for protocol, crop in crops.items():
+        assert protocol_text(protocol, 1e-3, 80.0).startswith(f"protocol {protocol}: {crop}; near range 0.001..80 m")
+
+
+def test_format_table_puts_each_number_under_its_column_and_range():
+    from curriculum.evaluate import GROUPS, METRIC_COLUMNS, format_table
+
+    metrics = {"images": 3, "phantom_rate": 0.25, "far/phantom_rate": 0.5, "sky/phantom_rate": None}
+    for gi, (_, group) in enumerate(GROUPS):
+        for ci, column in enumerate(METRIC_COLUMNS):
+            metrics[f"{group}/{column}"] = gi + ci / 10  # a different number in every cell
+        metrics[f"{group}/images"] = gi
+    metrics["far/silog"] = math.nan
+    metrics["near/rmse"] = None
+    report = {"protocol_text": "protocol x", "input_size": [H, W], "bad_samples": 0, "metrics": metrics}
+    lines = format_table(report).splitlines()
+    assert lines[0] == "protocol x" and lines[1] == f"images: 3, each resized to {W}x{H} for the network"
+    assert lines[2].split() == ["range", *METRIC_COLUMNS, "images"]
+    labels = {"near": "near (<= 80 m)", "near/0_20": "[0, 20)", "near/20_40": "[20, 40)", "near/40_80": "[40, 80]",
+              "far": "far (> 80 m)"}
+    for gi, (line, (_, group)) in enumerate(zip(lines[3:8], GROUPS)):
+        assert line.strip().startswith(labels[group])
+        cells = line[16:].split()
+        want = ["n/a" if (group, c) in (("far", "silog"), ("near", "rmse")) else f"{gi + ci / 10:.4f}"
+                for ci, c in enumerate(METRIC_COLUMNS)]
+        assert cells == [*want, str(gi)], (group, line)
+    assert lines[8] == "phantom rate (gt beyond 80 m or sky, predicted within 80 m): 0.2500  far: 0.5000  sky: n/a"
+    assert "bad samples" not in format_table(report)
+
+
+def test_eval_counts_a_bad_sample_found_after_the_last_full_batch(tmp_path):
+    from curriculum.evaluate import evaluate
+
+    _known_shards(tmp_path / "val")
+    _drop_last_frame(next((tmp_path / "val").glob("*.tar")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = evaluate("pattern", f"{tmp_path}/val/*.tar", "synthetic", batch_size=1, model=_Pattern(),
+                          meta=_PATTERN_META, device="cpu", progress=False)
+    assert report["metrics"]["images"] == 1 and report["bad_samples"] == 1

@@ -3,15 +3,21 @@ import csv
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from curriculum.checkpoint import CheckpointError, model_state, read_checkpoint, taught_far_target
 from conftest import read_metrics
+from curriculum.callbacks import CurriculumCallback
+from curriculum.checkpoint import (
+    CheckpointError, build_metadata, check_same_model, load_model, metadata, model_state, read_checkpoint,
+    taught_far_target,
+)
 from curriculum.cli import main as cli_main
 from curriculum.config import RECIPES_DIR, load_recipe
 from curriculum.data import DataError
+from curriculum.model import DepthModel
 from curriculum.train import data_seed, train
 
 
@@ -596,3 +602,125 @@ def test_a_folder_with_metrics_but_no_checkpoint_is_not_offered_for_resume(tmp_p
         _claim_folder(tmp_path, {"resume": "", "run": {"overwrite": False}})
     assert str(e.value) == (f"run.out_dir '{tmp_path}' already holds a run (metrics.csv): replace it with "
                             "run.overwrite=true, or choose another run.out_dir")
+
+
+class _StageModule:
+    """What CurriculumCallback touches of a DepthModule: its stage and its log."""
+
+    def __init__(self):
+        self.stage_index, self.logged = -1, []
+
+    def set_stage(self, index):
+        self.stage_index = index
+
+    def log(self, name, value, **kw):
+        self.logged.append((name, float(value)))
+
+
+_THREE_STAGES = [{"name": "a", "steps": 3}, {"name": "b", "steps": 2}, {"name": "c", "steps": 1}]
+
+
+def test_curriculum_callback_follows_the_global_step_and_records_each_switch_once():
+    """Without a training run: the stage of every step (three stages, so a switch is not just
+    'the last stage'), the stage logged with the batch that trains in it, one switch per stage."""
+    cb, module, trainer = CurriculumCallback(_THREE_STAGES), _StageModule(), SimpleNamespace(global_step=0)
+    cb.on_train_start(trainer, module)
+    assert module.stage_index == 0 and cb.switches == [(0, "a")]
+    seen = []
+    for step in range(8):  # two steps past the end stay in the last stage
+        trainer.global_step = step
+        cb.on_train_batch_start(trainer, module, None, step)
+        seen.append(module.stage_index)
+    assert seen == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert module.logged == [("curriculum/stage", float(s)) for s in seen]
+    assert cb.switches == [(0, "a"), (3, "b"), (5, "c")]
+    assert cb.state_dict() == {"switches": [[0, "a"], [3, "b"], [5, "c"]], "starts": [0, 3, 5]}
+
+
+def test_curriculum_callback_resumes_in_the_stage_of_its_step_with_its_history():
+    """A resumed run: the module is put in the stage of the restored step as training starts
+    (before any batch: a validation pending from the interrupted run comes first), the history
+    is the checkpoint's, and a checkpoint of another stage schedule is refused by the callback."""
+    first, trainer = CurriculumCallback(_THREE_STAGES), SimpleNamespace(global_step=0)
+    for step in range(4):
+        trainer.global_step = step
+        first.on_train_batch_start(trainer, _StageModule(), None, step)
+    state = first.state_dict()
+
+    resumed, module = CurriculumCallback(_THREE_STAGES), _StageModule()
+    resumed.load_state_dict(state)
+    trainer.global_step = 4
+    resumed.on_train_start(trainer, module)
+    assert module.stage_index == 1 and resumed.switches == [(0, "a"), (3, "b")]
+    trainer.global_step = 5
+    resumed.on_train_batch_start(trainer, module, None, 0)
+    assert resumed.switches == [(0, "a"), (3, "b"), (5, "c")]
+
+    in_stage_0 = _StageModule()
+    trainer.global_step = 1
+    CurriculumCallback(_THREE_STAGES).on_train_start(trainer, in_stage_0)
+    assert in_stage_0.stage_index == 0  # not -1, whose stage name would read as the last stage's
+
+    for other in ([{"name": "a", "steps": 4}, {"name": "b", "steps": 1}, {"name": "c", "steps": 1}],
+                  _THREE_STAGES[:2]):
+        with pytest.raises(ValueError, match=r"checkpoint stage boundaries \[0, 3, 5\] differ from the recipe's"):
+            CurriculumCallback(other).load_state_dict(state)
+
+
+def test_read_checkpoint_takes_torchs_older_pickle_format_and_refuses_non_dicts(tmp_path):
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save({"global_step": 3, "w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    ckpt = read_checkpoint(legacy)
+    assert ckpt["global_step"] == 3 and torch.equal(ckpt["w"], torch.ones(2))
+    torch.save(torch.ones(2), tmp_path / "tensor.pt")
+    with pytest.raises(CheckpointError, match=r"tensor.pt: not a checkpoint \(a Tensor\)$"):
+        read_checkpoint(tmp_path / "tensor.pt")
+    import datetime
+
+    torch.save({"when": datetime.date(2020, 1, 1)}, tmp_path / "unsafe.ckpt")  # not tensors and containers
+    with pytest.raises(CheckpointError, match=r"unsafe.ckpt: corrupt or truncated checkpoint \(unpickling refused: "
+                                              r"not tensors and plain containers\)$"):
+        read_checkpoint(tmp_path / "unsafe.ckpt")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.ckpt").write_bytes(b"")  # a folder holding its checkpoint directly
+    with pytest.raises(CheckpointError, match=rf"\(a run keeps its own in {run}/last.ckpt\)$"):
+        read_checkpoint(run)
+
+
+def test_taught_far_target_is_the_largest_along_the_lineage():
+    def meta(*policies, parent=None):
+        return {"recipe": {"stages": [{"policy": p} for p in policies]}, "parent_far_target": parent}
+
+    # a parent taught farther than this run's own mixed stage: the parent's target stays the largest
+    assert taught_far_target(meta({"name": "mixed", "far_weight": 0.1, "far_target": 300.0}, parent=655.35)) == 655.35
+    assert taught_far_target(meta({"name": "unclipped", "far_target": 700.0},
+                                  {"name": "mixed", "far_weight": 0.5, "far_target": 400.0})) == 700.0
+    # an unclipped stage without its own far_target teaches the policy's default
+    from curriculum.masks import DEFAULT_FAR_TARGET
+
+    assert taught_far_target(meta({"name": "unclipped"})) == DEFAULT_FAR_TARGET > 80.0
+
+
+def test_model_checks_name_every_field_and_weights_must_fit_exactly(tmp_path):
+    model = DepthModel("tiny", "log", 0.1, 1000.0)
+    fields = model.metadata()
+    for key, other in (("uncertainty", not fields["uncertainty"]), ("min_depth", 0.5), ("head", "sigmoid")):
+        with pytest.raises(CheckpointError, match=rf"^src: model mismatch \({key}: "):
+            check_same_model(fields, {**fields, key: other}, "src")
+    check_same_model(fields, dict(fields), "src")
+    # compiled models' keys carry _orig_mod.; the weights come out without it, other prefixes left out
+    t = torch.ones(1)
+    assert model_state({"state_dict": {"model._orig_mod.a.w": t, "model.b": t, "loss.c": t}}) == {"a.w": t, "b": t}
+    # a checkpoint's weights must fit the recorded model both ways: no missing and no unexpected key
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    meta = build_metadata(fields, {"name": "max_depth"}, "finetune", {"stages": []})
+    path = tmp_path / "extra.ckpt"
+    torch.save({"curriculum": meta, "state_dict": {**state, "model.extra.weight": torch.zeros(1)}}, path)
+    with pytest.raises(CheckpointError, match=r"weights do not fit the recorded model .*unexpected \['extra.weight'\]"):
+        load_model(path)
+    torch.save({"curriculum": meta, "state_dict": state}, path)
+    loaded, got = load_model(path)
+    assert got["stage"] == "finetune" and not loaded.training
+    with pytest.raises(CheckpointError, match="no 'curriculum' metadata"):
+        metadata({"curriculum": {"stage": "x"}}, "p.ckpt")  # metadata without its model
