@@ -458,7 +458,11 @@ class _BadSampleCounter:
         return n
 
 
-def _raw_samples(urls: list[str], bad: _BadSampleCounter) -> Iterator[dict]:
+def _ignore_defect(url: str, reason: str) -> None:
+    """A bad-sample counter for a reader whose shards another reader counts (``ValStream``)."""
+
+
+def _raw_samples(urls: list[str], bad: Callable[[str, str], None]) -> Iterator[dict]:
     """Raw samples (bytes) of the given shards. A shard that breaks or ends without its
     end-of-archive marker gives up its last, possibly partial, sample (``data_prep.shard_reader``);
     each defect counts once."""
@@ -494,7 +498,7 @@ class _PipeErrorsInWords:
             raise DataError(f"{self.url}: {self._words()}") from None
 
 
-def _complete(samples: Iterator[dict], url: str, bad: _BadSampleCounter) -> Iterator[dict]:
+def _complete(samples: Iterator[dict], url: str, bad: Callable[[str, str], None]) -> Iterator[dict]:
     """Partial samples (a truncated tar, a missing member) are counted, never passed on."""
     for sample in samples:
         missing = [m for m in REQUIRED_MEMBERS if m not in sample]
@@ -695,7 +699,10 @@ class ValStream(IterableDataset):
         # A full batch waits for the next sample before it goes: bad samples found after the
         # last one (a cut-off final frame) ride with it instead of being lost with the stream.
         batch, full = [], None
-        for index, raw in enumerate(_raw_samples(urls, bad)):
+        # Every reader reads every shard when they are not dealt out: a shard's own defects (a cut
+        # tar, a sample without its depth) are counted by the first reader only, not once per reader.
+        shard_defects = bad if by_shard or slot == 0 else _ignore_defect
+        for index, raw in enumerate(_raw_samples(urls, shard_defects)):
             if not by_shard:
                 if self.max_images and index >= self.max_images:
                     break

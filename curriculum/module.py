@@ -212,7 +212,13 @@ class DepthModule(pl.LightningModule):
             if not all(bool(torch.isfinite(p).all()) for p in params):
                 raise NonFiniteError(f"{what}; the weights themselves are non-finite, so no checkpoint was "
                                      "saved: resume from an earlier one")
-            if bool(self._predicted_nonfinite):  # finite weights that predict NaN
+            # finite weights that predict NaN, on any rank: every rank decides alike (one that left
+            # alone would leave the others waiting in the checkpoint's gather)
+            predicted = torch.as_tensor(self._predicted_nonfinite, dtype=torch.float32,
+                                        device=self.trainer.strategy.root_device).clone()
+            if ddp:
+                dist.all_reduce(predicted, op=dist.ReduceOp.MAX)
+            if bool(predicted):
                 raise NonFiniteError(f"{what}; the weights predict non-finite depth, so no checkpoint was "
                                      "saved: resume from an earlier one (with a lower optim.lr?)")
             path = Path(self.recipe["run"]["out_dir"]) / "checkpoints" / "nonfinite-stop.ckpt"

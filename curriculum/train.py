@@ -169,12 +169,24 @@ class _NoAdvert(logging.Filter):
 _NO_ADVERT = _NoAdvert()
 
 
+def _device_count(tcfg: dict) -> int:
+    """How many devices trainer.devices asks for (its forms: see config._check_devices)."""
+    devices = tcfg["devices"]
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    text = str(devices).replace(" ", "")
+    if text in ("auto", "-1"):  # every device there is: the GPUs, or one CPU process
+        gpu = tcfg["accelerator"] in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        return torch.cuda.device_count() if gpu else 1
+    if "," in text:  # indices
+        return len([d for d in text.split(",") if d])
+    return int(text)
+
+
 def _one_process(tcfg: dict) -> bool:
     """One device on one node, and no launcher (torchrun, SLURM) started other processes."""
     launched = [k for k in ("WORLD_SIZE", "SLURM_NTASKS") if os.environ.get(k, "1").strip() not in ("", "1")]
-    devices = tcfg["devices"]
-    one_device = str(devices) == "1" or (isinstance(devices, (list, tuple)) and len(devices) == 1)
-    return one_device and int(tcfg["num_nodes"]) == 1 and not launched
+    return _device_count(tcfg) == 1 and int(tcfg["num_nodes"]) == 1 and not launched
 
 
 def build_trainer(recipe: dict, out_dir: Path, loggers: list) -> pl.Trainer:
@@ -190,6 +202,10 @@ def build_trainer(recipe: dict, out_dir: Path, loggers: list) -> pl.Trainer:
     if tcfg["progress"]:
         callbacks.append(StepProgressBar(refresh_steps=max(1, min(10, steps // 100))))
     strategy = tcfg["strategy"]
+    if strategy == "auto" and not _one_process(tcfg):
+        # Lightning's own pick for several devices forks or spawns in a notebook, leaving this
+        # process's model untrained for the checkpoint saved after fit: the recipe's DDP instead
+        strategy = "ddp"
     if strategy == "ddp" and _one_process(tcfg):
         # DDP around a single process only adds work: gradient bucket copies, an all-reduce with
         # itself, and a compiled step split at every bucket boundary. The GPU recipes say ddp so

@@ -470,3 +470,14 @@ def test_validation_max_images_reads_exactly_that_many(tiny_shards, world):
     _, _, _, val = tiny_shards  # 2 shards x 3 samples
     keys = _keys(b for rank in range(world) for b in ValStream(val, rank, world, 2, 28, 56, max_images=4))
     assert len(keys) == 4 and len(set(keys)) == 4
+
+
+def test_validation_counts_a_shards_defect_once_when_every_reader_reads_it(tmp_path):
+    """Fewer shards than readers: each reader reads every shard and keeps its own images, but a
+    sample the shard lacks parts of is one bad sample, not one per reader."""
+    shards = write_tiny_shards(tmp_path / "v", n_shards=1, per_shard=2)
+    _append_broken_sample(shards[0], "broken_0001")
+    for world in (1, 2):
+        with pytest.warns(UserWarning, match="lacks depth.png"):
+            batches = [b for rank in range(world) for b in ValStream(shards, rank, world, 1, 28, 56)]
+        assert len(_keys(batches)) == 2 and sum(int(b["bad_samples"]) for b in batches) == 1, world

@@ -72,3 +72,33 @@ def test_two_nodes_with_torchrun(tiny_shards, tmp_path):
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
     assert all(r["global_step"] == 6 for r in ranks)
     assert ranks[0]["val"]["images"] == 6
+
+
+def test_nan_predicted_on_one_rank_stops_both_without_a_checkpoint(tiny_shards, tmp_path):
+    """Rank 1's network predicts NaN from its second step: every step is skipped on both ranks
+    (the skip is agreed) and both stop after the same streak, agreeing that the weights are not
+    good. A rank-local verdict had one rank leave while the other waited in the checkpoint's gather."""
+    runner = tmp_path / "nan_on_rank1.py"
+    runner.write_text(
+        "import os, sys\n"
+        "from curriculum.model import DepthModel, DepthPrediction\n"
+        "original, calls = DepthModel.forward, {'n': 0}\n"
+        "def forward(self, x):\n"
+        "    out = original(self, x)\n"
+        "    if self.training:\n"
+        "        calls['n'] += 1\n"
+        "        if os.environ.get('LOCAL_RANK', '0') == '1' and calls['n'] >= 2:\n"
+        "            return DepthPrediction(out.depth * float('nan'), out.uncertainty)\n"
+        "    return out\n"
+        "DepthModel.forward = forward\n"
+        "from curriculum.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "nan"
+    proc = subprocess.run([sys.executable, str(runner), *_train_args(tiny_shards, out, "trainer.devices=2",
+                                                                     "trainer.max_nonfinite_steps=2")],
+                          capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all("the weights predict non-finite depth, so no checkpoint was saved" in e
+                                    for e in errors), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not (out / "checkpoints" / "nonfinite-stop.ckpt").exists()

@@ -424,7 +424,13 @@ def test_ddp_strategy_with_one_device_builds_a_single_device_trainer(tiny_shards
         assert isinstance(strategy_of(one), SingleDeviceStrategy), one
     # a list of GPU indices (Lightning refuses lists for the CPU, so checked on the rule itself)
     assert _one_process({"devices": [3], "num_nodes": 1}) and not _one_process({"devices": [0, 1], "num_nodes": 1})
+    assert _one_process({"devices": "3,", "num_nodes": 1}) and not _one_process({"devices": "0,1", "num_nodes": 1})
+    assert _one_process({"devices": "auto", "accelerator": "cpu", "num_nodes": 1})  # one CPU process
     assert ours(strategy_of("trainer.devices=2"))
+    # auto with several processes: the recipe's DDP too, not a strategy Lightning picks (in a
+    # notebook it forks, and the process that saves the final checkpoint never trains)
+    assert ours(strategy_of("trainer.devices=2", "trainer.strategy=auto"))
+    assert isinstance(strategy_of("trainer.devices=1", "trainer.strategy=auto"), SingleDeviceStrategy)
     assert ours(strategy_of("trainer.devices=1", "trainer.num_nodes=2"))
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun started more processes
     assert ours(strategy_of("trainer.devices=1"))
