@@ -11,7 +11,9 @@ but never an index.json, so the training side and the checker see the run as inc
 
 With ``overwrite``, the data set already in the folder stays until the new one is complete:
 finished shards wait under hidden names (``.<name>.done``), and only a successful close
-deletes the old shards and index and renames the new ones into place.
+deletes the old shards and index and renames the new ones into place. It lists what it deletes
+in ``.replacing.json`` first (removed once the new index is written), so a rerun with
+``overwrite`` after a stop in the middle still replaces the old set's remaining shards.
 
 ``index.json`` (written atomically on a successful close) is what the training side reads for
 epoch lengths: ``{"schema": 1, "total": N, "shards": [{"name", "samples", "bytes"}, ...]}``.
@@ -30,6 +32,9 @@ from .files import atomic_write_bytes, fsync_dir
 from .schema import SCHEMA_VERSION, check_key
 
 INDEX_NAME = "index.json"
+# What a closing overwrite is replacing, written before it deletes anything and removed once the new
+# index is in place: a rerun after an interrupted replacement still knows the old set's shards.
+REPLACING_NAME = ".replacing.json"
 # Fixed member metadata so the same samples always give byte-identical shards.
 _MTIME = 0
 _MODE = 0o444
@@ -63,6 +68,11 @@ def _replaced_outputs(out_dir: Path, prefix: str) -> list[Path]:
         found.update(out_dir / s["name"] for s in read_index(out_dir)["shards"])
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no readable index: only the prefix's shards
+    try:  # an earlier overwrite stopped halfway: its index is gone, its list of what it replaced is not
+        found.update(out_dir / name for name in json.loads((out_dir / REPLACING_NAME).read_text())
+                     if isinstance(name, str) and name.endswith(".tar") and "/" not in name)
+    except (OSError, ValueError, TypeError):
+        pass
     foreign = sorted(p.name for p in set(out_dir.glob("*.tar")) - found)
     if foreign:
         raise FileExistsError(f"{out_dir} holds {len(foreign)} shard(s) of no known data set ({foreign[0]} first: not "
@@ -222,6 +232,9 @@ class ShardWriter:
         elif self._tar is not None:
             self._discard_tmp()
         index = self.index()
+        journal = self.out_dir / REPLACING_NAME
+        if self._replaces:
+            atomic_write_bytes(journal, json.dumps([p.name for p in self._replaces]).encode())
         self.replacing = bool(self._replaces)
         for p in self._replaces:  # the index first: a crash in between leaves an incomplete folder
             p.unlink(missing_ok=True)
@@ -230,6 +243,7 @@ class ShardWriter:
                 os.replace(self._finished_path(shard["name"]), self.out_dir / shard["name"])
             fsync_dir(self.out_dir)
         atomic_write_bytes(self.out_dir / INDEX_NAME, (json.dumps(index, indent=1) + "\n").encode())
+        journal.unlink(missing_ok=True)
         self._closed = True
         return index
 

@@ -185,8 +185,12 @@ def test_a_failure_while_replacing_keeps_the_new_shards(tmp_path, monkeypatch):
     with ShardWriter(tmp_path, max_samples=1) as w:
         w.write(sample(0))
 
-    def full(path, data):
-        raise OSError(28, "No space left on device")
+    real_write = writer_module.atomic_write_bytes
+
+    def full(path, data):  # the disk fills up as the new index is written, the old set deleted
+        if path.name == "index.json":
+            raise OSError(28, "No space left on device")
+        real_write(path, data)
     monkeypatch.setattr(writer_module, "atomic_write_bytes", full)
     with pytest.raises(OSError):
         with ShardWriter(tmp_path, max_samples=1, overwrite=True) as w:
@@ -241,3 +245,33 @@ def test_temp_name_is_hidden_until_complete(tmp_path):
     w.close()
     assert tars(tmp_path) == ["shard-000000.tar"] and hidden(tmp_path) == []
     assert os.path.exists(tmp_path / "index.json")
+
+
+def test_a_rerun_completes_an_overwrite_stopped_while_it_replaced_the_old_set(tmp_path, monkeypatch):
+    """Stopped between deleting the old index and the last old shard: the rerun the error asks for
+    knows the old set's remaining shards (another prefix, in no index any more) and replaces them."""
+    from pathlib import Path
+
+    with ShardWriter(tmp_path, prefix="kitti", max_samples=1) as w:
+        for i in range(3):
+            w.write(sample(i))
+    real_unlink, deleted = Path.unlink, []
+
+    def unlink(self, missing_ok=False):
+        if self.name.startswith("kitti-") and deleted:
+            raise KeyboardInterrupt  # Ctrl-C after the index and one old shard are gone
+        if self.name.startswith("kitti-"):
+            deleted.append(self.name)
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(KeyboardInterrupt):
+        with ShardWriter(tmp_path, max_samples=1, overwrite=True) as w:
+            w.write(sample(5))
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    assert w.replacing and not (tmp_path / "index.json").exists()
+    assert tars(tmp_path) == ["kitti-000001.tar", "kitti-000002.tar"]  # neither this prefix nor indexed
+    with ShardWriter(tmp_path, max_samples=1, overwrite=True) as w:
+        w.write(sample(6))
+    assert tars(tmp_path) == ["shard-000000.tar"] and hidden(tmp_path) == []
+    assert read_index(tmp_path)["total"] == 1
