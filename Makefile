@@ -7,7 +7,7 @@ DATA   ?= data/synthetic
 RUNS   ?= runs
 STAMP  := $(VENV)/.installed
 
-.PHONY: help setup test test-faults smoke demo data pretrain finetune curriculum compare bench clean
+.PHONY: help setup test test-faults smoke demo data pretrain finetune curriculum compare bench gpu-wheels clean
 
 help:
 	@echo "make demo      generate the synthetic set, pretrain, fine-tune, evaluate (CPU, < 20 min)"
@@ -17,6 +17,7 @@ help:
 	@echo "make pretrain / make finetune   stage 1 / stage 2 with RECIPE_ARGS overrides"
 	@echo "make compare   baseline vs curriculum report"
 	@echo "make bench     training-step and data-pipeline benchmarks"
+	@echo "make gpu-wheels   wheels that benchmarks/gpu_session.sh needs on a GPU machine without them"
 
 # torch and torchvision first, pinned to the tested pair: an unpinned resolve may pull other multi-GB builds.
 $(STAMP): pyproject.toml
@@ -88,6 +89,19 @@ compare: data
 bench: $(STAMP)
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/data_pipeline.py
+
+# What benchmarks/gpu_session.sh needs on a GPU machine whose image lacks it (Python 3.12, x86-64,
+# no network there): wheels of this environment's versions in .whl/, carried along with the call.
+GPU_WHEELS := webdataset braceexpand omegaconf imagecodecs
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	for name in $(GPU_WHEELS); do \
+		version=$$($(PY) -m pip show $$name | sed -n 's/^Version: //p'); \
+		$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+			--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+			-d .whl "$$name==$$version" || exit 1; \
+	done
+	ls .whl
 
 clean:
 	rm -rf $(RUNS) data
