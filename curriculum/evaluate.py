@@ -119,7 +119,7 @@ def save_figures(report: dict, stem: str | os.PathLike) -> list[str]:
 
     from matplotlib.figure import Figure
 
-    from curriculum.viz import save_figure, side_by_side
+    from curriculum.viz import save_figure
 
     m, stem = report["metrics"], str(stem)
     fig = Figure(figsize=(10.0, 3.8), dpi=100, layout="constrained")
@@ -132,6 +132,7 @@ def save_figures(report: dict, stem: str | os.PathLike) -> list[str]:
         values = [np.nan if v is None else float(v) for _, v in bars]
         ax.bar(range(len(bars)), values, color="C0" if k == 0 else "C3")
         ax.set_xticks(range(len(bars)), [label for label, _ in bars], fontsize="small")
+        ax.set_xlim(-0.6, len(bars) - 0.4)  # every slot whole, also an empty last one ("n/a" at its edge)
         for x, v in enumerate(values):
             ax.annotate("n/a" if not np.isfinite(v) else f"{v:.3f}", (x, 0 if not np.isfinite(v) else v),
                         ha="center", va="bottom", fontsize="small")
@@ -142,17 +143,26 @@ def save_figures(report: dict, stem: str | os.PathLike) -> list[str]:
     written = [save_figure(fig, f"{stem}.png")]
     panels = report.get("examples") or []
     if panels:
-        images, labels = [], []
-        for panel in panels:  # rgb | ground truth | prediction | error, each a quarter of the panel
-            w = panel.shape[1] // 4
-            images += [panel[:, j * w:(j + 1) * w] for j in range(4)]
-            labels += ["rgb", "ground truth", "prediction", "abs rel error (black 0, pale >= 0.5)"]
         vmin, vmax = report["depth_range_shown"]
-        written.append(side_by_side(
-            images, labels, f"{stem}_examples.png", ncols=4, depth_bar=(vmin, vmax),
-            title=f"{checkpoint_label(report)}: depth on a log colour scale {vmin:g}..{vmax:g} m (sky and beyond "
-                  "range at the top colour, grey = no measurement); error |pred - gt| / gt"))
+        written.append(save_panels(panels, f"{stem}_examples.png", checkpoint_label(report), vmin, vmax))
     return [str(p) for p in written]
+
+
+PANEL_LABELS = ("rgb", "ground truth", "prediction", "abs rel error (black 0, pale >= 0.5)")
+
+
+def save_panels(panels, path, label: str, vmin: float, vmax: float):
+    """Panels of ``image_panel`` (rgb | ground truth | prediction | error, each a quarter), one per
+    row, with column titles and the depth colour bar in metres, as a figure at ``path``."""
+    from curriculum.viz import side_by_side
+
+    images = []
+    for panel in panels:
+        w = panel.shape[1] // 4
+        images += [panel[:, j * w:(j + 1) * w] for j in range(4)]
+    return side_by_side(images, list(PANEL_LABELS) * len(panels), path, ncols=4, depth_bar=(vmin, vmax),
+                        title=f"{label}: depth on a log colour scale {vmin:g}..{vmax:g} m (sky and beyond range at "
+                              "the top colour, grey = no measurement); error |pred - gt| / gt")
 
 
 def checkpoint_label(report: dict) -> str:

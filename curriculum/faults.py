@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import pickle
 import shlex
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -29,6 +31,9 @@ from curriculum.checkpoint import AtomicCheckpointIO, CheckpointError
 from curriculum.data import DataError
 from curriculum.late_read import LateRead
 
+# A second SIGINT this soon after the first is the same Ctrl-C arriving twice (the terminal's and a
+# wrapper's relay), not a request to stop at once.
+SECOND_SIGINT_AFTER_S = 1.0
 # Priority when ranks received different signals: a requeue request wins over a plain stop.
 _PRIORITY = {signal.SIGINT: 1, signal.SIGTERM: 2, signal.SIGUSR1: 3}
 _BY_PRIORITY = {v: k for k, v in _PRIORITY.items()}
@@ -85,11 +90,18 @@ class SignalCheckpoint(pl.Callback):
         self._late = LateRead([0], late=self.read_late)
         self._previous: dict[int, object] = {}
         self._connector = None
+        self._first_sigint = -math.inf
 
     # ------------------------------------------------------------------ handlers
     def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
         if signum == signal.SIGINT and self.pending:
+            if now - self._first_sigint < SECOND_SIGINT_AFTER_S:
+                return  # the same Ctrl-C delivered twice (a wrapper such as timeout relays it)
+            sys.stderr.write("second SIGINT: stopping at once, without a checkpoint (the last periodic one stands)\n")
             raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            self._first_sigint = now
         self.received.append(int(signum))
         self.pending = max(self.pending, _PRIORITY.get(signum, 0))
 
@@ -99,6 +111,7 @@ class SignalCheckpoint(pl.Callback):
         self.pending = 0
         self.received = []
         self.data_error = None
+        self._first_sigint = -math.inf
         self._late = LateRead([0], late=self.read_late)
         for signum in _PRIORITY:
             self._previous[signum] = signal.getsignal(signum)
@@ -228,7 +241,12 @@ def stop_during_validation(trainer: pl.Trainer, what: str, checkpoint: str | os.
         yield
         return
 
+    raised = []
+
     def handle(signum, frame):
+        if raised:  # already on its way out (a relayed copy of the same signal, a second one)
+            return
+        raised.append(signum)
         requeued = (signum == signal.SIGUSR1 and bool(os.environ.get("SLURM_JOB_ID")) and trainer.is_global_zero
                     and requeue_slurm_job(requeue_command))
         step = int(trainer.global_step)

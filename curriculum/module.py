@@ -316,18 +316,19 @@ class DepthModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ images
     def _log_panel(self, key, batch, pred, i, size=None, step=None):
-        from curriculum.evaluate import image_panel
+        from curriculum.evaluate import PANEL_VMIN, image_panel, save_panels
 
         h, w = size or pred.shape[-2:]
         p = pred[i] if pred.dim() == 3 else pred
-        panel = image_panel(batch, i, p[:h, :w], self.recipe["logging"]["depth_vmax"], rgb_key="image_uint8")
+        vmax = self.recipe["logging"]["depth_vmax"]
+        panel = image_panel(batch, i, p[:h, :w], vmax, rgb_key="image_uint8")
         out = Path(self.recipe["run"]["out_dir"]) / "panels"
         out.mkdir(parents=True, exist_ok=True)
         step = self.global_step if step is None else step
         name = f"{key.replace('/', '_')}_step{step:07d}.png"
-        import PIL.Image
-
-        PIL.Image.fromarray(panel).save(out / name)
+        # on disk with column titles and the colour bar in metres; W&B shows the strip with its caption
+        label = f"{self.recipe['run']['name']} {key} after {step} steps ({self.stage_name})"
+        save_panels([panel], out / name, label, PANEL_VMIN, vmax)
         for logger in self.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key=key, images=[panel], step=step,

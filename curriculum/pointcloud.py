@@ -253,15 +253,18 @@ def filter_points(
 def format_filter_report(report: dict[str, int]) -> str:
     """One line per entry of a ``filter_points`` report, with the share of the total."""
     total = report.get("total", 0)
-    width = max(len(k) for k in report) if report else 0
+    # each row names what it removed; the "valid" mask removes invalid depths
+    shown = {name: ("invalid depth" if name == "valid" else name) for name in report}
+    width = max(len(v) for v in shown.values()) if report else 0
     lines = []
     for name, count in report.items():
+        label = shown[name]
         if name == "total":
-            lines.append(f"{name:<{width}}  {count:>10d}")
+            lines.append(f"{label:<{width}}  {count:>10d}")
         else:
             share = 100.0 * count / total if total else 0.0
             verb = "kept" if name == "kept" else "removed"
-            lines.append(f"{name:<{width}}  {count:>10d}  ({share:5.1f}% {verb})")
+            lines.append(f"{label:<{width}}  {count:>10d}  ({share:5.1f}% {verb})")
     return "\n".join(lines)
 
 

@@ -829,9 +829,15 @@ def test_signal_handlers_survive_a_failed_fit_and_agree_without_ddp(tmp_path):
     assert {s: signal.getsignal(s) for s in before} == before
 
 
-def test_a_second_sigint_while_a_stop_is_pending_stops_at_once(tmp_path):
+def test_a_second_sigint_while_a_stop_is_pending_stops_at_once(tmp_path, monkeypatch, capsys):
     """The first SIGINT asks for a checkpoint at the next step boundary; a second one, for a step
-    that never ends, raises KeyboardInterrupt at once. Other signals only raise the stop's priority."""
+    that never ends, raises KeyboardInterrupt at once, saying so. The same Ctrl-C delivered twice
+    within a second (the terminal's and a wrapper's relay, as under `timeout`) is one. Other
+    signals only raise the stop's priority."""
+    from curriculum import faults
+
+    clock = [100.0]
+    monkeypatch.setattr(faults.time, "monotonic", lambda: clock[0])
     cb = SignalCheckpoint(tmp_path / "last.ckpt")
 
     class FakeTrainer:
@@ -841,17 +847,22 @@ def test_a_second_sigint_while_a_stop_is_pending_stops_at_once(tmp_path):
     try:
         os.kill(os.getpid(), signal.SIGINT)
         assert cb.pending == 1 and cb.received == [signal.SIGINT]
+        clock[0] += 0.2
+        os.kill(os.getpid(), signal.SIGINT)  # relayed: the same Ctrl-C
+        assert cb.received == [signal.SIGINT]
         os.kill(os.getpid(), signal.SIGTERM)  # not a second Ctrl-C: still a checkpointed stop
         assert cb.pending == 2
+        clock[0] += 2.0
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
         assert cb.received == [signal.SIGINT, signal.SIGTERM]
+        assert "second SIGINT: stopping at once, without a checkpoint" in capsys.readouterr().err
     finally:
         cb.on_exception(FakeTrainer(), None, KeyboardInterrupt())
 
 
 def test_a_signal_during_the_final_validation_costs_only_the_validation(tiny_shards, tmp_path, add_callback):
-    """The run's handlers end with fit; Lightning's own then stop the final validation. The final
+    """A signal during the final validation stops it (faults.stop_during_validation). The final
     checkpoint is saved before it, so no step is lost, and a resume only validates."""
     train_dir, val_dir, _, _ = tiny_shards
 
@@ -866,7 +877,7 @@ def test_a_signal_during_the_final_validation_costs_only_the_validation(tiny_sha
     add_callback(SignalInFinalValidation())
     out = tmp_path / "run"
     args = ("stages.0.steps=4", "stages.1.steps=1", "trainer.ckpt_every_steps=2")  # ends mid-epoch
-    with pytest.raises(SystemExit):
+    with pytest.raises(RunInterrupted):
         train_mod.train(_recipe(train_dir, val_dir, out, *args))
     final = out / "checkpoints" / "last.ckpt"
     assert read_checkpoint(final)["global_step"] == 5  # not the periodic save of step 4

@@ -269,6 +269,7 @@ def test_format_filter_report():
     lines = text.splitlines()
     assert len(lines) == 4
     assert lines[0].split() == ["total", "200"]
+    assert lines[1].split()[:3] == ["invalid", "depth", "10"]  # what the row removed, not "valid 10"
     assert "sky" in lines[2] and "50" in lines[2] and "25.0%" in lines[2]
     assert "kept" in lines[3] and "70.0%" in lines[3]
 

@@ -818,3 +818,19 @@ def test_eval_counts_a_bad_sample_found_after_the_last_full_batch(tmp_path):
         report = evaluate("pattern", f"{tmp_path}/val/*.tar", "synthetic", batch_size=1, model=_Pattern(),
                           meta=_PATTERN_META, device="cpu", progress=False)
     assert report["metrics"]["images"] == 1 and report["bad_samples"] == 1
+
+
+def test_eval_chart_keeps_an_empty_last_slot_inside_its_axes(tmp_path, monkeypatch):
+    """Shards without sky: the sky bar's "n/a" sits inside the phantom chart, not on its edge."""
+    import curriculum.viz as viz
+    from curriculum import evaluate as evaluate_mod
+
+    figures = []  # save_figures imports viz.save_figure when called
+    monkeypatch.setattr(viz, "save_figure", lambda fig, path: figures.append(fig) or Path(path))
+    metrics = {"images": 3, "phantom_rate": 0.4, "far/phantom_rate": 0.4, "sky/phantom_rate": None}
+    report = {"checkpoint": "x.ckpt", "protocol": "kitti_garg", "metrics": metrics}
+    evaluate_mod.save_figures(report, tmp_path / "eval")
+    for ax in figures[0].axes:
+        slots = len(ax.get_xticks())
+        left, right = ax.get_xlim()
+        assert left <= -0.5 and right >= slots - 0.5, (ax.get_title(), ax.get_xlim())

@@ -193,7 +193,12 @@ def test_wandb_offline_logs_are_written(tiny_shards, tmp_path):
     assert list(runs[0].glob("*.wandb"))
     media = list(runs[0].glob("files/media/images/**/*.png"))
     assert media, "image panels must reach the W&B run folder"
-    assert list((out / "panels").glob("train_panel_step*.png"))
+    panels = list((out / "panels").glob("train_panel_step*.png"))
+    assert panels
+    from PIL import Image
+
+    with Image.open(panels[0]) as figure:  # a titled figure with its colour bar, not the bare 4-image strip
+        assert figure.width >= 1000 and figure.height >= 150
     ckpt = read_checkpoint(result["checkpoint"])
     assert ckpt["curriculum"]["wandb_run_id"] == result["wandb_run_id"]
     names = set().union(*(r.keys() for r in read_metrics(out)))
