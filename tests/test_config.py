@@ -130,9 +130,40 @@ def test_semantic_checks():
     ("logging.depth_vmax=0", "logging.depth_vmax: must be positive"),
     ("stages.0.step=5", "unknown key 'stages.0.step' (did you mean 'stages.0.steps'?)"),
     ("stages.1.steps=5", "command line: unknown key 'stages.1' (did you mean 'stages.0'?)"),
+    ("stages.0.steps=0", "stages.0.steps: must be positive, got 0"),
+    ("data.crop_height=105", "data.crop_height: must be a positive multiple of 14, got 105"),  # 15 x 7
+    ("data.val_width=100", "data.val_width: must be a positive multiple of 14, got 100"),
+    ("data.val_height=0", "data.val_height: must be a positive multiple of 14, got 0"),
+    ("data.batch_size=0", "data.batch_size: must be positive, got 0"),
+    ("data.val_batch_size=0", "data.val_batch_size: must be positive, got 0"),
+    ("data.num_workers=-1", "data.num_workers: must be >= 0, got -1"),
+    ("data.train_shards=", "data.train_shards: empty"),
+    ("logging.mode=sometimes", "logging.mode: unknown mode 'sometimes'"),
+    ("trainer.log_every_steps=0", "trainer.log_every_steps: must be >= 1"),
+    ("trainer.num_nodes=0", "trainer.num_nodes: must be >= 1"),
+    ("trainer.devices='0'", "trainer.devices: '0' is not a device count"),
+    ("trainer.devices=[0, -1]", "is not a device count"),
+    ("trainer.devices=true", "trainer.devices: True is not a device count"),
+    ("trainer.devices=[]", "is not a device count"),
+    ("optim.beta2=1", "optim.beta2: must lie in [0, 1), got 1.0"),
+    ("optim.beta1=-0.1", "optim.beta1: must lie in [0, 1), got -0.1"),
+    ("optim.head_lr_mult=0", "optim.lr and optim.head_lr_mult: must be positive"),
+    ("optim.weight_decay=-0.01", "optim.weight_decay: must be >= 0"),
+    ("optim.grad_clip=-1", "optim.grad_clip: must be >= 0"),
+    ("loss.silog_lambda=-0.5", "loss.silog_lambda: must be >= 0"),
+    ("loss.nll_weight=-1", "loss.nll_weight: must be >= 0"),
+    ("data.epoch_samples=-1", "data.epoch_samples: must be >= 0"),
+    ("logging.image_every_steps=-1", "logging.image_every_steps: must be >= 0"),
+    ("logging.depth_vmax=inf", "logging.depth_vmax: must be a finite number, got inf"),
+    ("trainer.log_every_steps=-3", "trainer.log_every_steps: must be >= 1"),
+    ("model.head=linear", "model.head: unknown head 'linear'"),
+    ("model.min_depth=0", "need 0 < min_depth < max_depth"),
+    ("model.min_depth=-0.1", "need 0 < min_depth < max_depth"),
+    ("model.min_depth=2000", "need 0 < min_depth < max_depth"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_key(override, message):
-    """Values Lightning or the optimizer would only refuse later, with a traceback."""
+    """Each check of ``validate`` on its own: values Lightning or the optimizer would only refuse
+    later, with a traceback, or that would train quietly wrong."""
     with pytest.raises(RecipeError) as e:
         load_recipe([RECIPES_DIR / "pretrain.yaml"], [override])
     assert message in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)
@@ -147,10 +178,15 @@ def test_bad_values_are_one_line_errors_naming_the_key(override, message):
     ("trainer.strategy=bogus", "trainer.strategy: 'bogus' is not supported"),
     ("stages.1.policy={name: mixed, far_target: 50}", "stages.1.policy.far_target: 50 m lies within the policy's "
                                                       "max_depth 80 m"),
+    ("stages.1.name=pretrain", "stages.1.name: duplicate stage name 'pretrain'"),
+    ("stages.1.rewarm_steps=1001", "stages.1.rewarm_steps: 1001 is longer than the stage's 1000 steps"),
+    ("optim.warmup_steps=2001", "optim.warmup_steps: 2001 runs past stage 0's 2000 steps"),
+    ("stages.1.policy={name: mixed, far_target: 80}", "stages.1.policy.far_target: 80 m lies within the policy's "
+                                                      "max_depth 80 m"),
 ])
 def test_schedules_and_targets_that_defeat_themselves_are_refused(override, message):
     """A re-warm-up on the first stage would multiply with the warm-up; a sky target inside the mask
-    teaches phantoms."""
+    teaches phantoms. Each limit is refused one past it (test_values_at_the_limits_load: at it)."""
     with pytest.raises(RecipeError) as e:
         load_recipe([RECIPES_DIR / "curriculum.yaml"], [override])
     assert message in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)
@@ -249,59 +285,6 @@ def test_lr_factor_poly_power_end_of_run_and_warmup_boundary():
     assert lr_factor(20, stages, 0, 0.9) == 0.0  # past the end: 0, not a complex number
     assert lr_factor(3, stages, 4, 1.0) == pytest.approx(1 - 3 / 15)  # last warm-up step: full rate
     assert lr_factor(4, stages, 4, 1.0) == pytest.approx(1 - 4 / 15)  # warm-up over
-
-
-@pytest.mark.parametrize("override,message", [
-    ("stages.0.steps=0", "stages.0.steps: must be positive, got 0"),
-    ("data.crop_height=105", "data.crop_height: must be a positive multiple of 14, got 105"),  # 15 x 7
-    ("data.val_width=100", "data.val_width: must be a positive multiple of 14, got 100"),
-    ("data.val_height=0", "data.val_height: must be a positive multiple of 14, got 0"),
-    ("data.batch_size=0", "data.batch_size: must be positive, got 0"),
-    ("data.val_batch_size=0", "data.val_batch_size: must be positive, got 0"),
-    ("data.num_workers=-1", "data.num_workers: must be >= 0, got -1"),
-    ("data.train_shards=", "data.train_shards: empty"),
-    ("logging.mode=sometimes", "logging.mode: unknown mode 'sometimes'"),
-    ("trainer.log_every_steps=0", "trainer.log_every_steps: must be >= 1"),
-    ("trainer.num_nodes=0", "trainer.num_nodes: must be >= 1"),
-    ("trainer.devices='0'", "trainer.devices: '0' is not a device count"),
-    ("trainer.devices=[0, -1]", "is not a device count"),
-    ("trainer.devices=true", "trainer.devices: True is not a device count"),
-    ("trainer.devices=[]", "is not a device count"),
-    ("optim.beta2=1", "optim.beta2: must lie in [0, 1), got 1.0"),
-    ("optim.beta1=-0.1", "optim.beta1: must lie in [0, 1), got -0.1"),
-    ("optim.head_lr_mult=0", "optim.lr and optim.head_lr_mult: must be positive"),
-    ("optim.weight_decay=-0.01", "optim.weight_decay: must be >= 0"),
-    ("optim.grad_clip=-1", "optim.grad_clip: must be >= 0"),
-    ("loss.silog_lambda=-0.5", "loss.silog_lambda: must be >= 0"),
-    ("loss.nll_weight=-1", "loss.nll_weight: must be >= 0"),
-    ("data.epoch_samples=-1", "data.epoch_samples: must be >= 0"),
-    ("logging.image_every_steps=-1", "logging.image_every_steps: must be >= 0"),
-    ("logging.depth_vmax=inf", "logging.depth_vmax: must be a finite number, got inf"),
-    ("trainer.log_every_steps=-3", "trainer.log_every_steps: must be >= 1"),
-    ("model.head=linear", "model.head: unknown head 'linear'"),
-    ("model.min_depth=0", "need 0 < min_depth < max_depth"),
-    ("model.min_depth=-0.1", "need 0 < min_depth < max_depth"),
-    ("model.min_depth=2000", "need 0 < min_depth < max_depth"),
-])
-def test_every_semantic_check_refuses_its_value_in_one_line(override, message):
-    """Each check of ``validate`` on its own: a recipe that would only fail later (or train
-    quietly wrong) is one line naming the key."""
-    with pytest.raises(RecipeError) as e:
-        load_recipe([RECIPES_DIR / "pretrain.yaml"], [override])
-    assert message in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)
-
-
-@pytest.mark.parametrize("override,message", [
-    ("stages.1.name=pretrain", "stages.1.name: duplicate stage name 'pretrain'"),
-    ("stages.1.rewarm_steps=1001", "stages.1.rewarm_steps: 1001 is longer than the stage's 1000 steps"),
-    ("optim.warmup_steps=2001", "optim.warmup_steps: 2001 runs past stage 0's 2000 steps"),
-    ("stages.1.policy={name: mixed, far_target: 80}", "stages.1.policy.far_target: 80 m lies within the policy's "
-                                                      "max_depth 80 m"),
-])
-def test_schedule_and_target_boundaries_are_refused_one_past_the_limit(override, message):
-    with pytest.raises(RecipeError) as e:
-        load_recipe([RECIPES_DIR / "curriculum.yaml"], [override])
-    assert message in str(e.value) and len(str(e.value).splitlines()) == 1, str(e.value)
 
 
 @pytest.mark.parametrize("overrides", [
