@@ -22,6 +22,7 @@ import threading
 import time
 import zipfile
 from pathlib import Path
+from typing import NoReturn
 
 import lightning.pytorch as pl
 import torch
@@ -88,8 +89,7 @@ class SignalCheckpoint(pl.Callback):
         self.received: list[int] = []
         self.data_error: str | None = None  # this rank's data error, carried by its batches
         self._late = LateRead([0], late=self.read_late)
-        self._previous: dict[int, object] = {}
-        self._connector = None
+        self._taken: tuple | None = None  # what _take_signals replaced, until fitting ends
         self._first_sigint = -math.inf
 
     # ------------------------------------------------------------------ handlers
@@ -113,13 +113,7 @@ class SignalCheckpoint(pl.Callback):
         self.data_error = None
         self._first_sigint = -math.inf
         self._late = LateRead([0], late=self.read_late)
-        for signum in _PRIORITY:
-            self._previous[signum] = signal.getsignal(signum)
-            signal.signal(signum, self._handle)
-        connector = getattr(trainer, "_signal_connector", None)
-        if connector is not None:
-            connector.register_signal_handlers = _noop
-            self._connector = connector
+        self._taken = _take_signals(trainer, self._handle)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":
@@ -130,14 +124,9 @@ class SignalCheckpoint(pl.Callback):
         self._restore()
 
     def _restore(self) -> None:
-        if self._connector is not None:
-            self._connector.__dict__.pop("register_signal_handlers", None)
-            self._connector = None
-        if _in_main_thread():
-            for signum, previous in self._previous.items():
-                if signal.getsignal(signum) == self._handle:
-                    signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-        self._previous = {}
+        if self._taken is not None:
+            _give_back_signals(*self._taken, self._handle)
+            self._taken = None
 
     # ------------------------------------------------------------------ acting on a signal
     def _agreed(self, trainer, now: bool = False, reduced_only: bool = False) -> int:
@@ -191,20 +180,45 @@ class SignalCheckpoint(pl.Callback):
             for logger in trainer.loggers:
                 logger.save()
         signum = _BY_PRIORITY[code]
-        name = signal.Signals(signum).name
         trainer.save_checkpoint(self.checkpoint, weights_only=False)
-        requeued = False
-        if signum == signal.SIGUSR1 and os.environ.get("SLURM_JOB_ID") and trainer.is_global_zero:
-            requeued = requeue_slurm_job(self.requeue_command)
-        step = int(trainer.global_step)
-        message = (f"interrupted at step {step} by {name}{note}; checkpoint saved to {self.checkpoint}; "
-                   f"resume with resume={self.checkpoint}" + ("; SLURM job requeued" if requeued else ""))
-        if trainer.is_global_zero:
-            from tqdm import tqdm
+        _interrupt(trainer, signum, f"interrupted at step {trainer.global_step} by {signal.Signals(signum).name}"
+                   f"{note}; checkpoint saved to {self.checkpoint}; resume with resume={self.checkpoint}",
+                   self.checkpoint, self.requeue_command)
 
-            tqdm.write(message, file=sys.stderr)  # on a line of its own below a progress bar
-        raise RunInterrupted(message, signum, step, str(self.checkpoint), requeued)
 
+def _take_signals(trainer, handler) -> tuple[dict, object]:
+    """Installs ``handler`` for the stop signals and holds off Lightning's own SIGTERM handling
+    (it forwards the signal to the other local ranks, runs a collective inside the handler and
+    exits without a checkpoint); returns what ``_give_back_signals`` puts back."""
+    previous = {signum: signal.getsignal(signum) for signum in _PRIORITY}
+    for signum in _PRIORITY:
+        signal.signal(signum, handler)
+    connector = getattr(trainer, "_signal_connector", None)
+    if connector is not None:
+        connector.register_signal_handlers = _noop
+    return previous, connector
+
+
+def _give_back_signals(previous: dict, connector, handler) -> None:
+    if connector is not None:
+        connector.__dict__.pop("register_signal_handlers", None)
+    if _in_main_thread():
+        for signum, old in previous.items():
+            if signal.getsignal(signum) == handler:
+                signal.signal(signum, old if old is not None else signal.SIG_DFL)
+
+
+def _interrupt(trainer, signum: int, message: str, checkpoint, requeue_command: str) -> NoReturn:
+    """Ends the run after a stop signal: SIGUSR1 under SLURM requeues the job (rank 0), rank 0
+    prints the line, and RunInterrupted carries it out (exit status 128 + signal)."""
+    requeued = (signum == signal.SIGUSR1 and bool(os.environ.get("SLURM_JOB_ID")) and trainer.is_global_zero
+                and requeue_slurm_job(requeue_command))
+    message += "; SLURM job requeued" if requeued else ""
+    if trainer.is_global_zero:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)  # on a line of its own below a progress bar
+    raise RunInterrupted(message, signum, int(trainer.global_step), str(checkpoint), requeued)
 
 
 def requeue_slurm_job(requeue_command: str) -> bool:
@@ -247,31 +261,15 @@ def stop_during_validation(trainer: pl.Trainer, what: str, checkpoint: str | os.
         if raised:  # already on its way out (a relayed copy of the same signal, a second one)
             return
         raised.append(signum)
-        requeued = (signum == signal.SIGUSR1 and bool(os.environ.get("SLURM_JOB_ID")) and trainer.is_global_zero
-                    and requeue_slurm_job(requeue_command))
-        step = int(trainer.global_step)
-        message = (f"interrupted by {signal.Signals(signum).name} during {what} (step {step}); every step is in "
-                   f"{checkpoint}; resume with resume={checkpoint} to run the validation again"
-                   + ("; SLURM job requeued" if requeued else ""))
-        if trainer.is_global_zero:
-            from tqdm import tqdm
+        _interrupt(trainer, signum, f"interrupted by {signal.Signals(signum).name} during {what} (step "
+                   f"{trainer.global_step}); every step is in {checkpoint}; resume with resume={checkpoint} to run "
+                   "the validation again", checkpoint, requeue_command)
 
-            tqdm.write(message, file=sys.stderr)
-        raise RunInterrupted(message, signum, step, str(checkpoint), requeued)
-
-    previous = {signum: signal.getsignal(signum) for signum in _PRIORITY}
-    connector = getattr(trainer, "_signal_connector", None)
-    if connector is not None:
-        connector.register_signal_handlers = _noop
-    for signum in _PRIORITY:
-        signal.signal(signum, handle)
+    taken = _take_signals(trainer, handle)
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        if connector is not None:
-            connector.__dict__.pop("register_signal_handlers", None)
+        _give_back_signals(*taken, handle)
 
 
 class ReportingCheckpointIO(AtomicCheckpointIO):
