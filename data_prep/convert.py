@@ -294,6 +294,14 @@ def run(
             signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
+def _left(writer: ShardWriter, cleaned: str) -> str:
+    """What a failed run left: ``cleaned`` (the writer removed its shards), unless it had begun
+    replacing an old data set, which it then cannot put back."""
+    if writer.replacing:
+        return "the old data set is partly deleted and no index.json was written: rerun to complete it"
+    return cleaned
+
+
 def _run(name: str, frames: Sequence[Any], load: Callable[[Any, dict], dict], opts: dict,
          args: argparse.Namespace) -> int:
     skip_bad = getattr(args, "skip_bad", False)
@@ -363,18 +371,14 @@ def _run(name: str, frames: Sequence[Any], load: Callable[[Any, dict], dict], op
         return fail(str(e))
     except OSError as e:  # writing failed (a full disk, a quota): the writer has cleaned up
         bar.close()
-        left = ("the old data set is partly deleted and no index.json was written: rerun to complete it"
-                if writer.replacing else "no shards written")
-        return fail(f"{args.out}: cannot write shards ({e.strerror or e}); {left}")
+        return fail(f"{args.out}: cannot write shards ({e.strerror or e}); {_left(writer, 'no shards written')}")
     except BrokenProcessPool:
         bar.close()
         return fail(f"{name}: a conversion worker died (killed, out of memory?); no shards written")
     except KeyboardInterrupt as e:  # Ctrl-C, or Terminated by SIGTERM / SIGHUP
         bar.close()
         how = f"terminated by {e}" if isinstance(e, Terminated) else "interrupted"
-        left = ("the old data set is partly deleted and no index.json was written: rerun to complete it"
-                if writer.replacing else f"removed the partial output in {args.out}")
-        print(f"{how}: {left}", file=sys.stderr)
+        print(f"{how}: {_left(writer, f'removed the partial output in {args.out}')}", file=sys.stderr)
         return 128 + e.signum if isinstance(e, Terminated) else EXIT_INTERRUPTED
     finally:
         bar.close()
