@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -229,3 +231,37 @@ def test_flops_are_counted_with_every_attention_kernel_allowed(train_step, monke
     finally:
         for n, on in before.items():
             getattr(torch.backends.cuda, f"enable_{n}_sdp")(on)
+
+
+def _gpu_session(tmp_path, deadline: int) -> tuple[subprocess.CompletedProcess, Path]:
+    """benchmarks/gpu_session.sh with the smoke overrides it documents: tiny CPU runs of every part."""
+    out = tmp_path / "gpu"
+    env = dict(os.environ, OUT=str(out), DEADLINE=str(deadline), WHEELS=str(tmp_path / "no-wheels"),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               TRAIN_STEP_ARGS="--encoders tiny --size 28x42 --batch 2 --steps 1 --warmup 1 --modes bf16 --device cpu",
+               DATA_ARGS=f"--frames 4 --width 124 --height 38 --crop 42 --batch 2 --workers 0 --batches 1 "
+                         f"--ref-batches 1 --repeats 1 --cache {tmp_path / 'cache'}",
+               PYTEST_ARGS="-k cuda")
+    proc = subprocess.run(["bash", str(BENCH / "gpu_session.sh")], cwd=BENCH.parent, env=env,
+                          capture_output=True, text=True, timeout=600)
+    return proc, out
+
+
+def test_gpu_session_script_runs_every_part(tmp_path):
+    proc, out = _gpu_session(tmp_path, deadline=480)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("vitl", "cuda_tests", "vits_vitb", "data_pipeline"):
+        assert f"== {name}: exit 0 after" in proc.stdout, proc.stdout
+    vitl = json.loads((out / "train_step_vitl.json").read_text())
+    assert [(r["encoder"], r["mode"]) for r in vitl["rows"]] == [("tiny", "bf16")]  # the overrides won
+    assert vitl["rows"][0]["trainer_img_per_s"] > 0  # the script's --trainer reached the benchmark
+    assert json.loads((out / "data_pipeline.json").read_text())["rows"][0]["workers"] == 0
+    assert "skipped" in (out / "cuda_tests.log").read_text()  # CUDA-only tests skip on the CPU
+
+
+def test_gpu_session_script_skips_what_the_deadline_leaves_no_time_for(tmp_path):
+    proc, out = _gpu_session(tmp_path, deadline=20)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("vitl", "cuda_tests", "vits_vitb", "data_pipeline"):
+        assert f"== {name}: skipped" in proc.stdout, proc.stdout
+    assert not (out / "train_step_vitl.json").exists()
