@@ -6,8 +6,10 @@ import time
 
 import lightning.pytorch as pl
 import torch
+from tqdm import tqdm
 
 from curriculum.late_read import LateRead
+from curriculum.masks import describe_policy
 from curriculum.schedule import stage_index_at, stage_starts
 
 
@@ -35,6 +37,9 @@ class CurriculumCallback(pl.Callback):
         name = self.stages[index]["name"]
         if not self.switches or self.switches[-1][1] != name:
             self.switches.append((int(trainer.global_step), name))
+            if trainer.is_global_zero:  # above the progress bar, also when it is off
+                tqdm.write(f"step {trainer.global_step}: stage '{name}', mask policy {describe_policy(module.policy)}",
+                           file=sys.stdout)
 
     def on_train_start(self, trainer, module) -> None:
         self._sync(trainer, module)
@@ -43,6 +48,10 @@ class CurriculumCallback(pl.Callback):
         self._sync(trainer, module)
         # a CPU tensor: Lightning makes a Python number a tensor on the device, a blocking copy
         module.log("curriculum/stage", torch.tensor(float(module.stage_index)), on_step=True, on_epoch=False)
+        # the curriculum's position across the runs of one experiment (the stage index restarts
+        # in a stage-2 run): 1 = far and sky supervised, 0 = the 80 m mask
+        module.log("curriculum/far_weight", torch.tensor(float(module.policy.far_weight)), on_step=True,
+                   on_epoch=False)
 
     def state_dict(self) -> dict:
         return {"switches": [list(s) for s in self.switches], "starts": list(self.starts)}
@@ -81,8 +90,6 @@ class StepProgressBar(pl.callbacks.ProgressBar):
         self._enabled = True
 
     def on_train_start(self, trainer, module) -> None:
-        from tqdm import tqdm
-
         if not (self._enabled and trainer.is_global_zero):
             return
         self._start_step = trainer.global_step
@@ -112,8 +119,6 @@ class StepProgressBar(pl.callbacks.ProgressBar):
     # Validation gets its own bar (batches, images/s) under the training bar; a full-size
     # validation set takes minutes.
     def on_validation_start(self, trainer, module) -> None:
-        from tqdm import tqdm
-
         self.val_bar = None
         if self._enabled and trainer.is_global_zero and not trainer.sanity_checking:
             self.val_bar = tqdm(desc="validate", unit="batch", dynamic_ncols=True, leave=False,
@@ -132,8 +137,6 @@ class StepProgressBar(pl.callbacks.ProgressBar):
             seconds = time.perf_counter() - self._val_t0
             self.val_bar.close()
             self.val_bar = None
-            from tqdm import tqdm
-
             ranks = f" on rank 0 of {trainer.world_size}" if trainer.world_size > 1 else ""
             step = module._validated_at()[0] if hasattr(module, "_validated_at") else trainer.global_step
             tqdm.write(f"validation at step {step}: {self._val_images} images{ranks} in {seconds:.1f} s "

@@ -201,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     except MisconfigurationException as exc:  # Lightning's refusal of a trainer setting the recipe check let through
         _error_line(f"error: trainer: {str(exc).splitlines()[0]}")
         return 2
+    except Exception as exc:
+        if not type(exc).__module__.startswith("wandb."):  # wandb's refusals (a login, a project) in one line
+            raise
+        _error_line(f"error: W&B: {one_line(str(exc))}")
+        return 2
 
 
 def _error_line(text: str) -> None:

@@ -118,8 +118,10 @@ class TrainerConfig:
 @dataclass
 class LoggingConfig:
     project: str = "curriculum-depth"
+    entity: str = ""  # W&B user or team; "" = the account's default entity
     group: str = ""  # links the stages of one experiment; "" = run.name
-    mode: str = "auto"  # auto (online iff an API key is configured) | online | offline | disabled
+    # auto: WANDB_MODE if set, else online iff an API key is configured | online | offline | disabled
+    mode: str = "auto"
     image_every_steps: int = 200
     depth_vmax: float = 700.0  # fixed colour range of depth panels
     parent_run: str = ""  # filled in for stage 2: the stage-1 run id
@@ -342,6 +344,8 @@ def validate(cfg: DictConfig) -> None:
         raise RecipeError(f"data.num_workers: must be >= 0, got {cfg.data.num_workers}")
     if cfg.logging.mode not in ("auto", "online", "offline", "disabled"):
         raise RecipeError(f"logging.mode: unknown mode '{cfg.logging.mode}' (auto, online, offline, disabled)")
+    for key in ("project", "entity"):
+        _check_wandb_name(f"logging.{key}", cfg.logging[key], required=(key == "project"))
     for key in ("val_every_steps", "ckpt_every_steps"):
         if cfg.trainer[key] < 0:
             raise RecipeError(f"trainer.{key}: must be >= 0 (0 = {'once per epoch' if key[0] == 'v' else 'only at the end'}), "
@@ -433,6 +437,24 @@ def _check_finite(cfg: DictConfig) -> None:
         for key, value in cfg[section].items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise RecipeError(f"{section}.{key}: must be a finite number, got {value}")
+
+
+# W&B's own rule for project names (wandb_settings.validate_project), applied to the entity too:
+# W&B checks it only when the run starts, after a replaced run's files are gone.
+WANDB_NAME_FORBIDDEN = "/\\#?%:"
+
+
+def _check_wandb_name(key: str, value: str, required: bool) -> None:
+    if required and not value.strip():
+        raise RecipeError(f"{key}: must not be empty")
+    if value != value.strip():
+        raise RecipeError(f"{key}: {value!r} has leading or trailing spaces")
+    if len(value) > 128:
+        raise RecipeError(f"{key}: {value!r} is longer than W&B's 128 characters")
+    bad = sorted({c for c in value if c in WANDB_NAME_FORBIDDEN})
+    if bad:
+        raise RecipeError(f"{key}: {value!r} contains {' '.join(bad)}, which W&B names cannot hold "
+                          f"({' '.join(WANDB_NAME_FORBIDDEN)})")
 
 
 def _check_devices(devices: Any) -> None:

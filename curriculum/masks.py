@@ -108,6 +108,7 @@ class MaxDepthPolicy:
     """Depth-Anything-V2's policy: measured pixels in [min_depth, max_depth] only."""
 
     name: ClassVar[str] = "max_depth"
+    far_weight: ClassVar[float] = 0.0  # far and sky pixels are left out (not a recipe field)
     min_depth: float = 1e-3
     max_depth: float = 80.0
 
@@ -189,6 +190,12 @@ def build_policy(spec: Mapping | Policy) -> Policy:
             raise ValueError(f"mask policy {name!r} field {key!r} must be a number, got {value!r}")
         kwargs[key] = float(value)
     return cls(**kwargs)
+
+
+def describe_policy(policy: Policy) -> str:
+    """One line for logs, e.g. 'max_depth (min_depth=0.001, max_depth=80)'."""
+    fields = ", ".join(f"{k}={v:g}" for k, v in dataclasses.asdict(policy).items())
+    return f"{policy.name} ({fields})"
 
 
 def policy_to_dict(policy: Policy) -> dict:

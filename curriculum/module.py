@@ -326,13 +326,12 @@ class DepthModule(pl.LightningModule):
         out.mkdir(parents=True, exist_ok=True)
         step = self.global_step if step is None else step
         name = f"{key.replace('/', '_')}_step{step:07d}.png"
-        # on disk with column titles and the colour bar in metres; W&B shows the strip with its caption
+        # the same titled figure (column titles, colour bar in metres) on disk and in W&B
         label = f"{self.recipe['run']['name']} {key} after {step} steps ({self.stage_name})"
-        save_panels([panel], out / name, label, PANEL_VMIN, vmax)
+        figure = save_panels([panel], out / name, label, PANEL_VMIN, vmax)
         for logger in self.loggers:
             if hasattr(logger, "log_image"):
-                logger.log_image(key=key, images=[panel], step=step,
-                                 caption=["rgb | ground truth | prediction | abs rel error"])
+                logger.log_image(key=key, images=[str(figure)], step=step, caption=[label])
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import warnings
+from urllib.parse import urlparse
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -83,16 +84,46 @@ def _clear_folder(folder: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+# WANDB_MODE's values as wandb reads them, in this project's modes
+_WANDB_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
+                    "disabled": "disabled"}
+
+
 def wandb_mode(mode: str) -> str:
-    """`auto` goes online only when an API key is configured (environment or netrc)."""
+    """`auto`: what WANDB_MODE (or WANDB_DISABLED) says if set, else online only when an API key
+    is configured. An explicit recipe mode wins over the environment: Lightning's offline logger
+    sets WANDB_MODE itself."""
     if mode != "auto":
         return mode
+    if os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes"):
+        return "disabled"
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env:
+        if env not in _WANDB_ENV_MODES:
+            raise SetupError(f"WANDB_MODE={env!r}: unknown mode (online, offline, disabled); logging.mode=auto "
+                             "follows it")
+        return _WANDB_ENV_MODES[env]
+    return "online" if wandb_key_configured() else "offline"
+
+
+def wandb_key_configured() -> bool:
+    """An API key in the environment, or in netrc for the W&B server (WANDB_BASE_URL) in use."""
     if os.environ.get("WANDB_API_KEY"):
-        return "online"
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
-        return "online"
-    return "offline"
+    try:
+        return netrc.is_file() and host in netrc.read_text(errors="ignore")
+    except OSError:
+        return False
+
+
+def _check_wandb_login(recipe: dict) -> None:
+    """Online logging needs a key: refused here, before anything is cleared or built, instead of
+    from inside wandb once training has started."""
+    if wandb_mode(recipe["logging"]["mode"]) == "online" and not wandb_key_configured():
+        raise SetupError("logging.mode: online, but no W&B API key is configured (WANDB_API_KEY or `wandb login`); "
+                         "log offline with logging.mode=offline and sync later with `wandb sync`")
 
 
 class _ResumedMetricsWriter(ExperimentWriter):
@@ -148,9 +179,14 @@ def make_loggers(recipe: dict, out_dir: Path, resumed: dict | None = None) -> li
         job_type = stages[0] if len(stages) == 1 else "curriculum"
         os.environ.setdefault("WANDB_SILENT", "true")
         run_id = (resumed or {}).get("wandb_run_id") or None
+        # a resumed stage-2 run is started without init_from; its W&B config keeps the parent checkpoint
+        config = {**recipe, "init_from": recipe["init_from"] or (resumed or {}).get("lineage", {}).get("init_from", "")}
         wandb_logger = WandbLogger(
-            project=lcfg["project"], name=recipe["run"]["name"], group=lcfg["group"] or recipe["run"]["name"],
-            job_type=job_type, save_dir=str(out_dir), offline=(mode == "offline"), config=recipe,
+            project=lcfg["project"], entity=lcfg["entity"] or None, name=recipe["run"]["name"],
+            group=lcfg["group"] or recipe["run"]["name"], job_type=job_type, save_dir=str(out_dir), config=config,
+            # the mode goes to wandb.init: Lightning's offline=True would set WANDB_MODE for the
+            # rest of the process, and a later run's `auto` would read it
+            mode=mode,
             id=run_id, resume="allow" if run_id else None,
         )
         # Lightning always passes wandb an `anonymous` setting, which wandb now warns about on every run
@@ -356,6 +392,7 @@ def train(cfg: DictConfig) -> dict:
     out_dir = Path(recipe["run"]["out_dir"])
     _check_writable(out_dir)
     replace_old_run = _claim_folder(out_dir, recipe)  # refused here, before any heavy work
+    _check_wandb_login(recipe)
     if recipe["trainer"]["accelerator"] in ("gpu", "cuda") and not torch.cuda.is_available():
         raise SetupError(f"trainer.accelerator={recipe['trainer']['accelerator']}, but no CUDA device is visible")
     datamodule = DepthDataModule(recipe["data"], recipe["run"]["seed"])  # shard checks before heavy work

@@ -139,6 +139,11 @@ def test_semantic_checks():
     ("data.num_workers=-1", "data.num_workers: must be >= 0, got -1"),
     ("data.train_shards=", "data.train_shards: empty"),
     ("logging.mode=sometimes", "logging.mode: unknown mode 'sometimes'"),
+    ("logging.project=", "logging.project: must not be empty"),
+    ("logging.project=team/depth", "logging.project: 'team/depth' contains /, which W&B names cannot hold"),
+    ("logging.project='depth '", "logging.project: 'depth ' has leading or trailing spaces"),
+    ("logging.project=" + "p" * 129, "is longer than W&B's 128 characters"),
+    ("logging.entity='my:team'", "logging.entity: 'my:team' contains :"),
     ("trainer.log_every_steps=0", "trainer.log_every_steps: must be >= 1"),
     ("trainer.num_nodes=0", "trainer.num_nodes: must be >= 1"),
     ("trainer.devices='0'", "trainer.devices: '0' is not a device count"),
@@ -295,6 +300,7 @@ def test_lr_factor_poly_power_end_of_run_and_warmup_boundary():
     ["optim.warmup_steps=2500", "stages.1.rewarm_steps=0"],  # no re-warm-up: nothing to multiply with
     ["stages.1.policy={name: mixed, far_target: 80.5}"],
     ["data.num_workers=0", "trainer.devices=[0]", "data.crop_height=14"],
+    ["logging.project=" + "p" * 128, "logging.entity=my-team_2", "logging.group=a/b"],  # groups are left to W&B
 ])
 def test_values_at_the_limits_load(overrides):
     assert load_recipe([RECIPES_DIR / "curriculum.yaml"], overrides)

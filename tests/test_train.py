@@ -1,6 +1,7 @@
 """End-to-end training on tiny shards: stages, init, resume, checkpoints, logging."""
 import csv
 import json
+import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,10 +16,11 @@ from curriculum.checkpoint import (
     taught_far_target,
 )
 from curriculum.cli import main as cli_main
-from curriculum.config import RECIPES_DIR, load_recipe
+from curriculum.config import RECIPES_DIR, load_recipe, to_plain
 from curriculum.data import DataError
+from curriculum.masks import build_policy
 from curriculum.model import DepthModel
-from curriculum.train import data_seed, train
+from curriculum.train import SetupError, data_seed, train
 
 
 def _recipe(tiny_shards, out, *extra, files=("smoke.yaml",)):
@@ -28,13 +30,20 @@ def _recipe(tiny_shards, out, *extra, files=("smoke.yaml",)):
     return load_recipe([RECIPES_DIR / f for f in files], overrides)
 
 
-def test_curriculum_switches_policy_at_the_exact_step(tiny_shards, tmp_path):
-    result = train(_recipe(tiny_shards, tmp_path / "run", "stages.0.steps=3", "stages.1.steps=2"))
+def test_curriculum_switches_policy_at_the_exact_step(tiny_shards, tmp_path, capsys):
+    result = train(_recipe(tiny_shards, tmp_path / "run", "stages.0.steps=3", "stages.1.steps=2",
+                           "trainer.progress=false"))
     assert result["global_step"] == 5
     assert result["switches"] == [(0, "pretrain"), (3, "finetune")]
     rows = [r for r in read_metrics(tmp_path / "run") if r.get("curriculum/stage")]
     stage_at = {int(r["step"]): float(r["curriculum/stage"]) for r in rows}
     assert [stage_at[s] for s in range(1, 6)] == [0, 0, 0, 1, 1]  # a row's step: the steps taken
+    # the policy's far weight says where in the curriculum a run stands, across the runs of a group too
+    far_weight_at = {int(r["step"]): float(r["curriculum/far_weight"]) for r in rows}
+    assert [far_weight_at[s] for s in range(1, 6)] == [1, 1, 1, 0, 0]
+    out = capsys.readouterr().out  # each switch on the console, with the progress bar off as well
+    assert "step 0: stage 'pretrain', mask policy unclipped (" in out
+    assert "step 3: stage 'finetune', mask policy max_depth (min_depth=0.001, max_depth=80)" in out
     assert {r["epoch"] for r in rows} == {"0"}  # counts read as counts
     ckpt = read_checkpoint(result["checkpoint"])  # weights_only=True
     meta = ckpt["curriculum"]
@@ -197,8 +206,9 @@ def test_wandb_offline_logs_are_written(tiny_shards, tmp_path):
     assert panels
     from PIL import Image
 
-    with Image.open(panels[0]) as figure:  # a titled figure with its colour bar, not the bare 4-image strip
-        assert figure.width >= 1000 and figure.height >= 150
+    for path in (panels[0], *media):  # titled figures with their colour bar, not the bare 4-image strip
+        with Image.open(path) as figure:
+            assert figure.width >= 1000 and figure.height >= 150, path
     ckpt = read_checkpoint(result["checkpoint"])
     assert ckpt["curriculum"]["wandb_run_id"] == result["wandb_run_id"]
     names = set().union(*(r.keys() for r in read_metrics(out)))
@@ -508,7 +518,8 @@ def test_the_final_model_is_validated_once(tiny_shards, tmp_path, steps, validat
 def test_wandb_auto_mode_goes_online_only_with_an_api_key(tmp_path, monkeypatch):
     from curriculum.train import wandb_mode
 
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DISABLED", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
     netrc = tmp_path / "netrc"
     monkeypatch.setenv("NETRC", str(netrc))
     assert wandb_mode("auto") == "offline"  # no netrc file
@@ -521,6 +532,80 @@ def test_wandb_auto_mode_goes_online_only_with_an_api_key(tmp_path, monkeypatch)
     assert wandb_mode("auto") == "online"
     for forced in ("online", "offline", "disabled"):
         assert wandb_mode(forced) == forced
+    # a self-hosted server: its host in netrc is the key
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    assert wandb_mode("auto") == "offline"
+    netrc.write_text("machine wandb.example.org\n  login user\n  password abc\n")
+    assert wandb_mode("auto") == "online"
+
+
+@pytest.mark.parametrize("env,mode", [({"WANDB_MODE": "disabled"}, "disabled"), ({"WANDB_MODE": "dryrun"}, "offline"),
+                                      ({"WANDB_MODE": "Offline"}, "offline"), ({"WANDB_DISABLED": "true"}, "disabled")])
+def test_wandb_auto_mode_follows_the_environment(monkeypatch, env, mode):
+    from curriculum.train import wandb_mode
+
+    monkeypatch.setenv("WANDB_API_KEY", "abc")  # would go online without the variable
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert wandb_mode("auto") == mode
+    assert wandb_mode("offline") == "offline"  # the recipe's explicit mode wins
+
+
+def test_wandb_disabled_in_the_environment_writes_no_wandb_run(tiny_shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    train(_recipe(tiny_shards, tmp_path / "run", "logging.mode=auto", "stages.0.steps=1", "stages.1.steps=1"))
+    assert not (tmp_path / "run" / "wandb").exists()
+    assert read_metrics(tmp_path / "run")  # metrics.csv all the same
+
+
+def test_wandb_mode_reaches_wandb_without_changing_the_environment(tmp_path, monkeypatch):
+    """Lightning's offline=True would set WANDB_MODE=dryrun for the rest of the process, so that
+    a later run's `auto` read it; the mode goes to wandb.init instead."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from curriculum.train import make_loggers
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    recipe = to_plain(load_recipe([RECIPES_DIR / "finetune.yaml"], ["logging.mode=offline", "logging.entity=team",
+                                                                    "init_from="]))
+    resumed = {"global_step": 3, "wandb_run_id": "abc123", "lineage": {"init_from": "runs/pre/last.ckpt"}}
+    logger = next(lg for lg in make_loggers(recipe, tmp_path, resumed) if isinstance(lg, WandbLogger))
+    init = logger._wandb_init
+    assert init["mode"] == "offline" and init["entity"] == "team" and init["id"] == "abc123"
+    # a resumed stage-2 run is started without init_from: its W&B config keeps the parent checkpoint
+    assert init["config"]["init_from"] == "runs/pre/last.ckpt" and recipe["init_from"] == ""
+    logger.experiment.finish()
+    assert "WANDB_MODE" not in os.environ
+
+
+def test_online_logging_without_a_key_is_refused_before_the_old_run_is_replaced(tiny_shards, tmp_path, monkeypatch):
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    out = tmp_path / "run"
+    train(_recipe(tiny_shards, out, "stages.0.steps=1", "stages.1.steps=1"))
+    held = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(SetupError, match="logging.mode: online, but no W&B API key is configured"):
+        train(_recipe(tiny_shards, out, "stages.0.steps=1", "stages.1.steps=1", "run.overwrite=true",
+                      "logging.mode=online"))
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == held  # nothing of the old run removed
+
+
+def test_cli_turns_a_wandb_refusal_into_one_line(monkeypatch, capsys):
+    import wandb
+
+    from curriculum import cli
+
+    def refuse(argv):
+        raise wandb.errors.UsageError("Invalid project name 'a/b':\ncannot contain characters '/'")
+
+    monkeypatch.setitem(cli.COMMANDS, "train", refuse)
+    assert cli_main(["train", "x.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: W&B: Invalid project name 'a/b': cannot contain characters '/'\n"
 
 
 @pytest.mark.parametrize("precision,fused", [("32-true", False), ("bf16-mixed", True)])
@@ -616,25 +701,29 @@ def test_a_folder_with_metrics_but_no_checkpoint_is_not_offered_for_resume(tmp_p
 
 
 class _StageModule:
-    """What CurriculumCallback touches of a DepthModule: its stage and its log."""
+    """What CurriculumCallback touches of a DepthModule: its stage, policy and log."""
 
     def __init__(self):
         self.stage_index, self.logged = -1, []
 
     def set_stage(self, index):
         self.stage_index = index
+        self.policy = build_policy(_THREE_STAGES[index]["policy"])
 
     def log(self, name, value, **kw):
         self.logged.append((name, float(value)))
 
 
-_THREE_STAGES = [{"name": "a", "steps": 3}, {"name": "b", "steps": 2}, {"name": "c", "steps": 1}]
+_THREE_STAGES = [{"name": "a", "steps": 3, "policy": {"name": "unclipped"}},
+                 {"name": "b", "steps": 2, "policy": {"name": "max_depth"}},
+                 {"name": "c", "steps": 1, "policy": {"name": "mixed", "far_weight": 0.25}}]
 
 
-def test_curriculum_callback_follows_the_global_step_and_records_each_switch_once():
+def test_curriculum_callback_follows_the_global_step_and_records_each_switch_once(capsys):
     """Without a training run: the stage of every step (three stages, so a switch is not just
     'the last stage'), the stage logged with the batch that trains in it, one switch per stage."""
-    cb, module, trainer = CurriculumCallback(_THREE_STAGES), _StageModule(), SimpleNamespace(global_step=0)
+    cb, module = CurriculumCallback(_THREE_STAGES), _StageModule()
+    trainer = SimpleNamespace(global_step=0, is_global_zero=True)
     cb.on_train_start(trainer, module)
     assert module.stage_index == 0 and cb.switches == [(0, "a")]
     seen = []
@@ -643,8 +732,12 @@ def test_curriculum_callback_follows_the_global_step_and_records_each_switch_onc
         cb.on_train_batch_start(trainer, module, None, step)
         seen.append(module.stage_index)
     assert seen == [0, 0, 0, 1, 1, 2, 2, 2]
-    assert module.logged == [("curriculum/stage", float(s)) for s in seen]
+    far_weight = {0: 1.0, 1: 0.0, 2: 0.25}
+    assert module.logged == [entry for s in seen
+                             for entry in (("curriculum/stage", float(s)), ("curriculum/far_weight", far_weight[s]))]
     assert cb.switches == [(0, "a"), (3, "b"), (5, "c")]
+    out = capsys.readouterr().out  # one line per switch, not per step
+    assert out.count("stage '") == 3 and "step 5: stage 'c', mask policy mixed (" in out
     assert cb.state_dict() == {"switches": [[0, "a"], [3, "b"], [5, "c"]], "starts": [0, 3, 5]}
 
 
@@ -652,7 +745,7 @@ def test_curriculum_callback_resumes_in_the_stage_of_its_step_with_its_history()
     """A resumed run: the module is put in the stage of the restored step as training starts
     (before any batch: a validation pending from the interrupted run comes first), the history
     is the checkpoint's, and a checkpoint of another stage schedule is refused by the callback."""
-    first, trainer = CurriculumCallback(_THREE_STAGES), SimpleNamespace(global_step=0)
+    first, trainer = CurriculumCallback(_THREE_STAGES), SimpleNamespace(global_step=0, is_global_zero=True)
     for step in range(4):
         trainer.global_step = step
         first.on_train_batch_start(trainer, _StageModule(), None, step)
