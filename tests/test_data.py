@@ -91,6 +91,29 @@ def test_every_rank_same_batch_count_and_disjoint(tiny_shards):
     assert not k0 & k1 and len(k0 | k1) == 16
 
 
+def test_the_data_module_splits_by_global_rank_across_nodes(tiny_shards):
+    """Two single-GPU nodes: global ranks 0 and 1, each local rank 0. Split by the local rank,
+    both nodes would read the same training and validation data, and counts alone would not show it."""
+    from types import SimpleNamespace
+
+    from curriculum.config import RECIPES_DIR, load_recipe, to_plain
+    from curriculum.datamodule import DepthDataModule
+
+    train_dir, val_dir, _, _ = tiny_shards
+    data = to_plain(load_recipe([RECIPES_DIR / "smoke.yaml"], [f"data.train_shards={train_dir}/*.tar",
+                                                               f"data.val_shards={val_dir}/*.tar",
+                                                               "data.num_workers=0"]))["data"]
+    train_keys, val_keys = [], []
+    for global_rank in (0, 1):
+        module = DepthDataModule(data, 0)
+        module.trainer = SimpleNamespace(global_rank=global_rank, local_rank=0, world_size=2)
+        module.setup("fit")
+        train_keys.append({k for b in module.train_stream for k in b["key"]})
+        val_keys.append({k for b in module.val_stream for k in b["key"]})
+    assert train_keys[0] and not train_keys[0] & train_keys[1]
+    assert not val_keys[0] & val_keys[1] and len(val_keys[0] | val_keys[1]) == 6  # every image once
+
+
 def test_more_batches_than_shards_cycle(tiny_shards):
     _, _, train, _ = tiny_shards
     batches = list(TrainStream(train[:1], _spec(batches_per_rank=7), 0, 1, seed=0))

@@ -12,7 +12,7 @@ import torch
 from conftest import read_metrics
 from curriculum.callbacks import CurriculumCallback
 from curriculum.checkpoint import (
-    CheckpointError, build_metadata, check_same_model, load_model, metadata, model_state, read_checkpoint,
+    CheckpointError, build_metadata, check_same_model, file_sha256, load_model, metadata, model_state, read_checkpoint,
     taught_far_target,
 )
 from curriculum.cli import main as cli_main
@@ -215,6 +215,36 @@ def test_wandb_offline_logs_are_written(tiny_shards, tmp_path):
     for name in ("train/loss", "train/valid_fraction", "train/lr_encoder", "train/lr_head", "curriculum/stage",
                  "val/near/abs_rel", "val/near/0_20/abs_rel", "val/sky/phantom_rate", "val/phantom_rate"):
         assert name in names, name
+
+
+def test_wandb_links_the_stages_of_an_experiment(tiny_shards, tmp_path, monkeypatch):
+    """Stage 2's W&B config names stage 1's run and checkpoint; both runs share the group, and
+    each run's job type is its stage."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    import curriculum.train as train_mod
+
+    made = []
+
+    def recording(*args, **kwargs):
+        loggers = make_loggers(*args, **kwargs)
+        made.extend(lg._wandb_init for lg in loggers if isinstance(lg, WandbLogger))
+        return loggers
+
+    make_loggers = train_mod.make_loggers
+    monkeypatch.setattr(train_mod, "make_loggers", recording)
+    pre = train(_recipe(tiny_shards, tmp_path / "pre", "stages.0.steps=2", "logging.mode=offline", "logging.group=exp1",
+                        files=("smoke.yaml", "pretrain.yaml")))
+    fine = train(_recipe(tiny_shards, tmp_path / "fine", "stages.0.steps=1", "logging.mode=offline",
+                         f"init_from={pre['checkpoint']}", files=("smoke.yaml", "finetune.yaml")))
+    both = train(_recipe(tiny_shards, tmp_path / "both", "stages.0.steps=1", "stages.1.steps=1", "logging.mode=offline"))
+    assert [(m["group"], m["job_type"]) for m in made] == [("exp1", "pretrain"), ("exp1", "finetune"),
+                                                           ("smoke", "curriculum")]  # run.name
+    assert pre["wandb_run_id"] and fine["wandb_run_id"] and both["wandb_run_id"]
+    logged = made[1]["config"]["logging"]
+    assert logged["parent_run"] == pre["wandb_run_id"]
+    assert logged["parent_checkpoint_sha256"] == file_sha256(pre["checkpoint"])
+    assert read_checkpoint(fine["checkpoint"])["curriculum"]["recipe"]["logging"]["parent_run"] == pre["wandb_run_id"]
 
 
 def test_cli_train_and_eval(tiny_shards, tmp_path, capsys):
@@ -507,6 +537,9 @@ def test_the_bar_gets_its_step_s_stage_and_loss_before_it_draws_the_line():
     (("stages.0.steps=4", "stages.1.steps=4"), [8]),  # one epoch of 8 batches: its validation is the final one
     (("stages.0.steps=4", "stages.1.steps=1"), [5]),  # ends mid-epoch: validated at the end
     (("stages.0.steps=5", "stages.1.steps=5", "trainer.val_every_steps=5"), [5, 10]),
+    # every N steps across epochs of 8 batches, not every N batches of each epoch
+    (("stages.0.steps=8", "stages.1.steps=8", "trainer.val_every_steps=5"), [5, 10, 15, 16]),
+    (("stages.0.steps=6", "stages.1.steps=6", "trainer.val_every_steps=10"), [10, 12]),  # longer than an epoch
 ])
 def test_the_final_model_is_validated_once(tiny_shards, tmp_path, steps, validated_at):
     """Validation rows, inside fit or the final one, say the number of steps taken."""
@@ -769,6 +802,19 @@ def test_curriculum_callback_resumes_in_the_stage_of_its_step_with_its_history()
                   _THREE_STAGES[:2]):
         with pytest.raises(ValueError, match=r"checkpoint stage boundaries \[0, 3, 5\] differ from the recipe's"):
             CurriculumCallback(other).load_state_dict(state)
+
+
+def test_a_checkpoint_saved_from_a_compiled_model_loads(tmp_path):
+    """Keys with torch.compile's `_orig_mod.` (saved by code that did not strip them) load as the
+    plain model's: the weights are the same."""
+    model = DepthModel(encoder="tiny", head="log", min_depth=0.1, max_depth=1000.0)
+    state = {f"model._orig_mod.{k}": v for k, v in model.state_dict().items()}
+    path = tmp_path / "compiled.ckpt"
+    torch.save({"state_dict": state, "curriculum": build_metadata(model.metadata(), {"name": "unclipped"}, "s", {})},
+               path)
+    loaded, _ = load_model(path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
 
 
 def test_read_checkpoint_takes_torchs_older_pickle_format_and_refuses_non_dicts(tmp_path):
