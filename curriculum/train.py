@@ -9,8 +9,8 @@ import logging
 import os
 import shutil
 import warnings
-from urllib.parse import urlparse
 from pathlib import Path
+from urllib.parse import urlparse
 
 import lightning.pytorch as pl
 import torch
@@ -91,8 +91,7 @@ _WANDB_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "
 
 def wandb_mode(mode: str) -> str:
     """`auto`: what WANDB_MODE (or WANDB_DISABLED) says if set, else online only when an API key
-    is configured. An explicit recipe mode wins over the environment: Lightning's offline logger
-    sets WANDB_MODE itself."""
+    is configured. An explicit recipe mode wins over the environment."""
     if mode != "auto":
         return mode
     if os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes"):
