@@ -263,6 +263,15 @@ def test_summary_uses_the_spread_over_seeds():
     assert "Lowest phantom rate: B curriculum (30.0 %), 60.0 percentage points below A (90.0 %), 67% fewer" in text
     assert "the difference is larger than the two arms' seed standard deviations added" in text
     assert "Means over 3 seeds" in text
+    # 0.0030 apart with standard deviations 0.0020 + 0.0020: within the spread, said as such
+    assert ("B curriculum near abs_rel 0.1030 vs A 0.1000: +0.0030 (+3.00%), within the 5.0 % tolerance of A "
+            "(the difference is smaller than the two arms' seed standard deviations added, 0.0040).") in lines
+    assert "(the difference is larger than the two arms' seed standard deviations added, 0.0200)." in text
+    two = {**report, "config": {**report["config"], "seeds": [0, 1]}}
+    text2 = "\n".join(summarize(two))
+    assert "Means over 2 seeds; ± is the sample standard deviation over seeds." in text2
+    assert "the difference is smaller than the two arms' seed standard deviations added, 0.0040" in text2
+    assert "One seed only" not in text2
     assert "No validation pixel for the far (finite > 80 m) phantom rate" in text
     # equal as printed: a tie, not a winner
     tie = {**report, "arms": {"A": arm("baseline", 0.100, 0.002, 1.0), "B": arm("curriculum", 0.10004, 0.002, 0.99999)}}
@@ -294,3 +303,89 @@ def test_summary_uses_the_spread_over_seeds():
     report["config"]["max_depth"] = 50.0  # another mask: evaluation's split stays where it is, and says so
     md = render_markdown(report, {}, recipe)
     assert "the mask keeps depths up to 50 m (evaluation still splits near and far at 80 m)" in md
+
+
+def test_stats_use_the_sample_standard_deviation_and_skip_missing_values():
+    import math
+
+    from curriculum.compare import _stats
+
+    assert _stats([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    mean, std = _stats([1.0, float("nan"), 3.0])
+    assert mean == 2.0 and std == pytest.approx(math.sqrt(2))
+    assert _stats([1.0, None, 3.0])[0] == 2.0
+
+
+def test_arm_b_starts_unclipped_and_only_its_second_stage_rewarms(tmp_path, tiny_shards):
+    c = load_compare([_compare_file(tmp_path, tiny_shards)], ["total_steps=10", "rewarm_steps=2"])
+    a, b = arm_stages(c, "A"), arm_stages(c, "B")
+    assert b[0]["policy"] == {"name": "unclipped", "far_target": 655.35}
+    assert [s["rewarm_steps"] for s in a] == [0]
+    assert [s["rewarm_steps"] for s in b] == [0, 2]
+    assert [s["rewarm_steps"] for s in arm_stages(c, "C")] == [0, 2]
+
+
+def test_stage1_steps_rounds_the_fraction():
+    from curriculum.compare import stage1_steps
+
+    assert stage1_steps({"total_steps": 10, "stage1_fraction": 0.37}) == 4
+    assert stage1_steps({"total_steps": 10, "stage1_fraction": 0.33}) == 3
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.run.seed=5"], "overrides: 'run.seed' is set by the comparison"),
+    (["total_steps=2", "stage1_fraction=0.9"], "stage1_fraction 0.9 of 2 steps leaves a stage empty"),
+    (["seeds=[0,0]"], "seeds: duplicate seed in [0, 0]"),
+    (["arms=[A,D]"], "arms: a non-empty list of distinct arms from ['A', 'B', 'C'], got ['A', 'D']"),
+    (["near_tolerance=-1.0"], "near_tolerance: must be a positive number, got -1.0"),
+    (["far_target=80.0"], "far_target: the sky's target (80 m) must lie beyond max_depth (80 m)"),
+    (["device=cuda:x"], "device: 'cuda:x' is not '', cpu, cuda or cuda:N"),
+])
+def test_compare_config_refusals(tmp_path, tiny_shards, overrides, message):
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_compare([_compare_file(tmp_path, tiny_shards)], overrides)
+
+
+def test_compare_config_edge_values_are_accepted(tmp_path, tiny_shards):
+    path = _compare_file(tmp_path, tiny_shards)
+    assert load_compare([path], ["mixed_far_weight=0.0"])["mixed_far_weight"] == 0
+    c = load_compare([path], ["total_steps=10", "rewarm_steps=5"])  # stage 2 holds exactly 5 steps
+    assert arm_stages(c, "B")[1] == {**arm_stages(c, "B")[1], "steps": 5, "rewarm_steps": 5}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.trainer.devices=2"], "the comparison trains every arm on one device"),
+    (["train.model.max_depth=80", "max_depth=80.0", "arms=[A]"],
+     "max_depth: the mask's 80 m must lie within the model's range (model.max_depth 80 m)"),
+])
+def test_run_compare_refuses_before_training(tmp_path, tiny_shards, monkeypatch, overrides, message):
+    import curriculum.train
+    from curriculum.compare import run_compare
+
+    def no_training(cfg):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr(curriculum.train, "train", no_training)
+    c = load_compare([_compare_file(tmp_path, tiny_shards)], overrides)
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        run_compare(c, log=lambda *_: None)
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_first_difference_sees_lists_of_other_lengths():
+    from curriculum.compare import _first_difference
+
+    assert _first_difference({"x": [1, 2]}, {"x": [1, 2]}) is None
+    assert _first_difference({"x": [1, 2]}, {"x": [1, 2, 3]}) is not None
+
+
+def test_an_arm_that_stopped_early_is_not_recorded_as_done(tmp_path, tiny_shards, monkeypatch):
+    import curriculum.train
+    from curriculum.compare import CompareError, _train_one
+
+    monkeypatch.setattr(curriculum.train, "train", lambda cfg: {"global_step": 3, "switches": []})
+    c = load_compare([_compare_file(tmp_path, tiny_shards, arms="[A]")], ["total_steps=4"])
+    cfg = arm_recipe(c, "A", 0)
+    with pytest.raises(CompareError, match="A seed 0 stopped at step 3 of 4"):
+        _train_one(c, "A", 0, cfg, ("new", None), lambda *_: None)
+    assert not (tmp_path / "cmp" / "A" / "seed0" / "done.json").exists()

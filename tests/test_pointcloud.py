@@ -441,3 +441,65 @@ def test_bad_fov_and_step_are_refused():
         pc.intrinsics_from_fov(640, 480, 180.0)
     with pytest.raises(ValueError, match="step"):
         pc.keep_not_edge(np.ones((3, 3)), 0.05, step=True)
+
+
+def test_write_ply_body_is_little_endian(tmp_path):
+    path = tmp_path / "one.ply"
+    pc.write_ply(path, np.array([[1.5, -2.0, 3.25]], dtype=np.float32), np.array([[1, 2, 3]], dtype=np.uint8))
+    data = path.read_bytes()
+    body = data[data.index(b"end_header\n") + len(b"end_header\n"):]
+    assert len(body) == 15
+    np.testing.assert_array_equal(np.frombuffer(body[:12], "<f4"), [1.5, -2.0, 3.25])
+    assert body[12:15] == b"\x01\x02\x03"
+
+
+def test_load_mask_greyscale_alpha_ignores_alpha(tmp_path):
+    la = np.zeros((4, 6, 2), dtype=np.uint8)
+    la[..., 1] = 255      # alpha: opaque everywhere
+    la[0, :, 0] = 255     # grey: sky only in the top row
+    path = tmp_path / "sky_la.png"
+    Image.fromarray(la, mode="LA").save(path)
+    with Image.open(path) as img:
+        assert img.mode == "LA"
+    mask = pc.load_mask(path, (4, 6))
+    assert mask.sum() == 6 and mask[0].all()
+
+
+def test_format_filter_report_kept_row_says_kept():
+    text = pc.format_filter_report({"total": 200, "valid": 10, "sky": 50, "kept": 140})
+    lines = text.splitlines()
+    assert lines[3].startswith("kept") and lines[3].endswith("70.0% kept)")
+    assert lines[2].endswith("25.0% removed)")
+
+
+def test_filter_points_refuses_non_positive_fy():
+    d, rgb = _scene()
+    for k in ((1.0, 0.0, 1.0, 0.5), (1.0, -2.0, 1.0, 0.5)):
+        with pytest.raises(ValueError, match="intrinsics must be finite"):
+            pc.filter_points(d, rgb, k)
+
+
+def test_read_ply_refuses_big_endian(tmp_path):
+    pts, cols = _cloud(n=3)
+    path = tmp_path / "cloud.ply"
+    pc.write_ply(path, pts, cols)
+    big = tmp_path / "big.ply"
+    big.write_bytes(path.read_bytes().replace(b"format binary_little_endian 1.0",
+                                              b"format binary_big_endian 1.0", 1))
+    with pytest.raises(ValueError, match="binary_big_endian") as e:
+        pc.read_ply(big)
+    assert str(big) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_filter_points_and_write_ply_refuse_mismatched_inputs(tmp_path):
+    d = np.full((2, 3), 10.0)
+    k = (1.0, 1.0, 1.0, 0.5)
+    with pytest.raises(ValueError, match="sky mask shape"):
+        pc.filter_points(d, None, k, sky_mask=np.zeros((1, 3), dtype=bool))
+    with pytest.raises(ValueError, match="uncertainty shape"):
+        pc.filter_points(d, None, k, uncertainty=np.zeros((1, 3)), max_uncertainty=0.5)
+    with pytest.raises(ValueError, match="together"):
+        pc.filter_points(d, None, k, max_uncertainty=0.5)
+    with pytest.raises(ValueError, match="uint8"):
+        pc.write_ply(tmp_path / "f.ply", np.zeros((2, 3), np.float32), np.zeros((2, 3), np.float32))
+    assert not (tmp_path / "f.ply").exists()

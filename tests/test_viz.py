@@ -149,3 +149,76 @@ def test_no_pyplot_figures_left_open():
         import matplotlib.pyplot as plt
 
         assert plt.get_fignums() == []
+
+
+def _capture_figures(monkeypatch):
+    figs = []
+
+    def fake_save(fig, path, dpi=None):
+        figs.append(fig)
+        return path
+
+    monkeypatch.setattr(viz, "save_figure", fake_save)
+    return figs
+
+
+def test_side_by_side_depth_bar_adds_colour_bar(tmp_path, monkeypatch):
+    figs = _capture_figures(monkeypatch)
+    imgs = [np.zeros((10, 20, 3), np.uint8)] * 4
+    viz.side_by_side(imgs, list("abcd"), tmp_path / "x.png", ncols=4, depth_bar=(1.0, 80.0))
+    (fig,) = figs
+    assert len(fig.axes) == 5
+    assert sum("depth" in ax.get_ylabel() for ax in fig.axes) == 1
+    figs.clear()
+    viz.side_by_side(imgs, list("abcd"), tmp_path / "y.png", ncols=4)
+    assert len(figs[0].axes) == 4
+
+
+def test_colorize_error_zero_is_lowest_colour_not_grey():
+    c = viz.colorize_error(np.array([[0.0]]), vmax=0.5, cmap="magma")
+    assert c[0, 0].tolist() == viz._lut("magma")[0].tolist()
+    assert c[0, 0].tolist() != GREY
+
+
+def test_depth_panel_non_positive_prediction_has_no_error():
+    h, w = 2, 3
+    rgb = np.zeros((h, w, 3), dtype=np.uint8)
+    gt = np.full((h, w), 20.0)
+    pred = np.full((h, w), 20.0)
+    pred[0, 0] = 0.0
+    pred[1, 1] = -5.0
+    panel = viz.depth_panel(rgb, gt, pred, vmin=1.0, vmax=80.0)
+    err_img = panel[:, 3 * w:]
+    assert err_img[0, 0].tolist() == GREY and err_img[1, 1].tolist() == GREY
+    assert err_img[0, 1].tolist() != GREY  # exact prediction: error 0, the lowest colour
+
+
+def test_side_by_side_default_columns_keep_every_image(tmp_path, monkeypatch):
+    figs = _capture_figures(monkeypatch)
+    imgs = [np.full((10, 20, 3), i * 40, np.uint8) for i in range(5)]
+    labels = [f"img{i}" for i in range(5)]
+    viz.side_by_side(imgs, labels, tmp_path / "x.png")
+    (fig,) = figs
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(shown) == 5
+    assert [ax.get_title() for ax in shown] == labels
+
+
+def test_save_figure_and_image_follow_the_suffix(tmp_path):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2, 2), dpi=50)
+    fig.add_subplot(1, 1, 1).plot([0, 1], [0, 1])
+    pdf = viz.save_figure(fig, tmp_path / "a.pdf")
+    assert pdf.read_bytes().startswith(b"%PDF-")
+    jpg = viz.save_image(np.full((4, 5, 3), 100, np.uint8), tmp_path / "a.jpg")
+    assert jpg.read_bytes().startswith(b"\xff\xd8\xff")
+
+
+def test_bar_chart_marks_nan_with_n_a(tmp_path, monkeypatch):
+    figs = _capture_figures(monkeypatch)
+    viz.bar_chart(["a", "b", "c"], {"s": [0.1, float("nan"), None]}, tmp_path / "b.png", "y", "t")
+    (fig,) = figs
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.texts] == ["n/a", "n/a"]
+    assert len(ax.patches) == 1  # only the finite value has a bar

@@ -110,3 +110,49 @@ def test_each_loader_has_its_own_buffers(tiny_shards):
     assert stream.buffers is None and first.dataset.buffers is not second.dataset.buffers
     for a, b in zip(first, second):  # both loaders' workers at once
         assert a["key"] == b["key"] and torch.equal(a["packed"], b["packed"])
+
+
+def _in_worker_zero(monkeypatch):
+    import types
+
+    import curriculum.worker_buffers as wb
+
+    monkeypatch.setattr(wb, "get_worker_info", lambda: types.SimpleNamespace(id=0))
+
+
+def test_a_slot_is_regrown_for_a_larger_batch(monkeypatch):
+    import pickle
+
+    _in_worker_zero(monkeypatch)
+    ring = WorkerBuffers(1, 1)
+    _, handle = ring.take(100)
+    got = pickle.loads(pickle.dumps(handle))
+    assert got.numel() == 100
+    del got
+    gc.collect()
+    assert ring.state[0] == 0  # the slot is free again
+    big = 3 << 20  # beyond the first buffer's 1 MiB
+    tensor, handle = ring.take(big)
+    assert ring.state[0] != 0  # the same slot, taken again
+    assert tensor.numel() == big
+    tensor[-1] = 7
+    got = pickle.loads(pickle.dumps(handle))
+    assert got.numel() == big and int(got[-1]) == 7
+    assert ring.buffers_received == 2
+
+
+def test_a_buffer_never_received_is_refused(monkeypatch):
+    import pickle
+
+    _in_worker_zero(monkeypatch)
+    ring = WorkerBuffers(1, 1)
+    _, handle = ring.take(100)
+    got = pickle.loads(pickle.dumps(handle))
+    del got
+    gc.collect()
+    _, lost = ring.take(3 << 20)  # regrows the slot; this batch never reaches the main process
+    del lost
+    ring.state[0] = 0  # as if the lost batch's slot had been released
+    _, handle = ring.take(3 << 20)  # fits the regrown buffer, so it does not carry it again
+    with pytest.raises(RuntimeError, match="never received"):
+        pickle.loads(pickle.dumps(handle))
