@@ -1,6 +1,8 @@
 """`curriculum compare`: strict config, arm schedules, a tiny end-to-end comparison and its report."""
 import json
+import math
 import re
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -306,8 +308,6 @@ def test_summary_uses_the_spread_over_seeds():
 
 
 def test_stats_use_the_sample_standard_deviation_and_skip_missing_values():
-    import math
-
     from curriculum.compare import _stats
 
     assert _stats([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
@@ -389,3 +389,34 @@ def test_an_arm_that_stopped_early_is_not_recorded_as_done(tmp_path, tiny_shards
     with pytest.raises(CompareError, match="A seed 0 stopped at step 3 of 4"):
         _train_one(c, "A", 0, cfg, ("new", None), lambda *_: None)
     assert not (tmp_path / "cmp" / "A" / "seed0" / "done.json").exists()
+
+
+def test_each_seed_is_evaluated_on_its_own_checkpoint_and_averaged(tmp_path, tiny_shards, monkeypatch):
+    """Two seeds of one arm, training and evaluation replaced: the arm's mean and sample std are
+    over both seeds, and each seed's metrics come from its own checkpoint."""
+    import curriculum.compare as compare
+    import curriculum.evaluate
+    import curriculum.train
+    from curriculum.compare import run_compare
+
+    def fake_train(cfg):
+        final = Path(cfg.run.out_dir) / "checkpoints" / "last.ckpt"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        final.write_text(str(cfg.run.seed))  # which seed trained it
+        return {"global_step": 4, "switches": [[0, "stage1"]]}
+
+    def fake_evaluate(ckpt, *args, **kwargs):
+        seed = int(Path(ckpt).read_text())
+        return {"protocol_text": "protocol synthetic", "input_size": [28, 56], "model": {}, "checkpoint": str(ckpt),
+                "metrics": {"images": 6, "near/abs_rel": 0.1 + 0.2 * seed, "phantom_rate": 0.5 - 0.1 * seed}}
+
+    monkeypatch.setattr(curriculum.train, "train", fake_train)
+    monkeypatch.setattr(curriculum.evaluate, "evaluate", fake_evaluate)
+    monkeypatch.setattr(compare, "make_figures", lambda *a, **k: {})
+    c = load_compare([_compare_file(tmp_path, tiny_shards, arms="[A]")], ["total_steps=4", "seeds=[0, 1]"])
+    report = run_compare(c, log=lambda *_: None)["data"]
+    arm = report["arms"]["A"]
+    assert [r["metrics"]["near/abs_rel"] for r in arm["runs"]] == pytest.approx([0.1, 0.3])
+    assert arm["mean"]["near/abs_rel"] == pytest.approx(0.2)
+    assert arm["std"]["near/abs_rel"] == pytest.approx(math.sqrt(0.02))  # sample std of 0.1 and 0.3
+    assert arm["mean"]["phantom_rate"] == pytest.approx(0.45)
