@@ -24,6 +24,7 @@ from typing import IO, Any
 import numpy as np
 
 from data_prep.files import atomic_write
+from curriculum.viz import as_2d
 
 Intrinsics = tuple[float, float, float, float]
 
@@ -63,7 +64,7 @@ def unproject(depth: np.ndarray, fx: float, fy: float, cx: float, cy: float) -> 
     Pixel (v, u) has its centre at (u, v) (see module docstring). Non-finite depths give
     non-finite points; filter them with ``keep_valid``.
     """
-    depth = _as_depth(depth)
+    depth = as_2d(depth, "depth")
     h, w = depth.shape
     u = np.arange(w, dtype=np.float64)[None, :]
     v = np.arange(h, dtype=np.float64)[:, None]
@@ -85,14 +86,14 @@ def project(points: np.ndarray, fx: float, fy: float, cx: float, cy: float) -> n
 
 def keep_valid(depth: np.ndarray) -> np.ndarray:
     """Keep-mask of pixels with a finite, positive depth."""
-    depth = _as_depth(depth)
+    depth = as_2d(depth, "depth")
     with np.errstate(invalid="ignore"):
         return np.isfinite(depth) & (depth > 0)
 
 
 def keep_within(depth: np.ndarray, max_depth: float) -> np.ndarray:
     """Keep-mask of pixels with depth <= max_depth (NaN is dropped)."""
-    depth = _as_depth(depth)
+    depth = as_2d(depth, "depth")
     with np.errstate(invalid="ignore"):
         return depth <= max_depth
 
@@ -104,7 +105,7 @@ def keep_not_sky(depth: np.ndarray, sky_threshold: float | None = None,
     ``sky_threshold`` is typically the far end of the model's range (where it puts the sky);
     ``sky_mask`` is a bool (H, W) array, e.g. from ``load_mask``. With neither, keeps all.
     """
-    depth = _as_depth(depth)
+    depth = as_2d(depth, "depth")
     keep = np.ones(depth.shape, dtype=bool)
     if sky_threshold is not None:
         with np.errstate(invalid="ignore"):
@@ -160,7 +161,7 @@ def keep_not_edge(depth: np.ndarray, rel_threshold: float = 0.05, neighbours: in
         raise ValueError(f"neighbours must be 4 or 8, got {neighbours}")
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
         raise ValueError(f"step must be a whole number of pixels >= 1, got {step!r}")
-    depth = _as_depth(depth).astype(np.float64)
+    depth = as_2d(depth, "depth").astype(np.float64)
     valid = keep_valid(depth)
     d = np.where(valid, depth, np.nan)
     h, w = d.shape
@@ -213,7 +214,7 @@ def filter_points(
     PNG path (see ``load_mask``). Edge and uncertainty filters are judged on the full maps, not
     on what earlier filters left.
     """
-    depth = _as_depth(depth)
+    depth = as_2d(depth, "depth")
     shape = depth.shape
     colours = _as_rgb(rgb, shape)
     if len(intrinsics) != 4 or not all(math.isfinite(v) for v in intrinsics) or not min(intrinsics[:2]) > 0:
@@ -413,15 +414,6 @@ def topdown_view(
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _as_depth(depth: np.ndarray) -> np.ndarray:
-    depth = np.asarray(depth)
-    if depth.ndim == 3 and depth.shape[0] == 1:
-        depth = depth[0]
-    if depth.ndim != 2:
-        raise ValueError(f"depth must be (H, W), got shape {depth.shape}")
-    return depth
-
 
 def _as_rgb(rgb: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
     if rgb is None:

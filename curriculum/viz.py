@@ -88,7 +88,7 @@ def colorize_depth(
     and pixels where ``invalid`` is True are grey (128, 128, 128). To show +inf as "far" instead,
     replace it by vmax first (``depth_panel`` does so for ground truth).
     """
-    depth = _as_2d(depth, "depth")
+    depth = as_2d(depth, "depth")
     with np.errstate(invalid="ignore"):
         bad = ~np.isfinite(depth) | ~(depth > 0) | _check_mask(invalid, depth.shape, "invalid")
     return _apply_lut(_normalise(depth, vmin, vmax, log_scale), bad, cmap)
@@ -104,7 +104,7 @@ def colorize_error(
 
     Non-finite or negative values and ``invalid`` pixels are grey; values beyond vmax are clipped.
     """
-    err = _as_2d(abs_rel, "abs_rel")
+    err = as_2d(abs_rel, "abs_rel")
     with np.errstate(invalid="ignore"):
         bad = ~np.isfinite(err) | (err < 0) | _check_mask(invalid, err.shape, "invalid")
     return _apply_lut(_normalise(err, 0.0, vmax, False), bad, cmap)
@@ -129,8 +129,8 @@ def depth_panel(
     valid and, if given, ``valid`` is True; elsewhere grey. ``rgb`` is resized to the depth size
     if it differs.
     """
-    gt = _as_2d(gt, "gt")
-    pred = _as_2d(pred, "pred")
+    gt = as_2d(gt, "gt")
+    pred = as_2d(pred, "pred")
     if pred.shape != gt.shape:
         raise ValueError(f"pred shape {pred.shape} differs from gt shape {gt.shape}")
     rgb = _as_rgb_image(rgb, gt.shape)
@@ -315,7 +315,8 @@ def _depth_colorbar(fig: Any, axes: Any, vmin: float, vmax: float, cmap: str = "
 
 # ----------------------------------------------------------------------------- helpers
 
-def _as_2d(a: np.ndarray, name: str) -> np.ndarray:
+def as_2d(a: np.ndarray, name: str) -> np.ndarray:
+    """`a` as an (H, W) array (a (1, H, W) one squeezed); any other shape is refused by `name`."""
     a = np.asarray(a)
     if a.ndim == 3 and a.shape[0] == 1:
         a = a[0]
