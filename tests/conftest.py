@@ -14,6 +14,22 @@ settings.load_profile("random" if os.environ.get("CURRICULUM_FUZZ") == "random" 
 FIXTURES = Path(os.environ.get("CURRICULUM_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
 
 
+# A user's own W&B settings (an exported API key or WANDB_MODE, a netrc login) and a launcher's
+# rank variables (torchrun, SLURM) would change what the tests see; each test starts without them
+# and sets what it needs.
+_OUTSIDE_PREFIXES = ("WANDB_", "SLURM_")
+_OUTSIDE_NAMES = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
+                  "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"}
+
+
+@pytest.fixture(autouse=True)
+def _without_outside_settings(monkeypatch, tmp_path_factory):
+    for name in list(os.environ):
+        if name.startswith(_OUTSIDE_PREFIXES) or name in _OUTSIDE_NAMES:
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("NETRC", str(tmp_path_factory.getbasetemp() / "no-netrc"))
+
+
 @pytest.fixture
 def compile_backend(monkeypatch):
     """``compile_backend(backend)``: every ``torch.compile`` in the test uses ``backend`` (``"eager"``
