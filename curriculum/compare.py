@@ -32,7 +32,8 @@ import numpy as np
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from curriculum.config import RECIPES_DIR, RecipeError, load_recipe, load_yaml_mapping, to_plain, unknown_key
+from curriculum.config import (RECIPES_DIR, RecipeError, as_node_type, load_recipe, load_yaml_mapping, parse_override,
+                               to_plain, unknown_key)
 from curriculum.module import EVAL_MAX_DEPTH
 from data_prep.files import atomic_write_text
 
@@ -86,10 +87,6 @@ class CompareConfig:
 
 # ------------------------------------------------------------------------------------ config
 
-def _parse_value(text: str) -> Any:
-    return OmegaConf.to_container(OmegaConf.create(f"v: {text}"))["v"] if text != "" else ""
-
-
 def load_compare(files: list[str | Path], overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """Compose compare files and `key=value` overrides (strictly: unknown keys are one-line errors).
 
@@ -109,16 +106,14 @@ def load_compare(files: list[str | Path], overrides: list[str] | tuple[str, ...]
             raise RecipeError(f"{path}: key '{getattr(exc, 'full_key', '')}': {str(exc).splitlines()[0]}") from None
     extra = []
     for text in overrides:
-        if "=" not in text:
-            raise RecipeError(f"override '{text}' is not of the form key=value")
-        key, raw = (s.strip() for s in text.split("=", 1))
+        key, value, raw = parse_override(text)
         if key.startswith("train."):
             extra.append(f"{key[len('train.'):]}={raw}")
             continue
         if key not in valid:
             raise unknown_key(key, valid + ["train.<recipe key>"], "command line")
         try:
-            cfg[key] = _parse_value(raw)
+            cfg[key] = as_node_type(cfg._get_node(key), value, raw)
         except OmegaConfBaseException as exc:
             raise RecipeError(f"command line: key '{key}': {str(exc).splitlines()[0]}") from None
     plain = OmegaConf.to_container(cfg, resolve=True)

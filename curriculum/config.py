@@ -16,7 +16,7 @@ from typing import Any, Dict, List
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from omegaconf.nodes import FloatNode
+from omegaconf.nodes import FloatNode, StringNode
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -176,18 +176,33 @@ def _is_free_dict(node: DictConfig) -> bool:
     return node._metadata.object_type in (None, dict)
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
+def parse_override(text: str) -> tuple[str, Any, str]:
+    """`key=value` as (key, the value parsed as YAML, the value's text as typed)."""
     if "=" not in text:
         raise RecipeError(f"override '{text}' is not of the form key=value")
     key, raw = text.split("=", 1)
     try:
         value = OmegaConf.create({"v": raw}) if raw == "" else OmegaConf.create(f"v: {raw}")
-        return key.strip(), OmegaConf.to_container(value)["v"]
+        return key.strip(), OmegaConf.to_container(value)["v"], raw.strip()
     except Exception as exc:  # yaml errors come in many types; all mean "not a value"
         raise RecipeError(f"command line: cannot parse the value of '{text}' ({type(exc).__name__})") from None
 
 
-def _set_override(cfg: DictConfig, key: str, value: Any) -> None:
+def as_node_type(node: Any, value: Any, raw: str) -> Any:
+    """A command-line value in the type of the schema's node, where omegaconf would convert it
+    itself with a deprecation warning: lr=1 is 1.0 (lr=nan NaN), and a number or boolean for a
+    text key (trainer.precision=32, run.name=2026) is the text as typed."""
+    if isinstance(node, FloatNode) and not isinstance(value, bool) and isinstance(value, (int, str)):
+        try:
+            return float(value)
+        except ValueError:
+            return value  # not a number: omegaconf names the key
+    if isinstance(node, StringNode) and isinstance(value, (bool, int, float)):
+        return raw
+    return value
+
+
+def _set_override(cfg: DictConfig, key: str, value: Any, raw: str) -> None:
     parts = key.split(".")
     node = cfg
     for i, part in enumerate(parts[:-1]):
@@ -219,12 +234,7 @@ def _set_override(cfg: DictConfig, key: str, value: Any) -> None:
         _check_keys({last: value}, node, "command line", prefix)
         node.merge_with({last: value})
         return
-    if isinstance(child, FloatNode) and not isinstance(value, bool) and isinstance(value, (int, str)):
-        try:  # lr=1 means 1.0, lr=nan NaN; omegaconf would warn about the implicit conversion
-            value = float(value)
-        except ValueError:
-            pass  # not a number: omegaconf names the key
-    node[last] = value
+    node[last] = as_node_type(child, value, raw)
 
 
 def unknown_key(key: str, valid: list[str], source: str) -> RecipeError:
@@ -279,9 +289,9 @@ def load_recipe(files: list[str | Path], overrides: list[str] | tuple[str, ...] 
         except (TypeError, ValueError) as exc:  # e.g. a mapping where the schema has a list
             raise RecipeError(f"{path}: {str(exc).splitlines()[0]}") from None
     for text in overrides:
-        key, value = _parse_override(text)
+        key, value, raw = parse_override(text)
         try:
-            _set_override(cfg, key, value)
+            _set_override(cfg, key, value, raw)
         except OmegaConfBaseException as exc:
             raise _one_line(exc, "command line") from None
         except RecipeError:

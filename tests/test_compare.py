@@ -62,6 +62,21 @@ def test_unknown_keys_and_owned_overrides_are_one_line_errors(tmp_path, tiny_sha
         arm_recipe(c, "A", 0)
 
 
+def test_compare_overrides_are_typed_and_unparsable_ones_are_one_line(tmp_path, tiny_shards):
+    import warnings
+
+    path = _compare_file(tmp_path, tiny_shards)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # omegaconf's implicit int -> float and int -> str warn
+        c = load_compare([path], ["far_target=700", "name=2026", "train.run.name=x"])
+    assert c["far_target"] == 700.0 and isinstance(c["far_target"], float) and c["name"] == "2026"
+    assert c["overrides"][-1] == "run.name=x"
+    for text in ("far_target=[1", "name=a: b"):
+        with pytest.raises(RecipeError) as e:
+            load_compare([path], [text])
+        assert str(e.value) == f"command line: cannot parse the value of '{text}' ({'ParserError' if '[' in text else 'ScannerError'})"
+
+
 def test_arms_differ_only_in_their_stage_schedule(tmp_path, tiny_shards):
     c = load_compare([_compare_file(tmp_path, tiny_shards)], ["total_steps=10", "stage1_fraction=0.3",
                                                               "mixed_far_weight=0.2", "train.optim.lr=0.002"])

@@ -37,6 +37,19 @@ def test_overrides_win_and_are_typed():
     assert cfg.run.name == "x"
 
 
+def test_numbers_for_text_keys_keep_their_text_without_warnings():
+    """omegaconf converts an int given to a text key itself, with a deprecation warning on the
+    user's console (trainer.precision=32 is a documented value); the text as typed is kept."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = load_recipe([RECIPES_DIR / "pretrain.yaml"], ["trainer.precision=32", "run.name=2026", "logging.group=1e3",
+                                                            "run.out_dir=true", "optim.lr=1"])
+    assert cfg.trainer.precision == "32" and cfg.run.name == "2026" and cfg.logging.group == "1e3"
+    assert cfg.run.out_dir == "true" and cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+
+
 def _one_line(excinfo) -> str:
     msg = str(excinfo.value)
     assert "\n" not in msg
