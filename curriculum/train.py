@@ -426,6 +426,8 @@ def train(cfg: DictConfig) -> dict:
         # who may write into the folder, and the streams resume exactly (data positions).
         warnings.filterwarnings("ignore", message=".*directory .* exists and is not empty.*")
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+        # a run resumed from another folder: there is no best-k ranking to reload, only last.ckpt
+        warnings.filterwarnings("ignore", message=".*The dirpath has changed from.*")
         # on every run: DepthModule finishes batches on the device on purpose, and Lightning's own
         # use of a deprecated torch name is not ours to fix
         warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*LightningDataModule.*")
