@@ -426,8 +426,11 @@ def train(cfg: DictConfig) -> dict:
         # who may write into the folder, and the streams resume exactly (data positions).
         warnings.filterwarnings("ignore", message=".*directory .* exists and is not empty.*")
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
-        # a run resumed from another folder: there is no best-k ranking to reload, only last.ckpt
+        # a run resumed from another folder or with another checkpoint interval: there is no
+        # best-k ranking to reload, only last.ckpt (any other missing callback is still reported)
         warnings.filterwarnings("ignore", message=".*The dirpath has changed from.*")
+        warnings.filterwarnings("ignore", message=r".*callbacks used to create the checkpoint need to be provided.*"
+                                                  r"Please add the following callbacks: \[(\"ModelCheckpoint\{[^}]*\}\"(, )?)+\]\.$")
         # on every run: DepthModule finishes batches on the device on purpose, and Lightning's own
         # use of a deprecated torch name is not ours to fix
         warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*LightningDataModule.*")
