@@ -426,6 +426,9 @@ def train(cfg: DictConfig) -> dict:
         # who may write into the folder, and the streams resume exactly (data positions).
         warnings.filterwarnings("ignore", message=".*directory .* exists and is not empty.*")
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+        # an epoch (one pass over small shards) shorter than the logging interval: rows still come
+        # every log_every_steps steps, which Lightning counts across epochs
+        warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
         # a run resumed from another folder or with another checkpoint interval: there is no
         # best-k ranking to reload, only last.ckpt (any other missing callback is still reported)
         warnings.filterwarnings("ignore", message=".*The dirpath has changed from.*")

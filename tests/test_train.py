@@ -157,6 +157,17 @@ def test_resume_with_another_schedule_is_refused(tiny_shards, tmp_path):
         assert "\n" not in str(e.value)
 
 
+def test_epochs_shorter_than_the_logging_interval_log_at_the_interval(tiny_shards, tmp_path, recwarn):
+    """An epoch of 2 batches (16 frames, batch 8) under a 3-step logging interval: rows come every
+    3 steps across epochs, and Lightning's notice that the interval exceeds the epoch (which
+    counts only within an epoch) stays off the console."""
+    train(_recipe(tiny_shards, tmp_path / "run", "data.batch_size=8", "trainer.log_every_steps=3",
+                  "stages.0.steps=3", "stages.1.steps=3", "trainer.progress=false"))
+    steps = sorted({int(r["step"]) for r in read_metrics(tmp_path / "run") if r.get("train/loss")})
+    assert steps == [3, 6]
+    assert not [w for w in recwarn if "logging interval" in str(w.message)]
+
+
 def test_resume_within_a_stage_matches_an_uninterrupted_run(tiny_shards, tmp_path, recwarn):
     common = ("stages.0.steps=3", "stages.1.steps=3", "trainer.ckpt_every_steps=2")
     full = train(_recipe(tiny_shards, tmp_path / "full", *common))
