@@ -333,7 +333,7 @@ def trainer_rate(module: DepthModule, batch: dict, args, device: torch.device, m
 
     import lightning.pytorch as pl
 
-    from curriculum.train import build_trainer, make_loggers
+    from curriculum.train import build_trainer, make_loggers, quiet_lightning_notices
 
     total = args.warmup + args.steps
     recipe = copy.deepcopy(module.recipe)
@@ -362,12 +362,11 @@ def trainer_rate(module: DepthModule, batch: dict, args, device: torch.device, m
     panels, module.recipe["logging"]["image_every_steps"] = module.recipe["logging"]["image_every_steps"], 0
     try:
         with tempfile.TemporaryDirectory(prefix="train_step-") as out:
-            trainer = build_trainer(recipe, Path(out), make_loggers(recipe, Path(out)))
-            trainer.callbacks.append(Clock())
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-                warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
-                warnings.filterwarnings("ignore", message=".*on_after_batch_transfer.*")
+            with quiet_lightning_notices():
+                # the steps alone are timed: no validation loader, on purpose
+                warnings.filterwarnings("ignore", message=".*`validation_step` but have no `val_dataloader`.*")
+                trainer = build_trainer(recipe, Path(out), make_loggers(recipe, Path(out)))
+                trainer.callbacks.append(Clock())
                 trainer.fit(module, train_dataloaders=loader)
     finally:
         module.recipe["logging"]["image_every_steps"] = panels

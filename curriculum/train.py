@@ -1,6 +1,7 @@
 """`curriculum train`: one code path for a single stage, a stage-2 init, or both stages in one run."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -202,6 +203,38 @@ class _NoAdvert(logging.Filter):
 
 
 _NO_ADVERT = _NoAdvert()
+
+
+@contextlib.contextmanager
+def quiet_lightning_notices():
+    """Lightning's warnings and adverts that do not apply to runs built by ``build_trainer`` (each
+    filter says why), off the console inside the block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
+        # Lightning's alarms about a folder in use and a mid-epoch resume: _claim_folder decides
+        # who may write into the folder, and the streams resume exactly (data positions).
+        warnings.filterwarnings("ignore", message=".*directory .* exists and is not empty.*")
+        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+        # an epoch (one pass over small shards) shorter than the logging interval: rows still come
+        # every log_every_steps steps, which Lightning counts across epochs
+        warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
+        # a run resumed from another folder or with another checkpoint interval: there is no
+        # best-k ranking to reload, only last.ckpt (any other missing callback is still reported)
+        warnings.filterwarnings("ignore", message=".*The dirpath has changed from.*")
+        warnings.filterwarnings("ignore", message=r".*callbacks used to create the checkpoint need to be provided.*"
+                                                  r"Please add the following callbacks: \[(\"ModelCheckpoint\{[^}]*\}\"(, )?)+\]\.$")
+        # on every run: DepthModule finishes batches on the device on purpose, and Lightning's own
+        # use of a deprecated torch name is not ours to fix
+        warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*LightningDataModule.*")
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+        # validation metrics are all-reduced by DepthModule itself (sums, then ratios); Lightning's
+        # hint to sync them again comes when it reduces the epoch's values, outside log_dict
+        warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+        for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+            if _NO_ADVERT not in logging.getLogger(name).filters:
+                logging.getLogger(name).addFilter(_NO_ADVERT)
+        yield
 
 
 def _device_count(tcfg: dict) -> int:
@@ -419,31 +452,7 @@ def train(cfg: DictConfig) -> dict:
         recipe["logging"]["parent_checkpoint_sha256"] = lineage.get("init_from_sha256", "")
     if not recipe["logging"]["group"]:  # one W&B group for the stages of one experiment
         recipe["logging"]["group"] = (resumed or {}).get("group") or lineage.get("parent_group") or recipe["run"]["name"]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
-        # Lightning's alarms about a folder in use and a mid-epoch resume: _claim_folder decides
-        # who may write into the folder, and the streams resume exactly (data positions).
-        warnings.filterwarnings("ignore", message=".*directory .* exists and is not empty.*")
-        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
-        # an epoch (one pass over small shards) shorter than the logging interval: rows still come
-        # every log_every_steps steps, which Lightning counts across epochs
-        warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
-        # a run resumed from another folder or with another checkpoint interval: there is no
-        # best-k ranking to reload, only last.ckpt (any other missing callback is still reported)
-        warnings.filterwarnings("ignore", message=".*The dirpath has changed from.*")
-        warnings.filterwarnings("ignore", message=r".*callbacks used to create the checkpoint need to be provided.*"
-                                                  r"Please add the following callbacks: \[(\"ModelCheckpoint\{[^}]*\}\"(, )?)+\]\.$")
-        # on every run: DepthModule finishes batches on the device on purpose, and Lightning's own
-        # use of a deprecated torch name is not ours to fix
-        warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*LightningDataModule.*")
-        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
-        # validation metrics are all-reduced by DepthModule itself (sums, then ratios); Lightning's
-        # hint to sync them again comes when it reduces the epoch's values, outside log_dict
-        warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
-        for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-            if _NO_ADVERT not in logging.getLogger(name).filters:
-                logging.getLogger(name).addFilter(_NO_ADVERT)
+    with quiet_lightning_notices():
         if replace_old_run:  # every input read and checked: only now is the old run removed
             _clear_folder(out_dir)
         loggers = make_loggers(recipe, out_dir, resumed)
