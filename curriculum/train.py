@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import logging
+import netrc
 import os
 import shutil
 import warnings
@@ -106,16 +107,37 @@ def wandb_mode(mode: str) -> str:
     return "online" if wandb_key_configured() else "offline"
 
 
+# wandb's hosted servers: a CoreWeave Forge host and the W&B API host behind it. wandb (0.31) reads
+# a netrc key of either, and `wandb login` writes the first (api.forge.coreweave.com, the default
+# server); older clients wrote api.wandb.ai.
+_WANDB_HOSTED = {"forge.coreweave.com": "api.wandb.ai", "qa.forge.coreweave.com": "api.qa.wandb.ai"}
+
+
+def _wandb_netrc_hosts(base_url: str) -> list[str]:
+    """The netrc machine names wandb looks a key up under, in its order, for the server at
+    `base_url`: its host and port as `wandb login` writes them, then for a Forge proxy the W&B
+    API host behind it."""
+    url = urlparse(base_url)
+    for forge, api in _WANDB_HOSTED.items():
+        if url.hostname in (forge, f"api.{forge}"):
+            return [f"api.{forge}", api]
+    return [url.netloc]
+
+
 def wandb_key_configured() -> bool:
     """An API key in the environment, or in netrc for the W&B server (WANDB_BASE_URL) in use."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        return netrc.is_file() and host in netrc.read_text(errors="ignore")
-    except OSError:
+    hosts = _wandb_netrc_hosts(os.environ.get("WANDB_BASE_URL") or "https://api.forge.coreweave.com")
+    try:  # read as wandb reads it (a `default` entry counts too)
+        entries = netrc.netrc(Path(os.environ.get("NETRC") or "~/.netrc").expanduser())
+    except (OSError, netrc.NetrcParseError):
         return False
+    for host in hosts:
+        entry = entries.authenticators(host)  # this host's entry, else a `default` one
+        if entry:
+            return bool(entry[2])  # wandb stops at the first entry, with a key or not
+    return False
 
 
 def _check_wandb_login(recipe: dict) -> None:

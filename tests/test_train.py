@@ -576,6 +576,16 @@ def test_wandb_auto_mode_goes_online_only_with_an_api_key(tmp_path, monkeypatch)
     assert wandb_mode("auto") == "offline"  # a netrc without W&B
     netrc.write_text("machine api.wandb.ai\n  login user\n  password abc\n")
     assert wandb_mode("auto") == "online"
+    # what `wandb login` writes now: the default server, a CoreWeave Forge host
+    netrc.write_text("machine api.forge.coreweave.com\n  login user\n  password abc\n")
+    assert wandb_mode("auto") == "online"
+    netrc.write_text("machine api.forge.coreweave.com.example.org login user password abc\n")
+    assert wandb_mode("auto") == "offline"  # a host of another name
+    netrc.write_text("default login user password abc\n")  # wandb reads a default entry too
+    assert wandb_mode("auto") == "online"
+    for text in ("machine api.wandb.ai login\n", "machine api.wandb.ai login user\n", "machine api.wandb.ai 'x\n"):
+        netrc.write_text(text)  # no key or not readable: wandb does not use it
+        assert wandb_mode("auto") == "offline", text
     netrc.unlink()
     monkeypatch.setenv("WANDB_API_KEY", "abc")
     assert wandb_mode("auto") == "online"
@@ -588,6 +598,18 @@ def test_wandb_auto_mode_goes_online_only_with_an_api_key(tmp_path, monkeypatch)
     assert wandb_mode("auto") == "offline"
     netrc.write_text("machine wandb.example.org\n  login user\n  password abc\n")
     assert wandb_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_BASE_URL", "http://localhost:8080")  # a local server: host and port
+    netrc.write_text("machine localhost login user password abc\n")
+    assert wandb_mode("auto") == "offline"
+    netrc.write_text("machine localhost:8080 login user password abc\n")
+    assert wandb_mode("auto") == "online"
+    # a Forge proxy also takes the key of the W&B API host behind it, not the other way round
+    monkeypatch.setenv("WANDB_BASE_URL", "https://forge.coreweave.com/api/wandb")
+    netrc.write_text("machine api.wandb.ai login user password abc\n")
+    assert wandb_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_BASE_URL", "https://api.wandb.ai")
+    netrc.write_text("machine api.forge.coreweave.com login user password abc\n")
+    assert wandb_mode("auto") == "offline"
 
 
 @pytest.mark.parametrize("env,mode", [({"WANDB_MODE": "disabled"}, "disabled"), ({"WANDB_MODE": "dryrun"}, "offline"),
