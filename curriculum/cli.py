@@ -204,6 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if not type(exc).__module__.startswith("wandb."):  # wandb's refusals (a login, a project) in one line
             raise
+        import wandb
+
+        if isinstance(exc, wandb.errors.CommError) and not isinstance(exc, wandb.errors.AuthenticationError):
+            # the server unreachable: wandb's advice (a longer wandb.init timeout) is not the user's to apply
+            _error_line(f"error: W&B: {str(exc).strip().splitlines()[0]} (the W&B server cannot be reached: "
+                        "logging.mode=offline keeps the run on disk, and `wandb sync` uploads it later)")
+            return 2
         _error_line(f"error: W&B: {one_line(str(exc))}")
         return 2
 

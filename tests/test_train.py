@@ -679,6 +679,31 @@ def test_cli_turns_a_wandb_refusal_into_one_line(monkeypatch, capsys):
     assert err == "error: W&B: Invalid project name 'a/b': cannot contain characters '/'\n"
 
 
+def test_cli_names_an_unreachable_wandb_server_and_the_offline_mode(monkeypatch, capsys):
+    import wandb
+
+    from curriculum import cli
+
+    def unreachable(argv):  # wandb 0.31's message when the server's name does not resolve
+        raise wandb.errors.CommError('Timed out while retrying: Post "https://api.forge.coreweave.com/graphql": '
+                                     "dial tcp: lookup api.forge.coreweave.com: no such host\nConsider increasing the "
+                                     "init_timeout setting:\n  wandb.init(settings=wandb.Settings(init_timeout=...))")
+
+    monkeypatch.setitem(cli.COMMANDS, "train", unreachable)
+    assert cli_main(["train", "x.yaml"]) == 2
+    assert capsys.readouterr().err == (
+        'error: W&B: Timed out while retrying: Post "https://api.forge.coreweave.com/graphql": dial tcp: lookup '
+        "api.forge.coreweave.com: no such host (the W&B server cannot be reached: logging.mode=offline keeps the run "
+        "on disk, and `wandb sync` uploads it later)\n")
+
+    def bad_key(argv):  # a refused key is not about the network
+        raise wandb.errors.AuthenticationError("API key must have 40+ characters, has 3.")
+
+    monkeypatch.setitem(cli.COMMANDS, "train", bad_key)
+    assert cli_main(["train", "x.yaml"]) == 2
+    assert capsys.readouterr().err == "error: W&B: API key must have 40+ characters, has 3.\n"
+
+
 @pytest.mark.parametrize("precision,fused", [("32-true", False), ("bf16-mixed", True)])
 def test_gradients_are_clipped_to_the_recipes_norm(tiny_shards, tmp_path, monkeypatch, add_callback, precision, fused):
     """optim.grad_clip bounds the total gradient norm of every step, also under bf16 with fused
