@@ -23,8 +23,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from data_prep.files import atomic_write
 from curriculum.viz import as_2d
+from data_prep.files import atomic_write
 
 Intrinsics = tuple[float, float, float, float]
 
