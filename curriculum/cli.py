@@ -168,13 +168,33 @@ SUMMARY = """usage: curriculum {train,eval,predict,compare} ...
   predict  --checkpoint CKPT --input IMG_OR_DIR --out DIR  depth PNG, .npy, point cloud
   compare  COMPARE.yaml [key=value ...]                   baseline vs curriculum report
 
-curriculum COMMAND --help shows a command's options."""
+curriculum COMMAND --help shows a command's options; curriculum --version the versions in use."""
+
+
+def version_line() -> str:
+    """This project's version and the libraries' that decide its numbers, for a bug report."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    import torch  # its own version string names the build (+cu130, +cpu), the package's does not
+
+    libraries = ", ".join(f"{name} {of(name)}" for name in ("lightning", "timm", "webdataset", "wandb"))
+    return (f"curriculum-depth {of('curriculum-depth')} (torch {torch.__version__}, {libraries}; "
+            f"Python {sys.version.split()[0]})")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         print(SUMMARY)
+        return 0
+    if argv and argv[0] == "--version":
+        print(version_line())
         return 0
     if not argv:
         print(SUMMARY, file=sys.stderr)

@@ -326,6 +326,15 @@ def test_usage_errors_of_every_command_are_one_line(module, argv, capsys):
     assert "(--help lists the options)" in err
 
 
+def test_cli_version_names_the_project_and_its_libraries(capsys):
+    from importlib.metadata import version
+
+    assert cli_main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"curriculum-depth {version('curriculum-depth')} (torch {torch.__version__}, lightning ")
+    assert f"timm {version('timm')}" in out and len(out.splitlines()) == 1
+
+
 def test_cli_unknown_command_is_one_line(capsys):
     assert cli_main(["trian"]) == 2
     err = capsys.readouterr().err.strip()
