@@ -114,7 +114,7 @@ def load_compare(files: list[str | Path], overrides: list[str] | tuple[str, ...]
             raise unknown_key(key, valid + ["train.<recipe key>"], "command line")
         try:
             cfg[key] = as_node_type(cfg._get_node(key), value, raw)
-        except OmegaConfBaseException as exc:
+        except (OmegaConfBaseException, ValueError) as exc:
             raise RecipeError(f"command line: key '{key}': {str(exc).splitlines()[0]}") from None
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain["overrides"] = list(plain["overrides"]) + extra

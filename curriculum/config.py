@@ -16,7 +16,7 @@ from typing import Any, Dict, List
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from omegaconf.nodes import FloatNode, StringNode
+from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, StringNode
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -190,8 +190,10 @@ def parse_override(text: str) -> tuple[str, Any, str]:
 
 def as_node_type(node: Any, value: Any, raw: str) -> Any:
     """A command-line value in the type of the schema's node, where omegaconf would convert it
-    itself with a deprecation warning: lr=1 is 1.0 (lr=nan NaN), and a number or boolean for a
-    text key (trainer.precision=32, run.name=2026) is the text as typed."""
+    itself with a deprecation warning: lr=1 is 1.0 (lr=nan NaN), a number or boolean for a text
+    key (trainer.precision=32, run.name=2026) is the text as typed, a quoted whole number for a
+    count ('8') is that number, and a switch takes true/false or 1/0 (omegaconf would read any
+    number, -1 or 16, as true)."""
     if isinstance(node, FloatNode) and not isinstance(value, bool) and isinstance(value, (int, str)):
         try:
             return float(value)
@@ -199,6 +201,12 @@ def as_node_type(node: Any, value: Any, raw: str) -> Any:
             return value  # not a number: omegaconf names the key
     if isinstance(node, StringNode) and isinstance(value, (bool, int, float)):
         return raw
+    if isinstance(node, IntegerNode) and isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
+        return int(value)
+    if isinstance(node, BooleanNode) and not isinstance(value, bool) and value is not None:
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"expects true or false, got {raw}")
     return value
 
 

@@ -50,6 +50,23 @@ def test_numbers_for_text_keys_keep_their_text_without_warnings():
     assert cfg.run.out_dir == "true" and cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
 
 
+def test_switches_take_true_false_or_one_zero_and_counts_a_quoted_number():
+    """omegaconf reads any number for a switch as true (run.overwrite=-1 or 16 would delete the
+    old run) and converts both with a deprecation warning; 1/0 are kept, other values refused."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = load_recipe([RECIPES_DIR / "pretrain.yaml"], ["run.overwrite=1", "trainer.progress=0", "run.seed='7'"])
+        assert cfg.run.overwrite is True and cfg.trainer.progress is False and cfg.run.seed == 7
+        cfg = load_recipe([RECIPES_DIR / "pretrain.yaml"], ["run.overwrite=yes", "trainer.progress=false"])
+        assert cfg.run.overwrite is True and cfg.trainer.progress is False
+        for text in ("run.overwrite=-1", "run.overwrite=16", "trainer.progress=0.5", "run.overwrite='yes'"):
+            with pytest.raises(RecipeError) as e:
+                load_recipe([RECIPES_DIR / "pretrain.yaml"], [text])
+            assert _one_line(e) == f"command line: '{text}': expects true or false, got {text.split('=')[1]}"
+
+
 def _one_line(excinfo) -> str:
     msg = str(excinfo.value)
     assert "\n" not in msg
