@@ -334,3 +334,26 @@ def test_lr_factor_poly_power_end_of_run_and_warmup_boundary():
 ])
 def test_values_at_the_limits_load(overrides):
     assert load_recipe([RECIPES_DIR / "curriculum.yaml"], overrides)
+
+
+# one key of each kind the schema has (text, count, number, switch, any, free policy mapping, list,
+# section, inside a policy, unknown), each given every kind of value
+_KEY_KINDS = ["run.name", "run.seed", "optim.lr", "run.overwrite", "trainer.devices", "stages.0.policy", "stages",
+              "data", "stages.0.policy.far_weight", "model.x.y"]
+_VALUES = ["", "1", "-1", "16", "1.5", "nan", "true", "null", "[]", "{}", "[1,2]", "abc", "'1'", "0x10", "[", "a: b",
+           "${x}", "???", "'"]
+
+
+@pytest.mark.parametrize("key", _KEY_KINDS)
+def test_any_override_loads_or_is_one_line_without_warnings(key):
+    """Whatever follows key= on the command line ends in a recipe or in one RecipeError line: no
+    traceback, and no library warning (omegaconf's implicit conversions) on the console."""
+    import warnings
+
+    for value in _VALUES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            try:
+                load_recipe([RECIPES_DIR / "pretrain.yaml"], [f"{key}={value}"])
+            except RecipeError as e:
+                assert "\n" not in str(e) and str(e), f"{key}={value}"
