@@ -116,7 +116,13 @@ def load_compare(files: list[str | Path], overrides: list[str] | tuple[str, ...]
             cfg[key] = as_node_type(cfg._get_node(key), value, raw)
         except (OmegaConfBaseException, ValueError) as exc:
             raise RecipeError(f"command line: key '{key}': {str(exc).splitlines()[0]}") from None
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)  # every ${...} interpolation must resolve
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except OmegaConfBaseException as exc:
+        raise RecipeError(f"compare: key '{getattr(exc, 'full_key', '')}': {str(exc).splitlines()[0]}") from None
+    if missing:
+        raise RecipeError(f"missing required value '{missing[0]}' (set it in a compare file or as {missing[0]}=...)")
     plain["overrides"] = list(plain["overrides"]) + extra
     validate_compare(plain)
     return plain

@@ -191,7 +191,8 @@ def parse_override(text: str) -> tuple[str, Any, str]:
 def as_node_type(node: Any, value: Any, raw: str) -> Any:
     """A command-line value in the type of the schema's node, where omegaconf would convert it
     itself with a deprecation warning: lr=1 is 1.0 (lr=nan NaN), a number or boolean for a text
-    key (trainer.precision=32, run.name=2026) is the text as typed, a quoted whole number for a
+    key (trainer.precision=32, run.name=2026) is the text as typed (in a list of texts, as
+    written back), a quoted whole number for a
     count ('8') is that number, and a switch takes true/false or 1/0 (omegaconf would read any
     number, -1 or 16, as true)."""
     if isinstance(node, FloatNode) and not isinstance(value, bool) and isinstance(value, (int, str)):
@@ -201,6 +202,8 @@ def as_node_type(node: Any, value: Any, raw: str) -> Any:
             return value  # not a number: omegaconf names the key
     if isinstance(node, StringNode) and isinstance(value, (bool, int, float)):
         return raw
+    if isinstance(node, ListConfig) and node._metadata.element_type is str and isinstance(value, list):
+        return [str(v) if isinstance(v, (bool, int, float)) else v for v in value]  # arms=[1] is ['1']
     if isinstance(node, IntegerNode) and isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
         return int(value)
     if isinstance(node, BooleanNode) and not isinstance(value, bool) and value is not None:

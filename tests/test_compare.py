@@ -435,3 +435,20 @@ def test_each_seed_is_evaluated_on_its_own_checkpoint_and_averaged(tmp_path, tin
     assert arm["mean"]["near/abs_rel"] == pytest.approx(0.2)
     assert arm["std"]["near/abs_rel"] == pytest.approx(math.sqrt(0.02))  # sample std of 0.1 and 0.3
     assert arm["mean"]["phantom_rate"] == pytest.approx(0.45)
+
+
+@pytest.mark.parametrize("key", ["name", "recipes", "total_steps", "far_target", "seeds", "arms", "train.run.name"])
+def test_any_compare_override_loads_or_is_one_line_without_warnings(key):
+    """Whatever follows key= ends in a comparison config or one RecipeError line: no traceback
+    (an unresolved ${...} or a ??? used to surface as omegaconf's or a comparison's TypeError),
+    and no library warning (omegaconf converting arms=[1] to text)."""
+    import warnings
+
+    for value in ["", "1", "-1", "1.5", "nan", "true", "null", "[]", "{}", "[1,2]", "abc", "'1'", "[", "a: b", "${x}",
+                  "${name}", "???", "'"]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            try:
+                load_compare([RECIPES_DIR / "compare.yaml"], [f"{key}={value}"])
+            except RecipeError as e:
+                assert "\n" not in str(e) and str(e), f"{key}={value}"
