@@ -100,10 +100,11 @@ def load_compare(files: list[str | Path], overrides: list[str] | tuple[str, ...]
         for key in data:
             if key not in valid:
                 raise unknown_key(str(key), valid, str(path))
-        try:
-            cfg = OmegaConf.merge(cfg, data)
-        except OmegaConfBaseException as exc:
-            raise RecipeError(f"{path}: key '{getattr(exc, 'full_key', '')}': {str(exc).splitlines()[0]}") from None
+        for key, value in data.items():  # key by key, so that an error names its key
+            try:
+                cfg = OmegaConf.merge(cfg, {key: value})
+            except (OmegaConfBaseException, TypeError, ValueError) as exc:  # TypeError: a mapping for a list
+                raise RecipeError(f"{path}: key '{key}': {str(exc).splitlines()[0]}") from None
     extra = []
     for text in overrides:
         key, value, raw = parse_override(text)

@@ -452,3 +452,14 @@ def test_any_compare_override_loads_or_is_one_line_without_warnings(key):
                 load_compare([RECIPES_DIR / "compare.yaml"], [f"{key}={value}"])
             except RecipeError as e:
                 assert "\n" not in str(e) and str(e), f"{key}={value}"
+
+
+@pytest.mark.parametrize("text,message", [("arms: {a: 1}\n", "key 'arms': Cannot merge incompatible container types"),
+                                          ("seeds: x\n", "key 'seeds': "),
+                                          ("total_steps: abc\n", "key 'total_steps': Value 'abc'")])
+def test_a_compare_file_of_the_wrong_shape_is_one_line_naming_file_and_key(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as e:
+        load_compare([RECIPES_DIR / "compare.yaml", path])
+    assert str(e.value).startswith(f"{path}: {message}") and "\n" not in str(e.value)
