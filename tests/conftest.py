@@ -131,3 +131,24 @@ def read_folder(folder: Path) -> dict:
             out[d["key"]] = d
     assert problems == []
     return out
+
+
+# every kind of value a key=value override can carry, for the loaders' robustness tests
+OVERRIDE_VALUES = ["", "1", "-1", "16", "1.5", "nan", "true", "null", "[]", "{}", "[1,2]", "abc", "'1'", "0x10", "[",
+                   "a: b", "${x}", "${name}", "???", "'"]
+
+
+def assert_each_override_loads_or_fails_in_one_line(load, key: str) -> None:
+    """``load([f"{key}={value}"])`` for every value in OVERRIDE_VALUES ends in a result or in one
+    RecipeError line: no traceback, and no library warning on the console."""
+    import warnings
+
+    from curriculum.config import RecipeError
+
+    for value in OVERRIDE_VALUES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            try:
+                load([f"{key}={value}"])
+            except RecipeError as e:
+                assert "\n" not in str(e) and str(e), f"{key}={value}"
