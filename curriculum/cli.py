@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(exc, wandb.errors.CommError) and not isinstance(exc, wandb.errors.AuthenticationError):
             # the server unreachable: wandb's advice (a longer wandb.init timeout) is not the user's to apply
-            _error_line(f"error: W&B: {str(exc).strip().splitlines()[0]} (the W&B server cannot be reached: "
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            _error_line(f"error: W&B: {first} (the W&B server cannot be reached: "
                         "logging.mode=offline keeps the run on disk, and `wandb sync` uploads it later)")
             return 2
         _error_line(f"error: W&B: {one_line(str(exc))}")

@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from curriculum.config import (RECIPES_DIR, RecipeError, as_node_type, load_recipe, load_yaml_mapping, parse_override,
-                               to_plain, unknown_key)
+                               resolved, to_plain, unknown_key)
 from curriculum.module import EVAL_MAX_DEPTH
 from data_prep.files import atomic_write_text
 
@@ -117,13 +117,7 @@ def load_compare(files: list[str | Path], overrides: list[str] | tuple[str, ...]
             cfg[key] = as_node_type(cfg._get_node(key), value, raw)
         except (OmegaConfBaseException, ValueError) as exc:
             raise RecipeError(f"command line: key '{key}': {str(exc).splitlines()[0]}") from None
-    try:
-        plain = OmegaConf.to_container(cfg, resolve=True)  # every ${...} interpolation must resolve
-        missing = sorted(OmegaConf.missing_keys(cfg))
-    except OmegaConfBaseException as exc:
-        raise RecipeError(f"compare: key '{getattr(exc, 'full_key', '')}': {str(exc).splitlines()[0]}") from None
-    if missing:
-        raise RecipeError(f"missing required value '{missing[0]}' (set it in a compare file or as {missing[0]}=...)")
+    plain = resolved(cfg, "compare", "a compare file")
     plain["overrides"] = list(plain["overrides"]) + extra
     validate_compare(plain)
     return plain

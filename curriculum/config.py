@@ -192,9 +192,8 @@ def as_node_type(node: Any, value: Any, raw: str) -> Any:
     """A command-line value in the type of the schema's node, where omegaconf would convert it
     itself with a deprecation warning: lr=1 is 1.0 (lr=nan NaN), a number or boolean for a text
     key (trainer.precision=32, run.name=2026) is the text as typed (in a list of texts, as
-    written back), a quoted whole number for a
-    count ('8') is that number, and a switch takes true/false or 1/0 (omegaconf would read any
-    number, -1 or 16, as true)."""
+    written back), a quoted whole number for a count ('8') is that number, and a switch takes
+    true/false or 1/0 (omegaconf would read any number, -1 or 16, as true)."""
     if isinstance(node, FloatNode) and not isinstance(value, bool) and isinstance(value, (int, str)):
         try:
             return float(value)
@@ -282,6 +281,19 @@ def _one_line(exc: OmegaConfBaseException, source: str) -> RecipeError:
     return RecipeError(f"{source}: key '{key}': {msg}" if key else f"{source}: {msg}")
 
 
+def resolved(cfg: DictConfig, what: str, where: str) -> dict:
+    """`cfg` as plain containers, with every ${...} interpolation resolved and no ??? left; a
+    RecipeError (one line) names the key otherwise (`what` failed; set the value in `where`)."""
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        missing = sorted(re.sub(r"\[(\d+)\]", r".\1", k) for k in OmegaConf.missing_keys(cfg))
+    except OmegaConfBaseException as exc:
+        raise _one_line(exc, what) from None
+    if missing:
+        raise RecipeError(f"missing required value '{missing[0]}' (set it in {where} or as {missing[0]}=...)")
+    return plain
+
+
 def load_recipe(files: list[str | Path], overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Compose a recipe; raise RecipeError (one line) on any unknown key, bad type or missing value."""
     cfg = OmegaConf.structured(Recipe)
@@ -310,11 +322,8 @@ def load_recipe(files: list[str | Path], overrides: list[str] | tuple[str, ...] 
         except (TypeError, ValueError, IndexError, KeyError, AttributeError) as exc:
             # e.g. a key path through a value that an earlier override turned into a scalar
             raise RecipeError(f"command line: '{text}': {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    resolved(cfg, "recipe", "a recipe")
     try:
-        OmegaConf.to_container(cfg, resolve=True)  # every ${...} interpolation must resolve
-        missing = sorted(re.sub(r"\[(\d+)\]", r".\1", k) for k in OmegaConf.missing_keys(cfg))
-        if missing:
-            raise RecipeError(f"missing required value '{missing[0]}' (set it in a recipe or as {missing[0]}=...)")
         validate(cfg)
     except OmegaConfBaseException as exc:
         raise _one_line(exc, "recipe") from None
