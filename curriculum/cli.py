@@ -97,6 +97,8 @@ def _predict(argv: list[str]) -> int:
                    "metric checkpoint (then --max-depth is required; a relative checkpoint has the same keys but "
                    "predicts disparity, not metres, and cannot be told apart: do not give one)")
     p.add_argument("--input", required=True, help="an image file or a folder of images")
+    p.add_argument("--recursive", action="store_true", help="a folder's subfolders too; their outputs go to the "
+                   "same subfolders of --out (and a --sky-mask folder is read the same way)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--encoder", choices=["tiny", "vits", "vitb", "vitl"],
                    help="official checkpoints: the encoder (default: inferred from the weights)")
@@ -143,7 +145,8 @@ def _predict(argv: list[str]) -> int:
                                edge_threshold=args.drop_edges, max_uncertainty=args.max_uncertainty)
     run_predict(args.checkpoint, args.input, args.out, encoder=args.encoder, max_depth=args.max_depth,
                 input_size=args.input_size, save_npy=args.save_npy, pointcloud=pc, sky_depth=args.sky_depth,
-                vmin=args.vmin, vmax=args.vmax, device=args.device)
+                vmin=args.vmin, vmax=args.vmax, device=args.device,
+                recursive=args.recursive)
     return 0
 
 

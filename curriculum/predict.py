@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from curriculum.checkpoint import (
     META_KEY, MODEL_FIELDS, CheckpointError, model_state, read_checkpoint, taught_far_target,
@@ -165,17 +167,43 @@ def load_predictor(checkpoint: str | os.PathLike, encoder: str | None = None, ma
 
 # ------------------------------------------------------------------------------------- inputs
 
-def list_inputs(path: str | os.PathLike) -> list[Path]:
-    """One image file, or the images of a folder (not recursive), sorted by name."""
+def list_inputs(path: str | os.PathLike, recursive: bool = False, skip: tuple = ()) -> list[Path]:
+    """One image file, or the images of a folder sorted by path: its own, or with ``recursive`` those
+    of its subfolders too. Hidden files and folders (.git, .ipynb_checkpoints) are left out, and so
+    are the folders in ``skip`` (the output and sky-mask folders, when they lie inside the input:
+    depth PNGs and masks are not photos)."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        skip_dirs = {Path(d).resolve() for d in skip if d is not None}
+        files = []
+        for folder, subfolders, names in os.walk(path):
+            subfolders[:] = sorted(d for d in subfolders if recursive and not d.startswith(".")
+                                   and Path(folder, d).resolve() not in skip_dirs)
+            files += [Path(folder, n) for n in names if not n.startswith(".")
+                      and Path(n).suffix.lower() in IMAGE_EXTENSIONS and Path(folder, n).is_file()]
+        files.sort(key=lambda f: f.relative_to(path).parts)
         if not files:
-            raise PredictError(f"no image ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")
+            where = "folder or its subfolders" if recursive else "folder"
+            raise PredictError(f"no image ({', '.join(IMAGE_EXTENSIONS)}) in {where} {path}"
+                               + ("" if recursive or not any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir())
+                                  else " (it has subfolders: add --recursive)"))
         return files
     if not path.exists():
         raise PredictError(f"input not found: {path}")
     return [path]
+
+
+def output_places(files: list[Path], inputs: str | os.PathLike, out_dir: str | os.PathLike) -> list[tuple[Path, str]]:
+    """(output folder, output name) per input: the input's subfolder mirrored under ``out_dir``, a
+    name distinct within that folder (``_output_stems``)."""
+    root = Path(inputs) if Path(inputs).is_dir() else None
+    rel = [f.parent.relative_to(root) if root is not None else Path() for f in files]
+    places: list[tuple[Path, str]] = [(Path(), "")] * len(files)
+    for sub in dict.fromkeys(rel):
+        idx = [i for i, r in enumerate(rel) if r == sub]
+        for i, stem in zip(idx, _output_stems([files[i] for i in idx])):
+            places[i] = (Path(out_dir) / sub, stem)
+    return places
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -291,14 +319,14 @@ def _check_options(pc: PointCloudOptions | None, predictor: Predictor) -> None:
         raise PredictError(f"sky mask not found: {pc.sky_mask}")
 
 
-def _sky_mask_for(pc: PointCloudOptions, image: Path, n_inputs: int) -> Path | None:
+def _sky_mask_for(pc: PointCloudOptions, image: Path, n_inputs: int, subfolder: Path = Path()) -> Path | None:
     if pc.sky_mask is None:
         return None
     mask = Path(pc.sky_mask)
-    if mask.is_dir():
-        candidate = mask / f"{image.stem}.png"
+    if mask.is_dir():  # a folder of masks mirrors the input folder's subfolders
+        candidate = mask / subfolder / f"{image.stem}.png"
         if not candidate.is_file():
-            raise PredictError(f"sky mask not found for {image.name}: {candidate}")
+            raise PredictError(f"sky mask not found for {image}: {candidate}")
         return candidate
     if n_inputs > 1:
         raise PredictError(f"--sky-mask {mask} is one file for {n_inputs} images; give a folder of <name>.png masks")
@@ -321,18 +349,35 @@ def _output_stems(files: list[Path]) -> list[str]:
     return out
 
 
+def _progress(done: int, total: int, start: float) -> str:
+    """' [done/total, images/s, ETA]' for a run of several images, '' for one."""
+    if total == 1:
+        return ""
+    rate = done / max(time.perf_counter() - start, 1e-9)
+    return f" [{done}/{total}, {rate:.2f} img/s, ETA {tqdm.format_interval((total - done) / rate)}]"
+
+
 def run_predict(checkpoint: str | os.PathLike, inputs: str | os.PathLike, out_dir: str | os.PathLike, *,
                 encoder: str | None = None, max_depth: float | None = None, input_size: int | None = None,
                 save_npy: bool = False, pointcloud: PointCloudOptions | None = None, sky_depth: float | None = None,
                 vmin: float = 1.0, vmax: float | None = None, device: str | None = None,
-                log=print) -> list[dict]:
-    """Predict every input image; returns one record per image (paths written, filter report)."""
+                recursive: bool = False, log=print) -> list[dict]:
+    """Predict every input image; returns one record per image (paths written, filter report).
+    With ``recursive``, a folder's subfolders too: their outputs go to the same subfolders of ``out_dir``."""
     from curriculum.pointcloud import filter_points, format_filter_report, load_mask, write_ply
-    from curriculum.viz import save_depth_png
+    from curriculum.viz import is_depth_png, save_depth_png
 
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise PredictError(f"--out {out_dir}: exists and is not a folder")
-    files = list_inputs(inputs)
+    files = list_inputs(inputs, recursive, skip=(out_dir, pointcloud.sky_mask if pointcloud else None))
+    if Path(inputs).is_dir():  # earlier runs' depth maps in the folder are outputs, not photos
+        earlier = [f for f in files if f.suffix.lower() == ".png" and is_depth_png(f)]
+        files = [f for f in files if f not in set(earlier)] if earlier else files
+        if earlier:
+            log(f"skipped {len(earlier)} depth maps written by an earlier predict (e.g. {earlier[0]})")
+        if not files:
+            raise PredictError(f"no image in {inputs} but depth maps written by an earlier predict")
+    places = output_places(files, inputs, out_dir)
     if Path(inputs).is_dir() and Path(out_dir).resolve() == Path(inputs).resolve():
         # the next run would read this run's depth PNGs as photos (and may overwrite an input named x_depth.png)
         raise PredictError(f"--out {out_dir} is the input folder: choose another folder for the outputs")
@@ -347,7 +392,8 @@ def run_predict(checkpoint: str | os.PathLike, inputs: str | os.PathLike, out_di
             raise PredictError(f"{file}: {w}x{h} would enter the network as {nw}x{nh}, more than {MAX_INPUT_AREA} "
                                f"times the {predictor.input_size}x{predictor.input_size} area; crop it or give a "
                                "smaller --input-size")
-    masks = [_sky_mask_for(pointcloud, f, len(files)) if pointcloud else None for f in files]
+    masks = [_sky_mask_for(pointcloud, f, len(files), folder.relative_to(out_dir)) if pointcloud else None
+             for f, (folder, _) in zip(files, places)]
     for mask, size in zip(masks, sizes):
         if mask is not None:
             load_mask(mask, size)
@@ -356,12 +402,12 @@ def run_predict(checkpoint: str | os.PathLike, inputs: str | os.PathLike, out_di
     vmax = float(vmax if vmax is not None else predictor.max_depth)
     if not (math.isfinite(vmax) and vmax > vmin > 0):
         raise PredictError(f"colour range needs 0 < --vmin < --vmax, got {vmin:g}, {vmax:g}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     log(f"model: {predictor.source} {predictor.encoder}, range {predictor.min_depth:g}..{predictor.max_depth:g} m, "
         f"input short side {predictor.input_size}" + "".join(f"; {n}" for n in predictor.notes))
-    records = []
-    for file, stem, mask, intr in zip(files, _output_stems(files), masks, intrinsics):
+    records, start = [], time.perf_counter()
+    for k, (file, (out, stem), mask, intr) in enumerate(zip(files, places, masks, intrinsics)):
+        out.mkdir(parents=True, exist_ok=True)
         rgb = read_image(file)
         h, w = rgb.shape[:2]
         depth, unc, (nh, nw) = predict_image(predictor, rgb)
@@ -374,7 +420,7 @@ def run_predict(checkpoint: str | os.PathLike, inputs: str | os.PathLike, out_di
                 rec["uncertainty_npy"] = str(out / f"{stem}_uncertainty.npy")
                 atomic_write(rec["uncertainty_npy"], lambda f: np.save(f, unc))
         log(f"{file}: {w}x{h} (network {nw}x{nh}), depth {np.nanmin(depth):.2f}..{np.nanmax(depth):.2f} m "
-            f"-> {rec['png']}" + (f", {rec['npy']}" if save_npy else ""))
+            f"-> {rec['png']}" + (f", {rec['npy']}" if save_npy else "") + _progress(k + 1, len(files), start))
         if pointcloud is not None:
             pc = pointcloud
             sky_mask = load_mask(mask, (h, w)) if mask is not None else None

@@ -152,10 +152,10 @@ def depth_panel(
 
 # ----------------------------------------------------------------------------- files
 
-def save_figure(fig: Any, path: str | os.PathLike, dpi: float | None = None) -> Path:
+def save_figure(fig: Any, path: str | os.PathLike, dpi: float | None = None, metadata: dict | None = None) -> Path:
     """Render a matplotlib Figure to ``path`` atomically; the format follows the suffix (default png)."""
     fmt = Path(path).suffix.lstrip(".").lower() or "png"
-    return atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi))
+    return atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi, metadata=metadata))
 
 
 def save_image(image: np.ndarray, path: str | os.PathLike) -> Path:
@@ -176,6 +176,24 @@ def _depth_ticks(vmin: float, vmax: float) -> list[float]:
         # 80 m replaces 50 and 100, which would crowd it on a log bar.
         ticks = [t for t in ticks if not 0.6 * 80.0 <= t <= 80.0 / 0.6] + [80.0]
     return sorted(t for t in ticks if vmin <= t <= vmax)
+
+
+DEPTH_PNG_SOFTWARE = "curriculum depth map"  # the PNG "Software" text of save_depth_png's figures
+
+
+def fmt_is_png(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in ("", ".png")
+
+
+def is_depth_png(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a depth figure written by ``save_depth_png`` (reads the header only)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.format == "PNG" and img.info.get("Software") == DEPTH_PNG_SOFTWARE
+    except (OSError, ValueError, SyntaxError):
+        return False
 
 
 def save_depth_png(
@@ -207,7 +225,8 @@ def save_depth_png(
     if title:
         ax.set_title(title, parse_math=False)  # a file name may hold "$"
     _depth_colorbar(fig, ax, vmin, vmax, cmap, log_scale, fraction=0.05, pad=0.02)
-    return save_figure(fig, path)
+    # marked, so that predict on a folder holding earlier outputs does not take them for photos
+    return save_figure(fig, path, metadata={"Software": DEPTH_PNG_SOFTWARE} if fmt_is_png(path) else None)
 
 
 def bar_chart(

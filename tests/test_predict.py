@@ -256,6 +256,59 @@ def test_output_names_never_collide(trained, tmp_path, capsys):
         assert np.load(out / f"{stem}_depth.npy").shape == sizes[name]
 
 
+def test_recursive_folders_mirror_their_subfolders_and_skip_outputs_masks_and_hidden(trained, tmp_path, capsys):
+    """--recursive: each subfolder's outputs go to the same subfolder of --out (the same name in two
+    folders does not collide), a mask folder mirrors the input, and the output and mask folders inside
+    the input, hidden folders and hidden files are not read as photos."""
+    root = tmp_path / "drive"
+    sizes = {"a.png": (30, 40), "s1/a.png": (30, 50), "s1/deeper/b.jpg": (40, 30), "s2/c.png": (20, 60)}
+    for rel, (h, w) in {**sizes, ".cache/x.png": (9, 9), "s2/._c.png": (9, 9)}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(root / rel)
+    masks, out = root / "masks", root / "pred"
+    for rel, (h, w) in sizes.items():
+        m = np.zeros((h, w), np.uint8)
+        m[:5] = 255
+        (masks / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(m).save((masks / rel).with_suffix(".png"))
+    for _ in range(2):  # a second run reads neither its own earlier outputs nor the masks
+        rc, text, err = _predict(["--checkpoint", trained, "--input", root, "--out", out, "--recursive",
+                                  "--save-npy", "--pointcloud", "--sky-mask", masks], capsys)
+        assert rc == 0, err
+        written = sorted(str(p.relative_to(out)) for p in out.rglob("*_depth.npy"))
+        assert written == sorted(str(Path(r).with_suffix("")) + "_depth.npy" for r in sizes)
+        for rel, (h, w) in sizes.items():
+            assert np.load(out / (str(Path(rel).with_suffix("")) + "_depth.npy")).shape == (h, w)
+        assert _removed(text, "sky") == [5 * w for _, (h, w) in sorted(sizes.items(),
+                                                                   key=lambda kv: Path(kv[0]).parts)]
+        # progress on every image's line: count, rate, time left
+        counts = re.findall(r"\[(\d+)/(\d+), [\d.]+ img/s, ETA [\d:]+\]$", text, flags=re.M)
+        assert counts == [(str(k), "4") for k in range(1, 5)]
+    # another output folder: the first run's depth maps (under drive/pred) are outputs, not photos
+    rc, text, err = _predict(["--checkpoint", trained, "--input", root, "--out", tmp_path / "o1", "--recursive",
+                              "--pointcloud", "--sky-mask", masks], capsys)
+    assert rc == 0 and "skipped 4 depth maps written by an earlier predict" in text, err
+    assert len(list((tmp_path / "o1").rglob("*_depth.png"))) == 4
+    # a mask missing in the mirrored place: one line naming the image and the mask path expected
+    (masks / "s2" / "c.png").unlink()
+    rc, _, err = _predict(["--checkpoint", trained, "--input", root, "--out", tmp_path / "o2", "--recursive",
+                           "--pointcloud", "--sky-mask", masks], capsys)
+    assert rc == 2 and str(masks / "s2" / "c.png") in err and len(err.strip().splitlines()) == 1
+    # without --recursive only the folder's own image; a folder of subfolders only says what to add
+    rc, text, err = _predict(["--checkpoint", trained, "--input", root, "--out", tmp_path / "o3"], capsys)
+    assert rc == 0 and [p.name for p in (tmp_path / "o3").rglob("*_depth.png")] == ["a_depth.png"]
+    assert "[" not in text.splitlines()[-1]  # one image: no progress counter
+    rc, _, err = _predict(["--checkpoint", trained, "--input", root / "s1", "--out", tmp_path / "o4"], capsys)
+    assert rc == 0, err
+    rc, _, err = _predict(["--checkpoint", trained, "--input", root / "s2" / "..", "--out", tmp_path / "o5"], capsys)
+    assert rc == 0, err
+    empty = tmp_path / "only_subfolders"
+    (empty / "sub").mkdir(parents=True)
+    Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(empty / "sub" / "x.png")
+    rc, _, err = _predict(["--checkpoint", trained, "--input", empty, "--out", tmp_path / "o6"], capsys)
+    assert rc == 2 and "add --recursive" in err and len(err.strip().splitlines()) == 1
+
+
 def test_exif_orientation_is_applied_like_image_viewers_do(trained, tmp_path, capsys):
     """A phone photo stored 20x10 (WxH) with Orientation=6 is shown, and predicted, 10x20 upright."""
     from curriculum.predict import read_image

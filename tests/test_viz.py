@@ -222,3 +222,16 @@ def test_bar_chart_marks_nan_with_n_a(tmp_path, monkeypatch):
     (ax,) = fig.axes
     assert [t.get_text() for t in ax.texts] == ["n/a", "n/a"]
     assert len(ax.patches) == 1  # only the finite value has a bar
+
+
+def test_depth_pngs_are_marked_and_other_images_are_not(tmp_path):
+    """predict tells its earlier outputs from photos by the PNG's Software text."""
+    from PIL import Image
+
+    from curriculum.viz import is_depth_png, save_depth_png
+
+    depth = np.linspace(1.0, 90.0, 12 * 20, dtype=np.float32).reshape(12, 20)
+    assert is_depth_png(save_depth_png(depth, tmp_path / "d_depth.png", 1.0, 80.0))
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "photo.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    assert not is_depth_png(tmp_path / "photo.png") and not is_depth_png(tmp_path / "broken.png")
