@@ -194,7 +194,8 @@ def color_jitter(rgb: np.ndarray, amount: float, rng: np.random.Generator) -> np
     img = (img - mean) * c + mean
     gray = img.mean(axis=2, keepdims=True)
     img = (img - gray) * s + gray
-    return np.clip(img, 0, 255).astype(np.uint8)
+    # rounded: truncating would darken every jittered image by half a level on average
+    return np.rint(np.clip(img, 0, 255)).astype(np.uint8)
 
 
 @functools.lru_cache(maxsize=8)
@@ -314,14 +315,14 @@ def collate_train_crops(samples: list[dict], buffers: WorkerBuffers | None = Non
 def color_jitter_images(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """``color_jitter`` on a uint8 batch (B,3,H,W) on its device, with each image's (brightness,
     contrast, saturation) factors in a (B,3) float32 tensor: the same float32 steps, clipped and
-    truncated to uint8 as there."""
+    rounded to uint8 as there."""
     b, c, s = (factors[:, i].view(-1, 1, 1, 1) for i in range(3))
     img = images.float() * b
     mean = img.mean(dim=(1, 2, 3), keepdim=True)
     img = (img - mean) * c + mean
     gray = img.mean(dim=1, keepdim=True)
     img = (img - gray) * s + gray
-    return img.clamp_(0, 255).to(torch.uint8)
+    return img.clamp_(0, 255).round_().to(torch.uint8)
 
 
 def _on_device_without_waiting(t: torch.Tensor, dev: torch.device) -> torch.Tensor:

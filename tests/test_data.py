@@ -504,3 +504,22 @@ def test_validation_counts_a_shards_defect_once_when_every_reader_reads_it(tmp_p
         with pytest.warns(UserWarning, match="lacks depth.png"):
             batches = [b for rank in range(world) for b in ValStream(shards, rank, world, 1, 28, 56)]
         assert len(_keys(batches)) == 2 and sum(int(b["bad_samples"]) for b in batches) == 1, world
+
+
+def test_color_jitter_rounds_to_the_nearest_level_on_host_and_device():
+    """Jittered pixels are the float result rounded, not truncated (which darkened every image by
+    half a level on average); the device path rounds the same way."""
+    from curriculum.data import color_jitter, color_jitter_images, jitter_factors
+
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    b, c, s = jitter_factors(0.3, np.random.default_rng(5))
+    img = rgb.astype(np.float64) * b
+    img = (img - img.mean()) * c + img.mean()
+    img = (img - img.mean(axis=2, keepdims=True)) * s + img.mean(axis=2, keepdims=True)
+    exact = np.clip(img, 0, 255)
+    host = color_jitter(rgb, 0.3, np.random.default_rng(5))
+    device = color_jitter_images(torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous(),
+                                 torch.tensor([[b, c, s]], dtype=torch.float32))[0].permute(1, 2, 0).numpy()
+    for out in (host, device):
+        err = out.astype(np.float64) - exact
+        assert np.abs(err).max() <= 0.5 + 1e-3 and abs(err.mean()) < 0.02
