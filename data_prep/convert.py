@@ -153,7 +153,8 @@ def rgb_output(opts: dict, rgb_fmt: str) -> tuple[str, bool]:
         if rgb_fmt in ("jpg", "png"):
             return rgb_fmt, True
         return "png", False
-    return want, want == rgb_fmt
+    # an explicit --jpeg-quality asks for that quality: a JPEG source is re-encoded
+    return want, want == rgb_fmt and not (want == "jpg" and opts.get("reencode_jpeg", False))
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -178,7 +179,9 @@ def add_output_args(ap: argparse.ArgumentParser, rgb_default: str = "source", sh
     ap.add_argument("--rgb-format", choices=choices, default=rgb_default,
                     help="how to store rgb" + (" (source: the source file's bytes, unchanged)"
                                                if rgb_default == "source" else ""))
-    ap.add_argument("--jpeg-quality", type=int, default=95)
+    ap.add_argument("--jpeg-quality", type=int, default=None, metavar="Q",
+                    help=f"quality 1-100 of the JPEGs this command encodes (default {DEFAULT_JPEG_QUALITY}); "
+                         "given, a JPEG source is re-encoded instead of passed through; needs --rgb-format jpg")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -190,8 +193,12 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--limit", type=int, default=None, help="convert only the first N frames")
 
 
+DEFAULT_JPEG_QUALITY = 95
+
+
 def common_opts(args: argparse.Namespace) -> dict:
-    return {"rgb_format": args.rgb_format, "jpeg_quality": args.jpeg_quality}
+    return {"rgb_format": args.rgb_format, "reencode_jpeg": args.jpeg_quality is not None,
+            "jpeg_quality": DEFAULT_JPEG_QUALITY if args.jpeg_quality is None else args.jpeg_quality}
 
 
 def fail(message: str) -> int:
@@ -314,6 +321,13 @@ def _run(name: str, frames: Sequence[Any], load: Callable[[Any, dict], dict], op
         return fail(f"--workers must be >= 1, got {args.workers}")
     if args.shard_size < 1:
         return fail(f"--shard-size must be >= 1, got {args.shard_size}")
+    quality = getattr(args, "jpeg_quality", None)
+    if quality is not None:  # OpenCV would quietly clamp it (and -3 means quality 0)
+        if not 1 <= quality <= 100:
+            return fail(f"--jpeg-quality must lie in 1..100, got {quality}")
+        if args.rgb_format != "jpg":
+            return fail(f"--jpeg-quality {quality} sets the quality of re-encoded JPEGs: add --rgb-format jpg "
+                        f"(--rgb-format is {args.rgb_format})")
     smallest_mb = ShardWriter.MIN_BYTES / 2**20
     if not (math.isfinite(args.shard_mb) and args.shard_mb >= smallest_mb):  # int(inf) raises, nan passes comparisons
         return fail(f"--shard-mb must be a finite number >= {smallest_mb:g} (MiB, the smallest shard the writer "

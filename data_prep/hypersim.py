@@ -35,7 +35,7 @@ import numpy as np
 from . import convert
 from .arguments import ArgumentParser
 from .convert import Frame, bad
-from .schema import depth_to_raw, make_key
+from .schema import SampleError, depth_to_raw, make_key
 
 SOURCE = "hypersim"
 DEPTH_SCALE = 0.001
@@ -69,10 +69,14 @@ def read_distance(path: Path) -> np.ndarray:
             if not isinstance(f.get("dataset"), h5py.Dataset):
                 raise bad(path, "no 'dataset' array in the HDF5 file")
             d = f["dataset"][()]
-    except OSError as e:
-        raise bad(path, f"unreadable HDF5 ({e})") from None
-    if d.ndim != 2 or not np.issubdtype(d.dtype, np.floating):
-        raise bad(path, f"expected a 2-D float array, got {d.dtype} {d.shape}")
+    except SampleError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
+        # h5py raises ValueError, TypeError or KeyError, not only OSError, for damaged headers
+        raise bad(path, f"unreadable HDF5 ({' '.join(str(e).split()) or type(e).__name__})") from None
+    if not isinstance(d, np.ndarray) or d.ndim != 2 or not np.issubdtype(d.dtype, np.floating):
+        what = f"{d.dtype} {d.shape}" if isinstance(d, np.ndarray) else type(d).__name__
+        raise bad(path, f"expected a 2-D float array, got {what}")
     # Hypersim marks rays that hit nothing with NaN only; an infinity is a broken file, and
     # would otherwise be stored as 65535 (beyond range)
     inf = np.isinf(d)
@@ -132,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         return convert.fail(f"{args.root}: not a folder")
     if not (math.isfinite(args.depth_scale) and args.depth_scale > 0 and 0 < args.fov_deg < 180):
         return convert.fail("--depth-scale must be > 0 and --fov-deg in (0, 180)")
-    frames = find_frames(args.root)
+    try:
+        frames = find_frames(args.root)
+    except OSError as e:
+        return convert.fail(f"{e.filename or args.root}: {e.strerror or e}")
     if not frames:
         return convert.fail(f"{args.root}: no <scene>/images/scene_<cam>_final_preview/frame.*.tonemap.jpg found")
     opts = convert.common_opts(args) | {"depth_scale": args.depth_scale, "fov_deg": args.fov_deg}

@@ -140,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.root.is_dir():
         return convert.fail(f"{args.root}: not a folder")
-    frames = find_frames(args.root, args.scenes, args.variations, args.camera)
+    try:
+        frames = find_frames(args.root, args.scenes, args.variations, args.camera)
+    except OSError as e:
+        return convert.fail(f"{e.filename or args.root}: {e.strerror or e}")
     if not frames:
         return convert.fail(f"{args.root}: no SceneXX/<variation>/frames/rgb/Camera_{args.camera}/rgb_*.jpg found")
     return convert.run("vkitti2", frames, load, convert.common_opts(args), args)

@@ -161,3 +161,41 @@ def test_infinite_distance_is_a_bad_frame(tmp_path, capsys):
     assert f"skipped: {bad1}: depth has 1 infinite pixels" in stdout
     assert f"skipped: {bad2}: depth has 2 infinite pixels" in stdout
     assert only_sample(tmp_path / "out")["depth_raw"][0, 0] == 0  # the NaN frame: no measurement
+
+
+def test_damaged_hdf5_headers_are_bad_frames_not_tracebacks(fixtures_dir, tmp_path, capsys, monkeypatch):
+    """h5py reports some damaged files with ValueError (a datatype header it cannot map), not
+    OSError; a 'dataset' holding text is no depth array either: each is one line, and skippable."""
+    root = layouts.hypersim_tree(fixtures_dir, tmp_path / "src")
+    p = root / DEPTH_REL
+    real_file = h5py.File
+
+    def damaged(*args, **kwargs):
+        raise ValueError("Insufficient precision in available types to represent (15, 10, 5, 0, 10)")
+
+    monkeypatch.setattr(h5py, "File", damaged)
+    assert convert(root, tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {p}: unreadable HDF5 (Insufficient precision in available types to "
+                          "represent (15, 10, 5, 0, 10))") and "\n" not in err
+    assert convert(root, tmp_path / "out", "--skip-bad") == 2  # nothing left to write: one line too
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: hypersim: every frame was bad, nothing written") and "\n" not in err
+    monkeypatch.setattr(h5py, "File", real_file)
+    p.unlink()
+    with h5py.File(p, "w") as f:
+        f["dataset"] = "hello"
+    assert convert(root, tmp_path / "out2") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {p}: expected a 2-D float array, got bytes") and "\n" not in err
+
+
+def test_an_unreadable_scene_folder_is_one_line(fixtures_dir, tmp_path, capsys, monkeypatch):
+    root = layouts.hypersim_tree(fixtures_dir, tmp_path / "src")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(root / layouts.HYPERSIM_SCENE))
+
+    monkeypatch.setattr(hypersim, "find_frames", denied)
+    assert convert(root, tmp_path / "out") == 2
+    assert capsys.readouterr().err.strip() == f"error: {root / layouts.HYPERSIM_SCENE}: Permission denied"

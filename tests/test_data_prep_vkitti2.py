@@ -61,3 +61,26 @@ def test_no_segmentation_means_no_sky(tmp_path):
     assert convert(root, out) == 0
     (d,) = read_folder(out).values()
     assert "sky.png" not in d["raw_sample"] and not d["sky"].any()
+
+
+def test_jpeg_quality_reencodes_a_jpeg_source_and_is_checked(tmp_path, capsys):
+    """--jpeg-quality is the quality of the JPEGs written: given, the source JPEG is re-encoded
+    (it used to pass through unchanged whatever the flag said); out of range or without
+    --rgb-format jpg, one line and nothing written."""
+    root = layouts.vkitti2_tree(tmp_path / "src")
+    src = root / "Scene01" / "clone" / "frames" / "rgb" / "Camera_0" / "rgb_00001.jpg"
+    key = "vkitti2_Scene01-clone_cam0-00001"
+    assert convert(root, tmp_path / "same", "--rgb-format", "jpg") == 0
+    assert read_folder(tmp_path / "same")[key]["raw_sample"]["rgb.jpg"] == src.read_bytes()
+    assert convert(root, tmp_path / "q20", "--rgb-format", "jpg", "--jpeg-quality", "20") == 0
+    stored = read_folder(tmp_path / "q20")[key]["raw_sample"]["rgb.jpg"]
+    rgb = cv2.imread(str(src))
+    assert stored == cv2.imencode(".jpg", rgb, [cv2.IMWRITE_JPEG_QUALITY, 20])[1].tobytes()
+    capsys.readouterr()
+    for flags, needle in ((["--rgb-format", "jpg", "--jpeg-quality", "-3"], "--jpeg-quality must lie in 1..100, got -3"),
+                          (["--rgb-format", "jpg", "--jpeg-quality", "500"], "got 500"),
+                          (["--jpeg-quality", "80"], "add --rgb-format jpg (--rgb-format is source)")):
+        assert convert(root, tmp_path / "bad", *flags) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err
+        assert not (tmp_path / "bad").exists()
