@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field, fields
@@ -566,29 +565,25 @@ def summarize(report: dict) -> list[str]:
 # ------------------------------------------------------------------------------------ figures
 
 def read_samples(urls: list[str], n: int) -> list[dict]:
-    """The first n decoded samples of the shards, in shard order (as the validation stream reads them)."""
-    from data_prep.schema import decode_sample
+    """The first n decoded samples of the shards, in shard order, as the validation stream reads
+    them: any shard it reads (``pipe:`` and URLs too), bad samples and truncated tails skipped."""
+    from curriculum.data import _raw_samples
+    from data_prep.schema import SampleError, decode_sample
 
     out: list[dict] = []
-    for url in urls:
-        with tarfile.open(url) as tf:
-            current, sample = None, {}
-            for member in tf:
-                if not member.isfile():
-                    continue
-                base = os.path.basename(member.name)
-                key, _, ext = base.partition(".")
-                if key != current:
-                    if sample:
-                        out.append(decode_sample(sample))
-                        if len(out) >= n:
-                            return out
-                    current, sample = key, {"__key__": key}
-                sample[ext] = tf.extractfile(member).read()
-            if sample:
-                out.append(decode_sample(sample))
-                if len(out) >= n:
-                    return out
+    if n <= 0:
+        return out
+    samples = _raw_samples(urls, lambda url, why: None)  # evaluation has counted and reported these
+    try:
+        for raw in samples:
+            try:
+                out.append(decode_sample(raw))
+            except SampleError:
+                continue
+            if len(out) >= n:
+                break
+    finally:
+        samples.close()  # ends a pipe: command still writing
     return out
 
 

@@ -131,9 +131,11 @@ def load_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
+            if img.mode in ("P", "PA"):  # palette indices are not colours: white sky may be index 0
+                img = img.convert("RGBA")
             mode = img.mode
             arr = np.asarray(img)
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read mask {path}: {_one_line(e)}") from None
     if arr.ndim == 3:
         # Alpha says nothing about sky; ignore it when colour channels are present.

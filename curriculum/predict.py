@@ -221,10 +221,12 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             rgb = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
     except FileNotFoundError:
         raise PredictError(f"input not found: {path}") from None
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         if isinstance(exc, PredictError):
             raise
         msg = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, Image.DecompressionBombError):
+            msg = f"more than {2 * Image.MAX_IMAGE_PIXELS} pixels, the most the image reader opens; downscale it"
         raise PredictError(f"cannot read image {path}: {msg}") from None
     return np.ascontiguousarray(rgb)
 
@@ -399,9 +401,11 @@ def run_predict(checkpoint: str | os.PathLike, inputs: str | os.PathLike, out_di
             load_mask(mask, size)
     # intrinsics of every input now, so a bad one stops the run before any output
     intrinsics = [pointcloud.intrinsics(w, h) if pointcloud else None for h, w in sizes]
+    default_vmax = vmax is None
     vmax = float(vmax if vmax is not None else predictor.max_depth)
     if not (math.isfinite(vmax) and vmax > vmin > 0):
-        raise PredictError(f"colour range needs 0 < --vmin < --vmax, got {vmin:g}, {vmax:g}")
+        raise PredictError(f"colour range needs 0 < --vmin < --vmax, got {vmin:g}, {vmax:g}"
+                           + (" (--vmax defaults to the model's max depth: give --vmin below it)" if default_vmax else ""))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     log(f"model: {predictor.source} {predictor.encoder}, range {predictor.min_depth:g}..{predictor.max_depth:g} m, "
         f"input short side {predictor.input_size}" + "".join(f"; {n}" for n in predictor.notes))

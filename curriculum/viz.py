@@ -192,8 +192,8 @@ def is_depth_png(path: str | os.PathLike) -> bool:
     try:
         with Image.open(path) as img:
             return img.format == "PNG" and img.info.get("Software") == DEPTH_PNG_SOFTWARE
-    except (OSError, ValueError, SyntaxError):
-        return False
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False  # not ours; reading it as a photo reports what is wrong
 
 
 def save_depth_png(

@@ -454,3 +454,32 @@ def test_a_compare_file_of_the_wrong_shape_is_one_line_naming_file_and_key(tmp_p
     with pytest.raises(RecipeError) as e:
         load_compare([RECIPES_DIR / "compare.yaml", path])
     assert str(e.value).startswith(f"{path}: {message}") and "\n" not in str(e.value)
+
+
+def test_example_samples_are_read_as_evaluation_reads_them(tmp_path, tiny_shards):
+    """The report's example pictures read the validation shards as evaluation does: pipe: shards,
+    a sample missing its depth and a truncated shard are read or skipped, not the end of the
+    comparison after every arm has trained."""
+    import io
+    import tarfile
+
+    from curriculum.compare import read_samples
+    from curriculum.data import expand_shards
+
+    _, val_dir, _, _ = tiny_shards
+    shards = expand_shards(f"{val_dir}/*.tar")
+    every = [s["key"] for s in read_samples(shards, 100)]
+    assert len(every) >= 2
+    assert [s["key"] for s in read_samples([f"pipe:cat {u}" for u in shards], 2)] == every[:2]
+    # the first sample without its depth.png, then the first shard cut short
+    with tarfile.open(shards[0]) as src, tarfile.open(tmp_path / "nodepth.tar", "w") as dst:
+        first = None
+        for m in src:
+            first = first or m.name.split(".")[0]
+            if not (m.name.startswith(first) and m.name.endswith("depth.png")):
+                dst.addfile(m, io.BytesIO(src.extractfile(m).read()))
+    assert [s["key"] for s in read_samples([str(tmp_path / "nodepth.tar"), *shards[1:]], 100)] == every[1:]
+    data = Path(shards[0]).read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2])
+    got = [s["key"] for s in read_samples([str(tmp_path / "cut.tar")], 100)]
+    assert got and got == every[: len(got)] and len(got) < len(read_samples(shards[:1], 100))

@@ -503,3 +503,33 @@ def test_filter_points_and_write_ply_refuse_mismatched_inputs(tmp_path):
     with pytest.raises(ValueError, match="uint8"):
         pc.write_ply(tmp_path / "f.ply", np.zeros((2, 3), np.float32), np.zeros((2, 3), np.float32))
     assert not (tmp_path / "f.ply").exists()
+
+
+def test_load_mask_reads_a_palette_png_by_colour_not_index(tmp_path):
+    """An indexed PNG (labelling tools, GIMP) with white sky at palette index 0: the sky is what is
+    white, not what has a nonzero index."""
+    idx = np.ones((4, 6), np.uint8)
+    idx[:2] = 0
+    img = Image.fromarray(idx, "P")
+    img.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)
+    img.save(tmp_path / "pmask.png")
+    mask = pc.load_mask(tmp_path / "pmask.png", (4, 6))
+    assert mask[:2].all() and not mask[2:].any()
+
+
+def test_an_image_past_the_readers_pixel_limit_is_one_line(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    from curriculum.predict import PredictError, read_image
+    from curriculum.viz import is_depth_png
+
+    path = tmp_path / "huge.png"
+    Image.fromarray(np.zeros((40, 50), np.uint8)).save(path)
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 500)  # 2000 pixels > twice the limit
+    with pytest.raises(PredictError) as e:
+        read_image(path)
+    assert str(e.value) == (f"cannot read image {path}: more than 1000 pixels, the most the image reader opens; "
+                            "downscale it")
+    with pytest.raises(ValueError, match="cannot read mask .*huge.png"):
+        pc.load_mask(path, (40, 50))
+    assert not is_depth_png(path)

@@ -729,6 +729,9 @@ def test_predict_refuses_settings_that_would_fail_later(trained, images, tmp_pat
     out = tmp_path / "out"
     cases = [(["--input", folder, "--out", folder], "is the input folder"),
              (["--input", image, "--out", out, "--vmax", "inf"], "colour range needs 0 < --vmin < --vmax"),
+             # the trained model's range ends at 1000 m: a --vmin above it, with --vmax left to default
+             (["--input", image, "--out", out, "--vmin", "2000"],
+              "got 2000, 1000 (--vmax defaults to the model's max depth: give --vmin below it)"),
              (["--input", image, "--out", out, "--input-size", "0"], "--input-size must be a positive multiple"),
              (["--input", image, "--out", out, "--device", "tpu0"], "--device 'tpu0': not a device")]
     if not torch.cuda.is_available():
