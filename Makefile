@@ -70,17 +70,18 @@ demo: data
 	@echo "  */panels/*.png                            rgb | ground truth | prediction | error panels"
 	@echo "  */metrics.csv, */wandb/                   training curves (W&B offline unless an API key is set)"
 
-# Stage 1 then stage 2 on the synthetic set (or any shards: RECIPE_ARGS='data.train_shards=...').
+# Stage 1 then stage 2 on the synthetic set (or any shards: RECIPE_ARGS='data.train_shards=...'),
+# each run in $(RUNS)/<target>, where finetune's INIT looks for stage 1.
 INIT ?= $(RUNS)/pretrain/checkpoints/last.ckpt
 
 pretrain: data
-	$(CLI) train recipes/pretrain.yaml $(DATA_ARGS) $(RECIPE_ARGS)
+	$(CLI) train recipes/pretrain.yaml $(DATA_ARGS) run.out_dir=$(RUNS)/pretrain $(RECIPE_ARGS)
 
 finetune: data
-	$(CLI) train recipes/finetune.yaml init_from=$(INIT) $(DATA_ARGS) $(RECIPE_ARGS)
+	$(CLI) train recipes/finetune.yaml init_from=$(INIT) $(DATA_ARGS) run.out_dir=$(RUNS)/finetune $(RECIPE_ARGS)
 
 curriculum: data
-	$(CLI) train recipes/curriculum.yaml $(DATA_ARGS) $(RECIPE_ARGS)
+	$(CLI) train recipes/curriculum.yaml $(DATA_ARGS) run.out_dir=$(RUNS)/curriculum $(RECIPE_ARGS)
 
 compare: data
 	$(CLI) compare recipes/compare.yaml 'train.data.train_shards=$(DATA)/train/*.tar' \

@@ -29,6 +29,7 @@ from curriculum.config import to_plain, total_steps
 from curriculum.datamodule import DepthDataModule
 from curriculum.faults import ReportingCheckpointIO, SignalCheckpoint, stop_during_validation
 from curriculum.module import MODEL_KEYS, VALIDATED_NOTE, DepthModule
+from curriculum.schedule import stage_index_at
 from data_prep.files import atomic_write_text
 
 
@@ -434,6 +435,22 @@ def validate_pending_step(trainer: pl.Trainer, module: DepthModule, datamodule, 
         module.validating_checkpoint_at = None
 
 
+def _forget_later_validations(out_dir: Path, resumed: dict) -> None:
+    """A validation note past the checkpoint's step is an earlier attempt's, which trained beyond
+    it: this attempt trains and validates those steps again, and a stop before it gets there must
+    not leave the note saying they are validated (the next resume would skip one)."""
+    note = out_dir / "checkpoints" / VALIDATED_NOTE
+    try:
+        noted = int(json.loads(note.read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if noted > resumed["global_step"]:
+        if resumed["validated"]:
+            atomic_write_text(note, json.dumps({"step": resumed["global_step"]}))
+        else:
+            note.unlink(missing_ok=True)
+
+
 def _stop_during(trainer: pl.Trainer, what: str, checkpoint):
     """A stop signal during a validation outside fit ends the run at once (see faults.stop_during_validation)."""
     signals = next(cb for cb in trainer.callbacks if isinstance(cb, SignalCheckpoint))
@@ -461,6 +478,10 @@ def train(cfg: DictConfig) -> dict:
             raise CheckpointError(f"model.pretrained: {exc}") from None
         print(f"encoder initialised from {recipe['model']['pretrained']}: {report}")
     resumed = resume_from_checkpoint(recipe["resume"], recipe) if recipe["resume"] else None
+    if resumed:
+        # the stage that trained the checkpoint's last step, as in the run that saved it: what a
+        # pending validation and a finished run's final save report (fit runs no hook for those)
+        module.set_stage(stage_index_at(max(resumed["global_step"] - 1, 0), module.stages))
     lineage = init_from_checkpoint(module, recipe["init_from"], recipe) if recipe["init_from"] else \
         (resumed or {}).get("lineage", {})
     # a resumed run keeps the seed its stream was drawn with (runs from before the seed was
@@ -480,6 +501,8 @@ def train(cfg: DictConfig) -> dict:
         loggers = make_loggers(recipe, out_dir, resumed)
         wandb_logger = next((lg for lg in loggers if isinstance(lg, WandbLogger)), None)
         trainer = build_trainer(recipe, out_dir, loggers)
+        if resumed and trainer.is_global_zero:
+            _forget_later_validations(out_dir, resumed)
         if resumed and resumed["validation_pending"]:
             validate_pending_step(trainer, module, datamodule, recipe["resume"], resumed)
         elif resumed and resumed["validated"]:  # a finished run resumed: its final validation is done

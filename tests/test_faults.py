@@ -995,10 +995,52 @@ def test_a_validation_that_finished_before_a_kill_is_not_run_again(tiny_shards, 
     resumed = train_mod.train(_recipe(train_dir, val_dir, out, *common, f"resume={ckpt_path}"))
     assert resumed["global_step"] == 8 and "validating step" not in capsys.readouterr().out
     assert [int(r["step"]) for r in read_metrics(out) if r.get("val/near/abs_rel")] == validated
-    # a finished run resumed: its final validation is done, not logged again
-    again = train_mod.train(_recipe(train_dir, val_dir, out, *common, f"resume={out / 'checkpoints' / 'last.ckpt'}"))
+    # a finished run resumed: its final validation is done, not logged again, and its final save
+    # keeps the stage and policy of its last step (fit runs no hook to set them)
+    final = out / "checkpoints" / "last.ckpt"
+    before = read_checkpoint(final)["curriculum"]
+    again = train_mod.train(_recipe(train_dir, val_dir, out, *common, f"resume={final}"))
     assert again["global_step"] == 8
     assert [int(r["step"]) for r in read_metrics(out) if r.get("val/near/abs_rel")] == validated
+    after = read_checkpoint(final)["curriculum"]
+    assert (after["stage"], after["stage_index"], after["policy"]) == (before["stage"], 1, before["policy"])
+    assert before["stage"] == "finetune" and before["policy"]["name"] == "max_depth"
+
+
+def test_an_earlier_attempts_validation_note_does_not_skip_a_pending_validation(tiny_shards, tmp_path, add_callback):
+    """Attempt 1 validates step 6 and dies before its next periodic save (last.ckpt at step 4);
+    attempt 2 resumes from 4 and is stopped at step 6 before validating it (a checkpoint saying
+    the validation is pending). Attempt 1's note said 6: attempt 3 must still validate step 6."""
+    train_dir, val_dir, _, _ = tiny_shards
+
+    class Attempts(pl.Callback):
+        attempt = 0
+
+        def on_train_start(self, trainer, pl_module):
+            self.attempt += 1
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self.attempt == 1 and trainer.global_step == 7:
+                raise MemoryError("killed")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self.attempt == 2 and trainer.global_step == 6:
+                next(c for c in trainer.callbacks if isinstance(c, SignalCheckpoint)).pending = 1
+
+    add_callback(Attempts())
+    out = tmp_path / "run"
+    ckpt = out / "checkpoints" / "last.ckpt"
+    common = ("stages.0.steps=4", "stages.1.steps=4", "trainer.val_every_steps=2", "trainer.ckpt_every_steps=4")
+    with pytest.raises(MemoryError):
+        train_mod.train(_recipe(train_dir, val_dir, out, *common))
+    assert read_checkpoint(ckpt)["global_step"] == 4
+    assert json.loads((out / "checkpoints" / "validated.json").read_text()) == {"step": 6}
+    with pytest.raises(RunInterrupted, match="at step 6"):
+        train_mod.train(_recipe(train_dir, val_dir, out, *common, f"resume={ckpt}"))
+    assert read_checkpoint(ckpt)["curriculum"]["validation_pending"] is True
+    done = train_mod.train(_recipe(train_dir, val_dir, out, *common, f"resume={ckpt}"))
+    assert done["global_step"] == 8
+    assert [int(r["step"]) for r in read_metrics(out) if r.get("val/near/abs_rel")] == [2, 4, 6, 8]
 
 
 def test_the_validated_note_follows_its_row_onto_disk(tiny_shards, tmp_path, monkeypatch):

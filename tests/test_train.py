@@ -946,3 +946,23 @@ def test_model_checks_name_every_field_and_weights_must_fit_exactly(tmp_path):
     assert got["stage"] == "finetune" and not loaded.training
     with pytest.raises(CheckpointError, match="no 'curriculum' metadata"):
         metadata({"curriculum": {"stage": "x"}}, "p.ckpt")  # metadata without its model
+
+
+def test_make_targets_write_where_the_next_one_reads(tmp_path):
+    """RUNS=dir puts make pretrain / finetune / curriculum in dir/<target>, and finetune's default
+    INIT is pretrain's last checkpoint there (pretrain used to write to runs/ whatever RUNS said)."""
+    import shlex
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    runs = tmp_path / "myruns"
+    out = subprocess.run(["make", "-n", "-C", str(root), "pretrain", "finetune", "curriculum", f"RUNS={runs}"],
+                         capture_output=True, text=True, check=True).stdout
+    commands = {}
+    for line in out.splitlines():
+        if " train recipes/" in line:
+            args = shlex.split(line)
+            commands[Path(args[args.index("train") + 1]).stem] = dict(a.split("=", 1) for a in args if "=" in a)
+    assert {k: v["run.out_dir"] for k, v in commands.items()} == {
+        t: str(runs / t) for t in ("pretrain", "finetune", "curriculum")}
+    assert commands["finetune"]["init_from"] == str(runs / "pretrain" / "checkpoints" / "last.ckpt")
