@@ -53,8 +53,10 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
     with open(path, "rb") as f:
         head = f.read(9)
     magic = head[:4]
-    if len(magic) < 4 or not head.strip(b"\0"):  # cut short, or zeros where a crash left no data
+    if not head.strip(b"\0"):  # empty, or zeros where a crash left no data
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint (empty or zero-filled)")
+    if len(magic) < 4:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint (only {len(head)} bytes)")
     if len(head) == 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
         return _read_safetensors(path)
     if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch.save's zip archive, or its older pickle format

@@ -165,11 +165,20 @@ def _check_keys(user: Any, schema: DictConfig, source: str, prefix: str = "") ->
         if key not in schema.keys():
             raise unknown_key(path, _valid_keys(schema, prefix) + _valid_keys(OmegaConf.structured(Recipe)), source)
         child = schema._get_node(key)
+        # omegaconf's own words for these ("Cannot merge incompatible container types") name no key
+        if isinstance(child, ListConfig) and value is not None and not isinstance(value, list):
+            raise RecipeError(f"{source}: {path}: expected a list, got {_kind(value)}")
+        if isinstance(child, DictConfig) and value is not None and not isinstance(value, dict):
+            raise RecipeError(f"{source}: {path}: expected a mapping of keys, got {_kind(value)}")
         if isinstance(child, DictConfig) and not _is_free_dict(child):
             _check_keys(value, child, source, path + ".")
         elif isinstance(child, ListConfig) and path == "stages" and isinstance(value, list):
             for i, item in enumerate(value):
                 _check_keys(item, OmegaConf.structured(StageConfig), source, f"stages.{i}.")
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list"}.get(type(value), f"the value {value!r}")
 
 
 def _is_free_dict(node: DictConfig) -> bool:
@@ -337,6 +346,9 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16")  # "bf16" is Lightning's name for bf16-mixed
 
 
+MAX_SEED = 2**32 - 1
+
+
 def validate(cfg: DictConfig) -> None:
     """Semantic checks that the schema's types cannot express."""
     from curriculum.masks import build_policy
@@ -397,6 +409,8 @@ def validate(cfg: DictConfig) -> None:
         raise RecipeError(f"trainer.precision: '{cfg.trainer.precision}' is not supported (choose from "
                           f"{', '.join(PRECISIONS)}; {why})")
     _check_finite(cfg)
+    if not 0 <= cfg.run.seed <= MAX_SEED:  # the range torch, numpy and Lightning's seeding accept
+        raise RecipeError(f"run.seed: must lie in [0, {MAX_SEED}], got {cfg.run.seed}")
     if not cfg.optim.lr > 0 or not cfg.optim.head_lr_mult > 0:
         raise RecipeError(f"optim.lr and optim.head_lr_mult: must be positive, got {cfg.optim.lr}, {cfg.optim.head_lr_mult}")
     for section, key in _NON_NEGATIVE:

@@ -196,6 +196,10 @@ def test_semantic_checks():
     ("model.min_depth=0", "need 0 < min_depth < max_depth"),
     ("model.min_depth=-0.1", "need 0 < min_depth < max_depth"),
     ("model.min_depth=2000", "need 0 < min_depth < max_depth"),
+    ("run.seed=-1", "run.seed: must lie in [0, 4294967295], got -1"),
+    ("run.seed=4294967296", "run.seed: must lie in [0, 4294967295], got 4294967296"),
+    ("stages={name: a, steps: 3}", "command line: stages: expected a list, got a mapping"),
+    ("data=[1]", "command line: data: expected a mapping of keys, got a list"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_key(override, message):
     """Each check of ``validate`` on its own: values Lightning or the optimizer would only refuse
@@ -345,3 +349,17 @@ def test_any_override_loads_or_is_one_line_without_warnings(key):
     """Whatever follows key= on the command line ends in a recipe or in one RecipeError line: no
     traceback, and no library warning (omegaconf's implicit conversions) on the console."""
     assert_each_override_loads_or_fails_in_one_line(lambda o: load_recipe([RECIPES_DIR / "pretrain.yaml"], o), key)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("stages:\n  name: a\n", "stages: expected a list, got a mapping"),
+    ("data: 5\n", "data: expected a mapping of keys, got the value 5"),
+    ("data:\n  - 1\n", "data: expected a mapping of keys, got a list"),
+])
+def test_a_recipe_file_of_the_wrong_shape_names_the_file_and_key(tmp_path, text, message):
+    """omegaconf's own words ("Cannot merge incompatible container types") named neither."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as e:
+        load_recipe([RECIPES_DIR / "smoke.yaml", path])
+    assert str(e.value) == f"{path}: {message}"

@@ -346,9 +346,10 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
     bad.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         read_checkpoint(bad)
-    for cut in (b"", b"PK", bytes(4096)):  # what a crash or power loss can leave
+    for cut, why in ((b"", "empty or zero-filled"), (b"PK", "only 2 bytes"), (bytes(4096), "empty or zero-filled"),
+                     (b"hi\n", "only 3 bytes")):  # what a crash or power loss can leave
         bad.write_bytes(cut)
-        with pytest.raises(CheckpointError, match="corrupt or truncated checkpoint"):
+        with pytest.raises(CheckpointError, match=f"corrupt or truncated checkpoint \\({why}\\)"):
             read_checkpoint(bad)
     (tmp_path / "notes.md").write_text("# not a checkpoint\n")
     with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'notes.md'}: not a torch checkpoint file$"):
