@@ -478,25 +478,35 @@ def _raw_samples(urls: list[str], bad: Callable[[str, str], None]) -> Iterator[d
 class _PipeErrorsInWords:
     """A ``pipe:`` shard's stream whose failure reads "<url>: command exited with status N":
     webdataset's own error quotes Popen's arguments (``(('cat x',), {'shell': True, ...}): exit 1
-    (read) {}``). Reading on after a failed command is an error; closing it is a DataError."""
+    (read) {}``). Reading on after a failed command is an error; closing it is a DataError,
+    unless the reader stopped before the end (an epoch's quota, val_max_images, a corrupt member)
+    while the command was still writing: closing its pipe then ends it (SIGPIPE, or curl's
+    status 23), which is no failure of the command's."""
 
     def __init__(self, stream, url: str):
         self.stream, self.url = stream, url
+        self.at_end = False
 
     def _words(self) -> str:
         return f"command exited with status {getattr(self.stream, 'status', '?')}"
 
     def read(self, size: int = -1) -> bytes:
         try:
-            return self.stream.read(size)
+            data = self.stream.read(size)
         except OSError:
             raise OSError(self._words()) from None
+        if not data and size != 0:
+            self.at_end = True
+        return data
 
     def close(self) -> None:
+        proc = getattr(self.stream, "proc", None)
+        still_writing = not self.at_end and proc is not None and proc.poll() is None
         try:
             self.stream.close()
         except OSError:
-            raise DataError(f"{self.url}: {self._words()}") from None
+            if not still_writing:
+                raise DataError(f"{self.url}: {self._words()}") from None
 
 
 def _complete(samples: Iterator[dict], url: str, bad: Callable[[str, str], None]) -> Iterator[dict]:

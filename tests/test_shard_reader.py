@@ -50,6 +50,25 @@ def test_a_failing_pipe_command_is_one_line_naming_the_shard(tmp_path):
     assert str(err.value) == f"{url}: command exited with status 1"
 
 
+def test_a_pipe_read_only_in_part_is_no_failed_command(tmp_path, capfd):
+    """A reader that stops early (val_max_images, an epoch's quota) closes a command still writing:
+    it ends with a status of its own (curl: 23; here cat's SIGPIPE turned into 23), which is not a
+    failed shard. A command that fails after writing the whole shard still is one."""
+    from curriculum.data import ValStream
+
+    path = Path(write_tiny_shards(tmp_path, n_shards=1, per_shard=30)[0])
+    assert path.stat().st_size > 4 * 65536  # more than a pipe holds: cat is still writing at the close
+    url = f"pipe:cat {path} || exit 23"
+    batches = list(ValStream([url], 0, 1, 1, 42, 84, max_images=3))
+    assert [b["key"][0] for b in batches] == [f"test_s0_{i:04d}" for i in range(3)]
+    assert "Error" not in capfd.readouterr().err
+    samples = _raw_samples([url], _BadSampleCounter(limit=100))
+    assert next(samples)["__key__"] == "test_s0_0000"
+    samples.close()
+    with pytest.raises(DataError, match="command exited with status 3"):
+        _training_reader(f"pipe:cat {path}; exit 3")
+
+
 def test_cut_at_a_member_boundary_drops_the_last_sample_once(tmp_path):
     """The cut removes only the last sample's sky.png: tarfile reads the rest without an error and
     the sample would pass as one without sky; it is dropped and counted once."""
