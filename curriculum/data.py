@@ -6,10 +6,13 @@ Design, against the traps of webdataset under DDP:
 - Training: every rank yields exactly `batches_per_rank` full batches per epoch. Global batch `b`
   of an epoch comes from stream `b % num_workers` of the rank; each stream reads its own slice of
   an epoch-seeded shard permutation, cycling it if needed, so no rank ever runs dry.
-  Known limit: shards are the unit of the split, so when the shard count is not a multiple of
-  the readers (ranks x workers) an epoch repeats some samples of the readers with fewer shards
-  and leaves out some of those with more (a different split each epoch, so over epochs every
-  sample is drawn alike). ``uneven_split_note`` says so at the start of training.
+  Known limit: shards are the unit of the split and each stream draws a fixed number of
+  batches, so when a reader's shards hold fewer samples than its batches draw (a shard count
+  that is not a multiple of the readers, ranks x workers; shards of unequal size, as a
+  converter's short last shard; batches per rank that do not divide among the workers) an epoch
+  repeats some of that reader's samples and leaves out some of the others' (a different split
+  each epoch, so over epochs every sample is drawn alike). ``uneven_split_note`` says how many
+  at the start of training.
 - The data of a batch is a pure function of (seed, epoch, rank, loader worker, batch index) for a
   given world size and ``num_workers``: augmentations draw from a per-sample generator. The seed
   is ``run.seed``, mixed with where the parent stood for a stage started with ``init_from``
@@ -100,29 +103,45 @@ def expand_shards(spec: str) -> list[str]:
     return urls
 
 
-def count_samples(urls: list[str]) -> int | None:
-    """Total samples of local shards from the index.json beside them; None when unknown."""
-    by_dir: dict[str, set[str]] = {}
+def shard_sample_counts(urls: list[str]) -> list[int] | None:
+    """Samples of each local shard (in the order of ``urls``) from the index.json beside it; None
+    when unknown (a ``pipe:`` or remote shard, a folder without index.json)."""
+    by_dir: dict[str, dict] = {}
     for url in urls:
         if url.startswith("pipe:") or "://" in url:
             return None
-        by_dir.setdefault(os.path.dirname(os.path.abspath(url)), set()).add(os.path.basename(url))
-    total = 0
-    for folder, names in by_dir.items():
+        by_dir.setdefault(os.path.dirname(os.path.abspath(url)), {})
+    for folder in by_dir:
         path = os.path.join(folder, "index.json")
         try:
             with open(path) as f:
                 index = json.load(f)
-            counts = {s["name"]: int(s["samples"]) for s in index["shards"]}
+            by_dir[folder] = {s["name"]: int(s["samples"]) for s in index["shards"]}
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{path}: unreadable shard index ({exc})") from None
-        missing = names - counts.keys()
-        if missing:
-            raise DataError(f"{path}: no entry for shard {sorted(missing)[0]}")
-        total += sum(counts[n] for n in names)
-    return total
+    counts = []
+    for url in urls:
+        folder, name = os.path.dirname(os.path.abspath(url)), os.path.basename(url)
+        if name not in by_dir[folder]:
+            raise DataError(f"{os.path.join(folder, 'index.json')}: no entry for shard {name}")
+        counts.append(by_dir[folder][name])
+    return counts
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """Total samples of local shards from the index.json beside them; None when unknown."""
+    counts = shard_sample_counts(urls)
+    return None if counts is None else sum(counts)
+
+
+def epoch_shards(urls: list[str], seed: int, epoch: int, slot: int, slots: int) -> list[str]:
+    """The training shards reader ``slot`` of ``slots`` (ranks x workers) reads in ``epoch``: its
+    slice of an epoch-seeded permutation."""
+    order = list(urls)
+    random.Random(f"{seed}/{epoch}").shuffle(order)
+    return order[slot::slots]
 
 
 # ---------------------------------------------------------------------------- transforms
@@ -597,9 +616,7 @@ class TrainStream(IterableDataset):
     def _stream_samples(self, epoch: int, slot: int, slots: int, bad: _BadSampleCounter) -> Iterator[dict]:
         """This reader's shards, cycled; each pass is shuffled on its own, so a pass over shards
         that fit the epoch yields every one of their samples exactly once."""
-        order = list(self.urls)
-        random.Random(f"{self.seed}/{epoch}").shuffle(order)
-        mine = order[slot::slots]
+        mine = epoch_shards(self.urls, self.seed, epoch, slot, slots)
         if not mine:
             raise DataError(f"{len(self.urls)} shards for {slots} readers: reader {slot} has no shard")
         for cycle in range(1 << 30):
@@ -888,17 +905,41 @@ def val_loader(stream: ValStream, num_workers: int) -> DataLoader:
                       worker_init_fn=_worker_init if num_workers > 0 else None)
 
 
-def uneven_split_note(n_shards: int, world_size: int, num_workers: int, what: str) -> str | None:
-    """One line when the shards do not split evenly over the readers, else None (see the module
-    docstring's known limit)."""
-    readers = world_size * max(1, num_workers)
-    if n_shards % readers == 0:
+def uneven_split_note(urls: list[str], counts: list[int] | None, seed: int, world_size: int, num_workers: int,
+                       batch_size: int, batches_per_rank: int, what: str) -> str | None:
+    """One line when the readers' shards do not hold what their batches draw in the first epoch
+    (so that some samples are drawn twice and others left out), else None; see the module
+    docstring's known limit. Without sample counts (``pipe:`` shards, no index.json), from the
+    shard count alone."""
+    workers = max(1, num_workers)
+    readers = world_size * workers
+    if counts is None:
+        if len(urls) % readers == 0:
+            return None
+        fewer = readers - len(urls) % readers
+        return (f"note: {what}: {len(urls)} shards over {readers} readers (ranks x workers) do not split evenly: "
+                f"in each epoch {fewer} of the readers hold one shard less, so an epoch draws some of their "
+                f"samples twice and leaves out some of the others'; a shard count that is a multiple of "
+                f"{readers} avoids it")
+    size = dict(zip(urls, counts))
+    drawn = [len(range(stream, batches_per_rank, workers)) * batch_size for stream in range(workers)]
+    twice = sum(max(0, drawn[slot % workers] - sum(size[u] for u in epoch_shards(urls, seed, 0, slot, readers)))
+                for slot in range(readers))
+    if twice == 0:
         return None
-    fewer = readers - n_shards % readers
-    return (f"note: {what}: {n_shards} shards over {readers} readers (ranks x workers) do not split evenly: "
-            f"in each epoch {fewer} of the readers hold one shard less, so an epoch draws some of their "
-            f"samples twice and leaves out some of the others'; a shard count that is a multiple of "
-            f"{readers} avoids it")
+    epoch = batches_per_rank * batch_size * world_size
+    causes = []
+    if len(urls) % readers:
+        causes.append(f"{len(urls)} shards do not divide among the {readers} readers (ranks x workers)")
+    if min(counts) != max(counts):
+        causes.append(f"the shards hold {min(counts)} to {max(counts)} samples")
+    if batches_per_rank % workers:
+        causes.append(f"{batches_per_rank} batches per rank do not divide among {workers} loader workers")
+    if epoch > sum(counts):
+        causes.append(f"an epoch draws {epoch} of the shards' {sum(counts)} samples (data.epoch_samples)")
+    return (f"note: {what}: in the first epoch {twice} of {epoch} drawn samples ({100 * twice / epoch:.1f}%) repeat "
+            f"one of their reader's while other readers' samples are left out, as each reader reads its own shards "
+            f"and " + "; ".join(causes or ["their sizes differ"]) + " (each epoch splits the shards anew)")
 
 
 def check_readers(n_shards: int, world_size: int, num_workers: int, what: str, spec: str) -> None:

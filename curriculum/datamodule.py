@@ -6,7 +6,7 @@ import sys
 import lightning.pytorch as pl
 
 from curriculum.data import (
-    DataError, TrainSpec, TrainStream, ValStream, check_readers, count_samples, expand_shards, train_loader,
+    DataError, TrainSpec, TrainStream, ValStream, check_readers, expand_shards, shard_sample_counts, train_loader,
     uneven_split_note, val_loader,
 )
 
@@ -23,7 +23,8 @@ class DepthDataModule(pl.LightningDataModule):
         super().__init__()
         self.cfg, self.seed = data_cfg, seed
         self.train_urls, self.val_urls = (_shards(data_cfg, key) for key in ("train_shards", "val_shards"))
-        total = data_cfg["epoch_samples"] or count_samples(self.train_urls)
+        self.shard_counts = shard_sample_counts(self.train_urls)
+        total = data_cfg["epoch_samples"] or (sum(self.shard_counts) if self.shard_counts is not None else 0)
         if not total:
             raise DataError(
                 f"data.train_shards '{data_cfg['train_shards']}': no index.json beside the shards; "
@@ -47,7 +48,8 @@ class DepthDataModule(pl.LightningDataModule):
         workers = self.cfg["num_workers"]
         if stage == "fit":
             check_readers(len(self.train_urls), world, workers, "data.train_shards", self.cfg["train_shards"])
-            note = uneven_split_note(len(self.train_urls), world, workers, "data.train_shards")
+            note = uneven_split_note(self.train_urls, self.shard_counts, self.seed, world, workers,
+                                     self.cfg["batch_size"], self.batches_per_rank(world), "data.train_shards")
             if note and rank == 0:
                 print(note, file=sys.stderr, flush=True)
             spec = TrainSpec(

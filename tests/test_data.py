@@ -18,7 +18,7 @@ from conftest import write_tiny_shards
 from curriculum.data import (
     DataError, TrainSpec, TrainStream, ValStream, batch_to_metres, check_readers, collate_train, count_samples,
     crop_resize, crop_window, depth_to_metres, expand_shards, normalize_images, pack_mask, resize_crops,
-    jitter_factors, train_loader, uneven_split_note, unpack_batch, unpack_mask, _imagenet_stats_on, _nearest_index_on,
+    jitter_factors, shard_sample_counts, train_loader, uneven_split_note, unpack_batch, unpack_mask, _imagenet_stats_on, _nearest_index_on,
 )
 from data_prep.schema import FAR_RAW, raw_to_depth
 
@@ -171,19 +171,59 @@ def test_too_few_shards_for_readers_is_a_clear_error():
         check_readers(3, 2, 2, "data.train_shards", "x/*.tar")
 
 
-def test_an_uneven_shard_split_is_noted_and_is_what_repeats_samples(tiny_shards):
-    """The known limit of splitting by shard: 4 shards over 3 readers leave one reader short, and
-    its batches repeat samples; the note says so, and an even split draws every sample once."""
+def test_an_uneven_shard_split_is_noted_and_is_what_repeats_samples(tiny_shards, tmp_path):
+    """The known limit of splitting by shard: a reader whose shards hold fewer samples than its
+    batches draw repeats some, and the note says how many: 4 shards over 3 readers, shards of
+    unequal size (a converter's short last shard), batches per rank that do not divide among the
+    workers; an even split draws every sample once and gets no note. Without sample counts
+    (pipe: shards) the note goes by the shard count."""
     _, _, train, _ = tiny_shards  # 4 shards of 4 samples
-    assert uneven_split_note(4, 2, 2, "data.train_shards") is None
-    note = uneven_split_note(4, 3, 1, "data.train_shards")
-    assert note.startswith("note: data.train_shards: 4 shards over 3 readers") and "2 of the readers" in note
-    assert "multiple of 3" in note and "\n" not in note
-    # 16 samples, batch 1: 5 batches per rank; the readers hold 8, 4 and 4 samples
-    keys = _keys(b for rank in range(3) for b in TrainStream(train, _spec(batch_size=1, batches_per_rank=5), rank, 3, 3))
-    assert len(keys) == 15 and len(set(keys)) == 13  # two samples drawn twice, three left out
-    even = _keys(b for rank in range(2) for b in TrainStream(train, _spec(batch_size=1, batches_per_rank=8), rank, 2, 3))
+
+    def drawn(urls, world, workers, batch, batches):
+        spec = _spec(batch_size=batch, batches_per_rank=batches)
+        return _keys(b for rank in range(world)
+                     for b in train_loader(TrainStream(urls, spec, rank, world, 3), lambda: 0, workers))
+
+    def note(urls, world, workers, batch, batches):
+        return uneven_split_note(urls, shard_sample_counts(urls), 3, world, workers, batch, batches, "data.train_shards")
+
+    assert note(train, 2, 2, 1, 8) is None
+    even = drawn(train, 2, 2, 1, 8)
     assert sorted(even) == sorted(set(even)) and len(even) == 16
+    # 16 samples, batch 1, 3 ranks: 5 batches per rank; the readers hold 8, 4 and 4 samples
+    keys = drawn(train, 3, 0, 1, 5)
+    assert len(keys) == 15 and len(keys) - len(set(keys)) == 2  # two samples drawn twice, three left out
+    text = note(train, 3, 0, 1, 5)
+    assert text.startswith("note: data.train_shards: in the first epoch 2 of 15 drawn samples (13.3%) repeat")
+    assert "4 shards do not divide among the 3 readers" in text and "\n" not in text
+    # 9 batches of 1 over 2 workers: the streams draw 5 and 4 from 8 samples each (2 shards each)
+    text = note(train, 1, 2, 1, 9)
+    assert text is None  # each stream's 8 samples cover its 5 or 4
+    keys = drawn(train[:2], 1, 2, 1, 8)  # 2 shards, 8 samples, streams draw 4 + 4: once each
+    assert sorted(keys) == sorted(set(keys)) and note(train[:2], 1, 2, 1, 8) is None
+    keys = drawn(train[:2], 1, 2, 2, 4)  # batches of 2 from 8 samples, 4 per rank over 2 workers: even
+    assert sorted(keys) == sorted(set(keys))
+    keys = drawn(train[:2], 1, 2, 1, 7)  # 7 batches over 2 workers: 4 and 3 from 4 samples each
+    assert note(train[:2], 1, 2, 1, 7) is None and len(set(keys)) == 7
+    # shards of unequal size, a count that divides among the readers: still a repeat, now noted
+    small = tmp_path / "uneven"
+    urls = write_tiny_shards(small, n_shards=1, per_shard=6, seed=4) + write_tiny_shards(
+        small / "b", n_shards=1, per_shard=2, seed=5)
+    keys = drawn(urls, 2, 0, 1, 4)
+    assert len(keys) == 8 and len(set(keys)) == 6  # the 2-sample reader draws each twice
+    text = note(urls, 2, 0, 1, 4)
+    assert "2 of 8 drawn samples" in text and "the shards hold 2 to 6 samples" in text
+    assert "do not divide" not in text
+    # batches that do not divide among the workers, shards of equal size and count: noted
+    keys = drawn(train[:2], 1, 2, 1, 9)  # 9 batches: the streams draw 5 and 4 of 4 samples each
+    assert len(keys) == 9 and len(set(keys)) == 8
+    text = note(train[:2], 1, 2, 1, 9)
+    assert "1 of 9 drawn samples" in text and "9 batches per rank do not divide among 2 loader workers" in text
+    # no counts (pipe: shards): by the shard count
+    piped = [f"pipe:cat {u}" for u in train]
+    assert uneven_split_note(piped, None, 3, 2, 2, 1, 8, "data.train_shards") is None
+    text = uneven_split_note(piped, None, 3, 3, 1, 1, 5, "data.train_shards")
+    assert text.startswith("note: data.train_shards: 4 shards over 3 readers") and "multiple of 3" in text
 
 
 def _append_broken_sample(shard, key):
