@@ -101,9 +101,18 @@ def taught_far_target(meta: dict) -> float | None:
 
 
 def metadata(ckpt: dict, path: str | os.PathLike) -> dict:
+    """The checkpoint's metadata, its ``model`` holding every field of ``MODEL_FIELDS``."""
     meta = ckpt.get(META_KEY)
     if not isinstance(meta, dict) or "model" not in meta:
         raise CheckpointError(f"{path}: no '{META_KEY}' metadata; not a checkpoint of this project")
+    model = meta["model"]
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{path}: malformed '{META_KEY}' metadata (its model is a {type(model).__name__}, "
+                              "not a mapping)")
+    model.setdefault("uncertainty", False)  # files from before the uncertainty head
+    missing = [k for k in MODEL_FIELDS if k not in model]
+    if missing:
+        raise CheckpointError(f"{path}: malformed '{META_KEY}' metadata (no model field {missing[0]!r})")
     return meta
 
 
@@ -133,6 +142,26 @@ def model_state(ckpt: dict, prefix: str = "model.") -> dict[str, torch.Tensor]:
     return {k.replace("_orig_mod.", ""): v for k, v in out.items()}
 
 
+def fitting_weights(model: torch.nn.Module, ckpt: dict, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The checkpoint's model weights, checked to fit ``model`` key for key and shape for shape:
+    CheckpointError in one line otherwise (torch's own error lists every tensor, line by line)."""
+    from curriculum.model import _check_keys
+
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: malformed state_dict (not a mapping of tensors)")
+    weights = model_state(ckpt)
+    try:
+        _check_keys(f"{path}: weights do not fit the recorded model", weights, model.state_dict())
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    return weights
+
+
+def load_weights(model: torch.nn.Module, ckpt: dict, path: str | os.PathLike) -> None:
+    model.load_state_dict(fitting_weights(model, ckpt, path), strict=True)
+
+
 def load_model(path: str | os.PathLike, ckpt: dict | None = None) -> tuple[torch.nn.Module, dict]:
     """Model and metadata of one of this project's checkpoints (``ckpt``: the file, already read),
     for eval and predict."""
@@ -141,11 +170,7 @@ def load_model(path: str | os.PathLike, ckpt: dict | None = None) -> tuple[torch
     ckpt = read_checkpoint(path) if ckpt is None else ckpt
     meta = metadata(ckpt, path)
     model = build_model({k: meta["model"][k] for k in MODEL_FIELDS})
-    missing, unexpected = model.load_state_dict(model_state(ckpt), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not fit the recorded model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
+    load_weights(model, ckpt, path)
     return model.eval(), meta
 
 

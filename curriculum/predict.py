@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from curriculum.checkpoint import (
-    META_KEY, MODEL_FIELDS, CheckpointError, model_state, read_checkpoint, taught_far_target,
+    META_KEY, MODEL_FIELDS, CheckpointError, load_weights, metadata, read_checkpoint, taught_far_target,
 )
 from curriculum.data import normalize_images
 from curriculum.layers import upsample_depth
@@ -123,7 +123,7 @@ def load_predictor(checkpoint: str | os.PathLike, encoder: str | None = None, ma
         meta = ckpt[META_KEY]
         if not isinstance(meta, dict) or "model" not in meta:
             raise CheckpointError(f"{path}: malformed '{META_KEY}' metadata")
-        mm = meta["model"]
+        mm = metadata(ckpt, path)["model"]
         if max_depth is not None and float(max_depth) != float(mm["max_depth"]):
             raise PredictError(f"--max-depth {max_depth:g} conflicts with the checkpoint's range {mm['max_depth']:g} m "
                                f"({path}); this project's checkpoints carry their range: drop the flag")
@@ -131,10 +131,7 @@ def load_predictor(checkpoint: str | os.PathLike, encoder: str | None = None, ma
             raise PredictError(f"--encoder {encoder} conflicts with the checkpoint's encoder {mm['encoder']} ({path}); "
                                "drop the flag")
         model = build_model({k: mm[k] for k in MODEL_FIELDS})
-        missing, unexpected = model.load_state_dict(model_state(ckpt), strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"{path}: weights do not fit the recorded model "
-                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        load_weights(model, ckpt, path)
         recipe = meta.get("recipe", {}) or {}
         data = recipe.get("data", {}) or {}
         default_size = min(int(data.get("val_height", OFFICIAL_INPUT_SIZE)), int(data.get("val_width", OFFICIAL_INPUT_SIZE)))

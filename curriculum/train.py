@@ -23,7 +23,8 @@ from omegaconf import DictConfig
 
 from curriculum.callbacks import CurriculumCallback, StepProgressBar
 from curriculum.checkpoint import (
-    CheckpointError, check_same_model, file_sha256, metadata, model_state, read_checkpoint, taught_far_target,
+    CheckpointError, check_same_model, file_sha256, fitting_weights, load_weights, metadata, read_checkpoint,
+    taught_far_target,
 )
 from curriculum.config import to_plain, total_steps
 from curriculum.datamodule import DepthDataModule
@@ -327,7 +328,7 @@ def init_from_checkpoint(module: DepthModule, path: str, recipe: dict) -> dict:
     ckpt = read_checkpoint(path)
     meta = metadata(ckpt, path)
     check_same_model({k: recipe["model"][k] for k in MODEL_KEYS}, meta["model"], f"init_from '{path}'")
-    module.model.load_state_dict(model_state(ckpt), strict=True)
+    load_weights(module.model, ckpt, f"init_from '{path}'")
     parent_recipe = meta.get("recipe", {}) or {}
     return {
         "init_from": str(path),
@@ -388,16 +389,17 @@ def _check_same_schedule(recipe: dict, old: dict, path: str) -> None:
                                   f"{was!r} in the checkpoint's run; {advice}")
 
 
-def resume_from_checkpoint(path: str, recipe: dict) -> dict:
+def resume_from_checkpoint(path: str, recipe: dict, model: torch.nn.Module) -> dict:
     """Checks before a full resume (Lightning restores the state itself): the checkpoint is a
-    training checkpoint of the recipe's model. Returns its step, W&B run and stage-2 lineage,
-    which the resumed run carries on."""
+    training checkpoint of the recipe's model, its weights fit ``model``. Returns its step, W&B
+    run and stage-2 lineage, which the resumed run carries on."""
     ckpt = read_checkpoint(path, mmap=True)  # Lightning reads the whole file itself
     meta = metadata(ckpt, path)
     if "global_step" not in ckpt or "optimizer_states" not in ckpt:
         raise CheckpointError(f"resume '{path}': holds no training state (optimizer, step); "
                               "init_from starts a new stage from its weights")
     check_same_model({k: recipe["model"][k] for k in MODEL_KEYS}, meta["model"], f"resume '{path}'")
+    fitting_weights(model, ckpt, f"resume '{path}'")
     _check_same_schedule(recipe, meta.get("recipe") or {}, path)
     lineage = {k: meta[k] for k in LINEAGE_KEYS if k in meta}
     step = int(ckpt["global_step"])
@@ -477,7 +479,7 @@ def train(cfg: DictConfig) -> dict:
         except (CheckpointError, ValueError) as exc:
             raise CheckpointError(f"model.pretrained: {exc}") from None
         print(f"encoder initialised from {recipe['model']['pretrained']}: {report}")
-    resumed = resume_from_checkpoint(recipe["resume"], recipe) if recipe["resume"] else None
+    resumed = resume_from_checkpoint(recipe["resume"], recipe, module.model) if recipe["resume"] else None
     if resumed:
         # the stage that trained the checkpoint's last step, as in the run that saved it: what a
         # pending validation and a finished run's final save report (fit runs no hook for those)

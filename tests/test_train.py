@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import numpy as np
 import torch
 
 from conftest import read_metrics
@@ -967,3 +968,45 @@ def test_make_targets_write_where_the_next_one_reads(tmp_path):
     assert {k: v["run.out_dir"] for k, v in commands.items()} == {
         t: str(runs / t) for t in ("pretrain", "finetune", "curriculum")}
     assert commands["finetune"]["init_from"] == str(runs / "pretrain" / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda c: c["state_dict"].update({"model.depth_head.scratch.output_conv1.bias": torch.zeros(3)}),
+     "weights do not fit the recorded model: shape mismatches: depth_head.scratch.output_conv1.bias"),
+    (lambda c: c["state_dict"].pop("model.depth_head.scratch.output_conv1.bias"),
+     "weights do not fit the recorded model: missing keys: depth_head.scratch.output_conv1.bias"),
+    (lambda c: c["curriculum"]["model"].pop("encoder"), "malformed 'curriculum' metadata (no model field 'encoder')"),
+    (lambda c: c["curriculum"].update(model="tiny"), "malformed 'curriculum' metadata (its model is a str"),
+    (lambda c: c.update(state_dict=[1, 2]), "malformed state_dict (not a mapping of tensors)"),
+])
+def test_a_checkpoint_whose_weights_or_metadata_do_not_fit_is_one_line(tiny_shards, tmp_path, capsys, damage, needle):
+    """predict, eval, init_from and resume each refuse it in one line naming the file (torch's own
+    error listed every tensor; a missing field was a KeyError traceback)."""
+    from PIL import Image
+
+    from curriculum.checkpoint import build_metadata
+    from curriculum.model import build_model
+    from curriculum.module import MODEL_KEYS
+
+    cfg = _recipe(tiny_shards, tmp_path / "run")
+    model = build_model({k: v for k, v in to_plain(cfg)["model"].items() if k in MODEL_KEYS})
+    ckpt = {"curriculum": build_metadata(model.metadata(), {"name": "unclipped"}, "pretrain", to_plain(cfg)),
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "global_step": 2, "optimizer_states": [{}]}
+    damage(ckpt)
+    path = tmp_path / "bad.ckpt"
+    torch.save(ckpt, path)
+    image = tmp_path / "img.png"
+    Image.fromarray(np.zeros((28, 56, 3), np.uint8)).save(image)
+    train_dir, val_dir, _, _ = tiny_shards
+    data = [f"data.train_shards={train_dir}/*.tar", f"data.val_shards={val_dir}/*.tar", "logging.mode=disabled"]
+    commands = {
+        "predict": ["predict", "--checkpoint", str(path), "--input", str(image), "--out", str(tmp_path / "p")],
+        "eval": ["eval", "--checkpoint", str(path), "--shards", f"{val_dir}/*.tar"],
+        "init_from": ["train", str(RECIPES_DIR / "smoke.yaml"), *data, f"run.out_dir={tmp_path / 'i'}", f"init_from={path}"],
+        "resume": ["train", str(RECIPES_DIR / "smoke.yaml"), *data, f"run.out_dir={tmp_path / 'r'}", f"resume={path}"],
+    }
+    for name, argv in commands.items():
+        assert cli_main(argv) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and needle in err and str(path) in err and "\n" not in err, (name, err)
