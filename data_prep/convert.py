@@ -3,7 +3,8 @@
 A converter lists its frames as ``Frame`` records (picklable: paths and small parameters), and
 provides a module-level ``load(frame, opts) -> sample dict`` that reads the source files and
 calls ``schema.encode_sample`` (through ``encode_frame``). ``run`` maps ``load`` over the frames
-in a process pool, writes the samples in frame order through ``ShardWriter`` and reports
+in a process pool, writes the samples in frame order (the converters' ``--order shuffled``, their
+default, shuffles that order once, with a fixed seed) through ``ShardWriter`` and reports
 progress and a summary.
 
 Bad input (missing or unreadable file, size mismatch, NaN or negative depth, missing
@@ -23,6 +24,7 @@ import itertools
 import math
 import multiprocessing as mp
 import os
+import random
 import signal
 import sys
 import threading
@@ -190,7 +192,11 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     add_output_args(ap)
     ap.add_argument("--skip-bad", action="store_true",
                     help="skip frames with bad or missing files and list them in the summary")
-    ap.add_argument("--limit", type=int, default=None, help="convert only the first N frames")
+    ap.add_argument("--limit", type=int, default=None, help="convert only the first N frames (in the dataset's order)")
+    ap.add_argument("--order", choices=["shuffled", "source"], default="shuffled",
+                    help="shuffled (default): the frames in a fixed random order, so that a training reader, which "
+                         "reads its shards one after another through a shuffle buffer, mixes scenes in each batch; "
+                         "source: the dataset's own order, scene by scene")
 
 
 DEFAULT_JPEG_QUALITY = 95
@@ -315,6 +321,12 @@ def _run(name: str, frames: Sequence[Any], load: Callable[[Any, dict], dict], op
     limit = getattr(args, "limit", None)
     if limit is not None:
         frames = list(frames)[: max(0, limit)]
+    if getattr(args, "order", "source") == "shuffled":
+        # one fixed order: the same data set every time. Written in scene order, a batch would hold
+        # frames of one stretch of one scene (a shard is read whole, through a buffer of a few
+        # hundred samples)
+        frames = list(frames)
+        random.Random(0).shuffle(frames)
     if not frames:
         return fail(f"{name}: no frames found")
     if args.workers < 1:

@@ -84,3 +84,29 @@ def test_jpeg_quality_reencodes_a_jpeg_source_and_is_checked(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert needle in err and "\n" not in err
         assert not (tmp_path / "bad").exists()
+
+
+def test_frames_are_written_shuffled_by_default_and_in_source_order_on_request(tmp_path):
+    """A training reader reads a shard whole through a buffer of a few hundred samples: written
+    scene by scene, every batch would come from one stretch of one scene. The default order is a
+    fixed shuffle (the same data set on every run); --order source keeps the dataset's order."""
+    import tarfile
+
+    root = layouts.vkitti2_tree(tmp_path / "src")
+
+    def keys(out):
+        names = []
+        for shard in sorted(out.glob("*.tar")):
+            with tarfile.open(shard) as tar:
+                names += [m.name.split(".")[0] for m in tar if m.name.endswith("meta.json")]
+        return names
+
+    assert convert(root, tmp_path / "a", "--shard-size", "5") == 0
+    assert convert(root, tmp_path / "b", "--shard-size", "5") == 0
+    assert convert(root, tmp_path / "c", "--shard-size", "5", "--order", "source") == 0
+    shuffled, again, source = keys(tmp_path / "a"), keys(tmp_path / "b"), keys(tmp_path / "c")
+    assert source == sorted(source) and len(source) == 12
+    assert shuffled == again and sorted(shuffled) == source and shuffled != source
+    # --limit takes the first frames of the dataset's order, then shuffles those
+    assert convert(root, tmp_path / "d", "--limit", "4") == 0
+    assert sorted(keys(tmp_path / "d")) == source[:4]
