@@ -50,7 +50,9 @@ def _eval(argv: list[str]) -> int:
     p.add_argument("--out", help="write the report as JSON here, with its figures beside it (<name>.png: "
                    "abs_rel per range and phantom rates; <name>_examples.png: depth panels)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--height", type=int, help="network input height (default: the checkpoint's recipe)")
+    p.add_argument("--height", type=int, help="network input height (default: the checkpoint recipe's validation "
+                   "size, 518x518 for official checkpoints; for frames of another aspect ratio, theirs at its "
+                   "shorter side, as Depth-Anything-V2 evaluates)")
     p.add_argument("--width", type=int)
     p.add_argument("--max-depth", type=float, help="the head's range (model.max_depth); must agree with the "
                    "checkpoint's if given; needed for an official checkpoint (80 vKITTI 2, 20 Hypersim). "

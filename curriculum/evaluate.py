@@ -45,20 +45,62 @@ def load_official_for_eval(path: str, ckpt: dict, encoder: str | None, max_depth
     return model, {"model": model.metadata(), "stage": "official Depth-Anything-V2"}
 
 
+def first_frame_size(urls: list[str]) -> tuple[int, int] | None:
+    """(height, width) the first sample's meta.json records; None when it cannot be read (the
+    stream then reports what is wrong)."""
+    from curriculum.data import _raw_samples
+
+    samples = _raw_samples(urls, lambda url, why: None)
+    try:
+        for raw in samples:
+            try:
+                meta = json.loads(raw["meta.json"])
+                return int(meta["height"]), int(meta["width"])
+            except (KeyError, ValueError, TypeError):
+                continue
+    except (OSError, DataError):
+        return None
+    finally:
+        samples.close()
+    return None
+
+
+def input_size_for(frame: tuple[int, int] | None, recipe: tuple[int, int]) -> tuple[int, int]:
+    """The network input for frames of size ``frame``: the recipe's validation size where its aspect
+    ratio is the frames' (within 10 %), else the frames' aspect ratio at the recipe's shorter side,
+    both sides multiples of 14, as Depth-Anything-V2's evaluation and ``predict`` resize (518 x 1722
+    for a KITTI frame of 1242 x 375 given 518 x 518). An extreme aspect ratio keeps the recipe's size."""
+    from curriculum.predict import MAX_INPUT_AREA, network_size
+
+    if frame is None or min(frame) < 1:
+        return recipe
+    (fh, fw), (rh, rw) = frame, recipe
+    if abs(math.log((fw / fh) / (rw / rh))) <= 0.1:
+        return recipe
+    short = min(rh, rw)
+    h, w = network_size(fh, fw, short)
+    return (h, w) if h * w <= MAX_INPUT_AREA * short * short else recipe
+
+
 @torch.no_grad()
 def evaluate(checkpoint: str, shards: str, protocol: str = "synthetic", batch_size: int = 4,
              height: int | None = None, width: int | None = None, device: str | None = None,
              max_images: int = 0, model=None, meta=None, progress: bool = True, examples: int = 0) -> dict:
-    """Metrics of a checkpoint over the shards. ``examples`` > 0 also keeps that many depth panels
+    """Metrics of a checkpoint over the shards. The network input is ``height`` x ``width``, by
+    default ``input_size_for`` the first frame. ``examples`` > 0 also keeps that many depth panels
     (rgb | ground truth | prediction | error) under ``report["examples"]`` for ``save_figures``."""
     if model is None:
         model, meta = load_model(checkpoint)
     data_cfg = meta.get("recipe", {}).get("data", {})
-    height = height or data_cfg.get("val_height", 518)
-    width = width or data_cfg.get("val_width", 518)
+    urls = expand_shards(shards)
+    recipe_size = (int(data_cfg.get("val_height", 518)), int(data_cfg.get("val_width", 518)))
+    if height is None and width is None:
+        height, width = input_size_for(first_frame_size(urls), recipe_size)
+    height = height or recipe_size[0]
+    width = width or recipe_size[1]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
-    stream = ValStream(expand_shards(shards), 0, 1, batch_size, height, width, max_images=max_images)
+    stream = ValStream(urls, 0, 1, batch_size, height, width, max_images=max_images)
     acc = MetricAccumulator(min_depth=1e-3, max_depth=EVAL_MAX_DEPTH)
     # the colour range the run's own panels used (logging.depth_vmax)
     vmax = float(meta.get("recipe", {}).get("logging", {}).get("depth_vmax", LoggingConfig.depth_vmax))

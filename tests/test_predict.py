@@ -682,6 +682,31 @@ def test_eval_reports_skipped_samples_and_warns_about_stretched_images(tmp_path,
     assert f"each resized to {2 * W}x{H} for the network; 1 bad samples skipped" in format_table(report)
 
 
+def test_eval_keeps_the_frames_aspect_ratio_unless_told_a_size(tmp_path):
+    """Frames of another aspect ratio than the recipe's validation size are seen at their own,
+    with the recipe's shorter side (Depth-Anything-V2's evaluation and predict resize so), not
+    squeezed; a size given is used as it is, with the squeeze warning."""
+    from curriculum.evaluate import evaluate, input_size_for
+
+    assert input_size_for((375, 1242), (518, 518)) == (518, 1722)  # a KITTI frame, official checkpoints
+    assert input_size_for((375, 1242), (518, 1708)) == (518, 1708)  # the GPU recipes' KITTI-shaped size
+    assert input_size_for((140, 420), (140, 420)) == (140, 420)
+    assert input_size_for((768, 1024), (140, 420)) == (140, 182)  # Hypersim with the demo recipe
+    assert input_size_for(None, (140, 420)) == (140, 420)
+    assert input_size_for((4, 400), (518, 518)) == (518, 518)  # a strip: too many tokens at its own ratio
+    _known_shards(tmp_path / "val")  # 112x56 frames; the checkpoint's recipe says 56x56
+    ckpt = _constant_checkpoint(tmp_path)
+    state = torch.load(ckpt, weights_only=False)
+    state["curriculum"]["recipe"]["data"] = {"val_height": H, "val_width": H}
+    torch.save(state, ckpt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no squeeze warning
+        report = evaluate(str(ckpt), f"{tmp_path}/val/*.tar", progress=False)
+    assert report["input_size"] == [H, W] and report["metrics"]["images"] == 2
+    with pytest.warns(UserWarning, match=f"{W}x{H} images are resized to the network input {H}x{H}"):
+        assert evaluate(str(ckpt), f"{tmp_path}/val/*.tar", height=H, width=H, progress=False)["input_size"] == [H, H]
+
+
 def test_predict_refuses_a_file_as_output_folder_before_loading(trained, images, tmp_path, capsys):
     folder, _ = images
     (tmp_path / "afile").write_text("")
