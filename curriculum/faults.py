@@ -90,6 +90,9 @@ class SignalCheckpoint(pl.Callback):
         self.data_error: str | None = None  # this rank's data error, carried by its batches
         self._late = LateRead([0], late=self.read_late)
         self._taken: tuple | None = None  # what _take_signals replaced, until fitting ends
+        # kept past fit's end until the run's final checkpoint is written (train.train): a signal
+        # in between would otherwise meet the default handlers and end the process unsaved
+        self.hold_after_fit = False
         self._first_sigint = -math.inf
 
     # ------------------------------------------------------------------ handlers
@@ -116,7 +119,7 @@ class SignalCheckpoint(pl.Callback):
         self._taken = _take_signals(trainer, self._handle)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit":
+        if stage == "fit" and not self.hold_after_fit:
             self._restore()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
@@ -127,6 +130,18 @@ class SignalCheckpoint(pl.Callback):
         if self._taken is not None:
             _give_back_signals(*self._taken, self._handle)
             self._taken = None
+
+    def after_final_save(self, trainer, checkpoint: str | os.PathLike) -> None:
+        """Once the final checkpoint is written: a stop signal received since fitting ended stops
+        the run now (per rank, as there is no step left to agree on), before the final
+        validation; the handlers go back either way."""
+        pending, self.pending = self.pending, 0
+        self._restore()
+        if pending and pending != _DATA_ERROR:
+            signum = _BY_PRIORITY[pending]
+            _interrupt(trainer, signum, f"interrupted at step {trainer.global_step} by {signal.Signals(signum).name} "
+                       f"(training steps done; final validation skipped); checkpoint saved to {checkpoint}; "
+                       f"resume with resume={checkpoint}", checkpoint, self.requeue_command)
 
     # ------------------------------------------------------------------ acting on a signal
     def _agreed(self, trainer, now: bool = False, reduced_only: bool = False) -> int:
@@ -161,7 +176,10 @@ class SignalCheckpoint(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         # A signal after the last step's boundary (epoch-end validation): keep the final state.
-        self._maybe_stop(trainer, " (training steps done; final validation skipped)", now=True)
+        # The validation it came during may have finished (one scheduled at the last step).
+        done = getattr(pl_module, "validated_step", -1) == trainer.global_step
+        self._maybe_stop(trainer, " (training steps and their final validation done)" if done
+                         else " (training steps done; final validation skipped)", now=True)
 
     def _maybe_stop(self, trainer, note: str, now: bool = False, reduced_only: bool = False,
                     flush: bool = False) -> None:

@@ -509,12 +509,19 @@ def train(cfg: DictConfig) -> dict:
             validate_pending_step(trainer, module, datamodule, recipe["resume"], resumed)
         elif resumed and resumed["validated"]:  # a finished run resumed: its final validation is done
             module.validated_step = resumed["global_step"]
-        trainer.fit(module, datamodule=datamodule, ckpt_path=recipe["resume"] or None,
-                    weights_only=False if recipe["resume"] else None)
-        # Saved before the final validation: a signal during it then costs the validation only,
-        # not the steps since the last periodic save.
         final = out_dir / "checkpoints" / "last.ckpt"
-        trainer.save_checkpoint(final, weights_only=False)  # the full state, resumable
+        signals = next(cb for cb in trainer.callbacks if isinstance(cb, SignalCheckpoint))
+        signals.hold_after_fit = True  # a stop signal between fit's end and the final save waits for it
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=recipe["resume"] or None,
+                        weights_only=False if recipe["resume"] else None)
+            # Saved before the final validation: a signal during it then costs the validation only,
+            # not the steps since the last periodic save.
+            trainer.save_checkpoint(final, weights_only=False)  # the full state, resumable
+            signals.after_final_save(trainer, final)
+        finally:
+            signals.hold_after_fit = False
+            signals._restore()
         # the final model, always, unless the run's own schedule has just validated it (every N
         # steps, or at an epoch's end); a resumed run whose stop came before that validation does it here
         if module.validated_step != trainer.global_step:

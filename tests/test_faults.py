@@ -781,6 +781,52 @@ def test_a_signal_during_the_final_validation_stops_with_its_status(tiny_shards,
     assert [int(r["step"]) for r in read_metrics(out) if r.get("val/phantom_rate")] == [3]
 
 
+def test_a_signal_between_fit_and_the_final_save_waits_for_the_save(tiny_shards, tmp_path, add_callback, capsys):
+    """Fit's teardown (loader shutdown) and the final save of a large model take seconds: a stop
+    signal then met the default handlers, which ended the process without the final checkpoint
+    (steps since the last periodic save lost, no message). It now waits for the save, then stops
+    the run before the final validation, with the handlers given back."""
+    train_dir, val_dir, _, _ = tiny_shards
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+
+    class SignalAtTeardown(pl.Callback):
+        def teardown(self, trainer, pl_module, stage):
+            if stage == "fit":
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    add_callback(SignalAtTeardown())
+    out = tmp_path / "run"
+    common = ("stages.0.steps=4", "stages.1.steps=4", "trainer.val_every_steps=0", "trainer.ckpt_every_steps=3")
+    with pytest.raises(RunInterrupted) as err:
+        train_mod.train(_recipe(train_dir, val_dir, out, *common))
+    ckpt = out / "checkpoints" / "last.ckpt"
+    assert err.value.code == 128 + signal.SIGTERM and err.value.step == 8
+    assert read_checkpoint(ckpt)["global_step"] == 8  # not the periodic save of step 6
+    assert f"interrupted at step 8 by SIGTERM (training steps done; final validation skipped); checkpoint saved " \
+           f"to {ckpt}" in capsys.readouterr().err
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert not list((out / "checkpoints").glob(".*tmp*"))
+
+
+def test_a_signal_during_a_last_step_validation_says_it_finished(tiny_shards, tmp_path, add_callback, capsys):
+    """A validation scheduled at the last step runs inside fit; a signal during it is taken at
+    fit's end, when that validation has finished and been logged: the line says so."""
+    train_dir, val_dir, _, _ = tiny_shards
+
+    class SignalInLastValidation(pl.Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            if trainer.global_step == 4 and batch_idx == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    add_callback(SignalInLastValidation())
+    out = tmp_path / "run"
+    with pytest.raises(RunInterrupted):
+        train_mod.train(_recipe(train_dir, val_dir, out, "stages.0.steps=2", "stages.1.steps=2",
+                                "trainer.val_every_steps=2"))
+    assert "(training steps and their final validation done)" in capsys.readouterr().err
+    assert [int(r["step"]) for r in read_metrics(out) if r.get("val/phantom_rate")] == [2, 4]
+
+
 def test_resume_in_the_same_folder_continues_its_metrics_and_lineage(tiny_shards, tmp_path, probe):
     """The requeue flow: resume= into the run's own folder. metrics.csv keeps the rows of the steps
     before the checkpoint and gets the rest once; a stage-2 run keeps its link to stage 1; a
