@@ -296,7 +296,8 @@ def _previous_run(c: dict, arm: str, seed: int, cfg) -> tuple[str, dict | None]:
         before, data_before = done.get("recipe"), done.get("train_shards")
         state = "done"
     elif final.is_file():
-        before, data_before, done = metadata(read_checkpoint(final, mmap=True), final).get("recipe"), None, None
+        before, done = metadata(read_checkpoint(final, mmap=True), final).get("recipe"), None
+        data_before = _earlier_attempts(folder).get("train_shards")  # None after a kill -9
         state = "partial"
     else:
         return "new", None
@@ -311,13 +312,23 @@ def _previous_run(c: dict, arm: str, seed: int, cfg) -> tuple[str, dict | None]:
     return state, done
 
 
+EARLIER_ATTEMPTS = "attempts.json"  # beside done.json: time and data of a run's interrupted attempts
+
+
+def _earlier_attempts(folder: Path) -> dict:
+    try:
+        return json.loads((folder / EARLIER_ATTEMPTS).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _train_one(c: dict, arm: str, seed: int, cfg, previous: tuple[str, dict | None], log) -> dict:
     """Train one arm x seed, resume it, or reuse its finished run (``previous``: _previous_run's
     verdict, taken for every run before any trained)."""
     from curriculum.faults import RunInterrupted
     from curriculum.train import train
 
-    _, done_file, final = _run_files(c, arm, seed)
+    folder, done_file, final = _run_files(c, arm, seed)
     state, done = previous
     if state == "done":
         log(f"[compare] {arm} seed {seed}: finished checkpoint exists ({final}), skipping training")
@@ -328,23 +339,30 @@ def _train_one(c: dict, arm: str, seed: int, cfg, previous: tuple[str, dict | No
     else:  # no checkpoint: whatever a run stopped before its first one left is replaced
         cfg.run.overwrite = True
         done_file.unlink(missing_ok=True)  # a done.json without its checkpoint describes nothing
+        (folder / EARLIER_ATTEMPTS).unlink(missing_ok=True)
     recipe = to_plain(cfg)
     recipe["resume"] = ""  # what the run is, not how this process got there
     fingerprint = shard_fingerprint(recipe["data"]["train_shards"])
+    earlier = _earlier_attempts(folder).get("seconds", 0.0) if state == "partial" else 0.0
     start = time.perf_counter()
     try:
         result = train(cfg)
-    except RunInterrupted:
-        log("[compare] interrupted: run the same compare command again to continue (finished runs are "
-            "kept, this one resumes from its checkpoint)")
+    except BaseException as exc:
+        if final.is_file():  # a later compare resumes from it: its time so far, and its data, go with it
+            atomic_write_text(folder / EARLIER_ATTEMPTS, json.dumps(
+                {"seconds": earlier + time.perf_counter() - start, "train_shards": fingerprint}, default=float))
+        if isinstance(exc, RunInterrupted):
+            log("[compare] interrupted: run the same compare command again to continue (finished runs are "
+                "kept, this one resumes from its checkpoint)")
         raise
-    seconds = time.perf_counter() - start
+    seconds = earlier + time.perf_counter() - start  # every attempt's
     done = {"recipe": recipe, "train_shards": fingerprint, "checkpoint": str(final),
             "global_step": result["global_step"], "switches": [list(s) for s in result["switches"]],
             "train_seconds": seconds}
     if result["global_step"] != c["total_steps"]:
         raise CompareError(f"{arm} seed {seed} stopped at step {result['global_step']} of {c['total_steps']}")
     atomic_write_text(done_file, json.dumps(done, indent=1, default=float))
+    (folder / EARLIER_ATTEMPTS).unlink(missing_ok=True)
     return {**done, "skipped": False}
 
 
@@ -504,15 +522,17 @@ def summarize(report: dict) -> list[str]:
     def mean(a, k):
         return arms[a]["mean"].get(k)
 
-    def spread_note(a, b, k):
+    def spread_note(a, b, k, points=False):
+        """``points``: the rates' sentence gives its difference in percentage points, so does this."""
         if seeds < 2:
             return ""
         sa, sb = arms[a]["std"].get(k), arms[b]["std"].get(k)
         if sa is None or sb is None:
             return ""
         diff = abs(mean(a, k) - mean(b, k))
+        spread = f"{100 * (sa + sb):.1f} percentage points" if points else f"{sa + sb:.4f}"
         return (f" (the difference is {'larger' if diff > sa + sb else 'smaller'} than the two arms' seed standard "
-                f"deviations added, {sa + sb:.4f})")
+                f"deviations added, {spread})")
 
     def lowest(have, k, shown):
         """The arms at the lowest value as printed (``shown`` gives it; several = a tie) and how
@@ -550,7 +570,7 @@ def summarize(report: dict) -> list[str]:
         if "A" in have and "A" not in tied:
             a0, b0 = _pct_value(mean("A", key)), _pct_value(mean(best, key))
             text += (f", {a0 - b0:.1f} percentage points below A ({_pct(mean('A', key))})"
-                     + f", {(a0 - b0) / a0:.0%} fewer phantom pixels" + spread_note(best, "A", key))
+                     + f", {(a0 - b0) / a0:.0%} fewer phantom pixels" + spread_note(best, "A", key, points=True))
         elif tied == ["A"] and len(have) > 1:
             others = ", ".join(f"{a} {_pct(mean(a, key))}" for a in have if a != "A")
             text += f"; the others: {others}"

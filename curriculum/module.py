@@ -71,6 +71,8 @@ class DepthModule(pl.LightningModule):
         self.validating_checkpoint_at: tuple[int, int] | None = None
         self.trained_epoch = -1  # epoch of the last step trained (Lightning's moves on after fit)
         self._t_last = None
+        # seconds since then that were not training: validations, panels, checkpoint writes
+        self._paused, self._val_t0, self._saved_seen = 0.0, None, 0.0
         self.extra_metadata: dict = {}
 
     # ------------------------------------------------------------------ stages
@@ -165,9 +167,12 @@ class DepthModule(pl.LightningModule):
         host = {"train/bad_samples": self.bad_samples, "train/skipped_steps": self.skipped_steps,
                 **self._row_step(self.global_step + 1)}  # this step's update is taken when the row is written
         now = time.perf_counter()
+        saved = float(getattr(self.trainer.strategy.checkpoint_io, "save_seconds", 0.0)) if self._trainer else 0.0
+        self._paused += saved - self._saved_seen
+        self._saved_seen = saved
         if self._t_last is not None:
-            host["train/images_per_sec"] = bs * self.trainer.world_size / max(now - self._t_last, 1e-9)
-        self._t_last = now
+            host["train/images_per_sec"] = bs * self.trainer.world_size / max(now - self._t_last - self._paused, 1e-9)
+        self._t_last, self._paused = now, 0.0
         for i, group in enumerate(self.optimizers().param_groups if self._trainer else []):
             host[f"train/lr_{group.get('name', i)}"] = group["lr"]
         log.update({k: torch.tensor(float(v)) for k, v in host.items()})
@@ -176,7 +181,9 @@ class DepthModule(pl.LightningModule):
         self.log_dict(log, on_step=True, on_epoch=False, batch_size=bs)
         every = self.recipe["logging"]["image_every_steps"]
         if every and self.global_step % every == 0 and self.global_rank == 0:
+            start = time.perf_counter()
             self._log_panel("train/panel", batch, depth.detach(), 0)
+            self._paused += time.perf_counter() - start  # drawing it is not the next step's time
         return losses["loss"]
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
@@ -299,7 +306,13 @@ class DepthModule(pl.LightningModule):
         self.last_val_results = results
         self.validated_step = step  # the weights of this step are validated
 
+    def on_validation_start(self) -> None:
+        self._val_t0 = time.perf_counter()
+
     def on_validation_end(self) -> None:
+        if self._val_t0 is not None:  # not training time: the next step's rate leaves it out
+            self._paused += time.perf_counter() - self._val_t0
+            self._val_t0 = None
         # A checkpoint of this step, saved before this validation, says it was pending; this note
         # keeps a resume from running it again (train.resume_from_checkpoint). Written once the
         # loggers have put the validation's row on disk, so a kill between the two loses neither.

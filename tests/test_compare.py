@@ -1,6 +1,7 @@
 """`curriculum compare`: strict config, arm schedules, a tiny end-to-end comparison and its report."""
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -213,6 +214,49 @@ def test_an_interrupted_arm_resumes_from_its_last_checkpoint(tmp_path, tiny_shar
     assert steps == sorted(set(steps)) and max(steps) == 6  # one row per step: resumed, not restarted
 
 
+def test_a_resumed_arm_counts_every_attempts_time_and_its_data_is_checked(tmp_path, tiny_shards, add_callback,
+                                                                          monkeypatch):
+    """The report's training time of a resumed arm is the sum of its attempts (it was the last
+    one's), and an interrupted arm is not resumed on training shards that changed since."""
+    import lightning.pytorch as pl
+
+    from curriculum import compare as compare_mod
+    from curriculum.compare import run_compare
+
+    class KilledAtStep2(pl.Callback):
+        fired = False
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2 and not self.fired:
+                self.fired = True
+                trainer.save_checkpoint(trainer.default_root_dir + "/checkpoints/last.ckpt")
+                raise RuntimeError("killed")
+
+    import time
+    import types
+
+    clock = iter(range(0, 10_000, 100))  # each reading of compare's clock 100 s after the last
+    monkeypatch.setattr(compare_mod, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock)),
+                                                                   time=time.time))
+    add_callback(KilledAtStep2())
+    c = load_compare([_compare_file(tmp_path, tiny_shards, arms="[A]")], ["total_steps=6"])
+    with pytest.raises(RuntimeError, match="killed"):
+        run_compare(c)
+    folder = tmp_path / "cmp" / "A" / "seed0"
+    first = json.loads((folder / "attempts.json").read_text())
+    assert first["seconds"] == 100.0 and first["train_shards"]
+    # the training shards change before the resume: refused, like a finished arm's
+    train_dir, _, _, _ = tiny_shards
+    shard = sorted(train_dir.glob("*.tar"))[0]
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    with pytest.raises(RecipeError, match="was trained on other shards"):
+        run_compare(c)
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns - 10**9))
+    run_compare(c)
+    done = json.loads((folder / "done.json").read_text())
+    assert done["train_seconds"] == 200.0 and not (folder / "attempts.json").exists()
+
+
 def test_an_arm_stopped_before_its_first_checkpoint_starts_again(tmp_path, tiny_shards, add_callback):
     """A signal stops the comparison with the advice to run it again; a run that left only its
     metrics.csv (killed before its first checkpoint) is trained from the start, not refused."""
@@ -283,7 +327,9 @@ def test_summary_uses_the_spread_over_seeds():
     # 0.0030 apart with standard deviations 0.0020 + 0.0020: within the spread, said as such
     assert ("B curriculum near abs_rel 0.1030 vs A 0.1000: +0.0030 (+3.00%), within the 5.0 % tolerance of A "
             "(the difference is smaller than the two arms' seed standard deviations added, 0.0040).") in lines
-    assert "(the difference is larger than the two arms' seed standard deviations added, 0.0200)." in text
+    # a rate's difference is in percentage points, and so is its spread (it read 0.0200 beside 60.0 points)
+    assert ("60.0 percentage points below A (90.0 %), 67% fewer phantom pixels (the difference is larger than the "
+            "two arms' seed standard deviations added, 2.0 percentage points).") in text
     two = {**report, "config": {**report["config"], "seeds": [0, 1]}}
     text2 = "\n".join(summarize(two))
     assert "Means over 2 seeds; ± is the sample standard deviation over seeds." in text2

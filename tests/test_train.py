@@ -1010,3 +1010,33 @@ def test_a_checkpoint_whose_weights_or_metadata_do_not_fit_is_one_line(tiny_shar
         assert cli_main(argv) == 2, name
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and needle in err and str(path) in err and "\n" not in err, (name, err)
+
+
+def test_images_per_second_leaves_out_validation_and_checkpoint_time(tiny_shards, tmp_path, add_callback, monkeypatch):
+    """The rate is training time only: a validation, a checkpoint write or a panel between two
+    steps is left out (the step after a validation read far too low)."""
+    import time
+
+    import lightning.pytorch as pl
+
+    class SlowValidation(pl.Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            time.sleep(0.5)
+
+    save = torch.save
+
+    def slow_save(*args, **kwargs):  # a large checkpoint on a slow disk
+        time.sleep(1.0)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", slow_save)
+    add_callback(SlowValidation())
+    out = tmp_path / "run"
+    train(_recipe(tiny_shards, out, "stages.0.steps=3", "stages.1.steps=3", "trainer.val_every_steps=3",
+                  "trainer.ckpt_every_steps=2", "logging.image_every_steps=0"))
+    rates = {int(r["step"]): float(r["train/images_per_sec"]) for r in read_metrics(out)
+             if r.get("train/images_per_sec")}
+    assert sorted(rates) == [2, 3, 4, 5, 6]  # from the second step on
+    # with the 1 s saves (after steps 2 and 4) or the validation's sleep counted, a rate would read
+    # below 2 images / 0.5 s; tiny steps on this machine take well under 0.2 s
+    assert min(rates.values()) > 2 / 0.5, rates
