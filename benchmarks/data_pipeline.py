@@ -262,6 +262,36 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def build_result(args, rows: list[dict], frames: int, per_shard: int, urls: list[str], workers: list[int], device,
+                 device_resize: bool) -> dict:
+    """The JSON of the rows measured so far (written after each worker count: a run cut short keeps them)."""
+    table = format_table(rows)
+    best = max(rows, key=lambda r: r["ours_samples_per_s"])
+    summary = {
+        "ratio_per_cpu_s_min": min(r["ratio_cpu"] for r in rows),
+        "ratio_per_cpu_s_max": max(r["ratio_cpu"] for r in rows),
+        "target_ratio": TARGET_RATIO,
+        "best_ours_samples_per_s": best["ours_samples_per_s"],
+        "best_ours_workers": best["workers"],
+    }
+    result = {
+        "benchmark": "data_pipeline",
+        "date": _dt.date.today().isoformat(),
+        "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "versions": {"torch": torch.__version__, "opencv": cv2.__version__, "numpy": np.__version__},
+        "config": {"frames": frames, "frame_size": [args.width, args.height], "crop": args.crop,
+                   "batch": args.batch, "per_shard": per_shard, "shards": len(urls), "cv2_threads": args.cv2_threads,
+                   "jpeg_quality": JPEG_QUALITY, "workers": workers, "device_resize": device_resize,
+                   "device": str(device),
+                   "repeats": args.repeats},
+        "rows": rows,
+        "summary": summary,
+        "table": table,
+    }
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--frames", type=int, default=None,
@@ -325,31 +355,11 @@ def main(argv: list[str] | None = None) -> int:
         })
         print(f"  workers={w}: ours {ours:.1f} samples/s ({ours_cpu:.1f} per CPU-s), "
               f"reference {ref:.1f} samples/s ({ref_cpu:.1f} per CPU-s)", flush=True)
+        if args.json:  # a run cut short (a time limit) keeps the worker counts measured
+            write_json(args.json, build_result(args, rows, frames, per_shard, urls, workers, device, device_resize))
 
-    table = format_table(rows)
-    best = max(rows, key=lambda r: r["ours_samples_per_s"])
-    summary = {
-        "ratio_per_cpu_s_min": min(r["ratio_cpu"] for r in rows),
-        "ratio_per_cpu_s_max": max(r["ratio_cpu"] for r in rows),
-        "target_ratio": TARGET_RATIO,
-        "best_ours_samples_per_s": best["ours_samples_per_s"],
-        "best_ours_workers": best["workers"],
-    }
-    result = {
-        "benchmark": "data_pipeline",
-        "date": _dt.date.today().isoformat(),
-        "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        "versions": {"torch": torch.__version__, "opencv": cv2.__version__, "numpy": np.__version__},
-        "config": {"frames": frames, "frame_size": [args.width, args.height], "crop": args.crop,
-                   "batch": args.batch, "per_shard": per_shard, "shards": len(urls), "cv2_threads": args.cv2_threads,
-                   "jpeg_quality": JPEG_QUALITY, "workers": workers, "device_resize": device_resize,
-                   "device": str(device),
-                   "repeats": args.repeats},
-        "rows": rows,
-        "summary": summary,
-        "table": table,
-    }
+    result = build_result(args, rows, frames, per_shard, urls, workers, device, device_resize)
+    table, summary, best = result["table"], result["summary"], max(rows, key=lambda r: r["ours_samples_per_s"])
     print(f"\nData pipeline, {frames} frames {args.width}x{args.height} -> {args.crop}x{args.crop} crops, "
           f"batch {args.batch}; {cpu_model()} ({os.cpu_count()} cores); ours finished on {device}"
           f"{' with device_resize' if device_resize else ''}")
@@ -358,10 +368,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['ratio_per_cpu_s_max']:.2f}x (target >= {TARGET_RATIO:.0f}x); "
           f"best {best['ours_samples_per_s']:.0f} samples/s with {best['workers']} workers")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
+
+
+def write_json(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -20,8 +20,11 @@ WHEELS=${WHEELS:-.whl}
 if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
         || exit 1
-    export PYTHONPATH=/tmp/site
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# without the carried wheels every part would fail on its first import: stop here, saying so
+python3 -c "import omegaconf, webdataset, braceexpand" 2>/dev/null \
+    || { echo "missing omegaconf/webdataset/braceexpand: run make gpu-wheels and carry .whl" | tee "$OUT/gpu.txt"; exit 2; }
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"; } \
     | tee "$OUT/gpu.txt"
@@ -37,7 +40,8 @@ part() {  # part NAME SECONDS COMMAND...: one step, its log in $OUT/NAME.log
     fi
     (( limit > left )) && limit=$left
     echo "== $name (limit ${limit}s): $*"
-    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    # SIGTERM at the limit, SIGKILL 15 s later: a compile or a step in progress must not outlive it
+    timeout -k 15 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
     echo "== $name: exit ${PIPESTATUS[0]} after ${SECONDS}s"
 }
 

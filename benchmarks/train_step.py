@@ -224,7 +224,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_mode(encoder: str, mode: str, args, device: torch.device, flops_per_image: dict) -> dict:
+def run_mode(encoder: str, mode: str, args, device: torch.device, flops_per_image: dict,
+             measured=lambda row: None) -> dict:
+    """One row; ``measured(row)`` is called once the step figures are in it, before the profile and
+    the trainer column, so that a run cut short there keeps them."""
     overrides = [f"model.compile={'true' if mode.endswith('compile') else 'false'}",
                  f"model.grad_checkpointing={'true' if args.grad_checkpointing else 'false'}"]
     if args.compile_mode:
@@ -269,6 +272,7 @@ def run_mode(encoder: str, mode: str, args, device: torch.device, flops_per_imag
         times.append(time.perf_counter() - t0)
     median = float(np.median(times))
     syncs = count_syncs(step, batch, device)
+    _sync(device)  # the counted step is still queued: the window below must not hold it
     # The same steps queued back to back, one synchronisation at the end, as training runs them
     # (no per-step sync): the host prepares step k + 1 while the device still runs step k.
     t0 = time.perf_counter()
@@ -293,6 +297,7 @@ def run_mode(encoder: str, mode: str, args, device: torch.device, flops_per_imag
         peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None,
         skipped_steps=step.skipped,
     )
+    measured(row)
     if (encoder, mode) in args.profile:
         row["profile"] = profile_steps(step, batch, device, args.profile_steps)
     if args.trainer:
@@ -333,6 +338,7 @@ def trainer_rate(module: DepthModule, batch: dict, args, device: torch.device, m
 
     import lightning.pytorch as pl
 
+    from curriculum.faults import SignalCheckpoint
     from curriculum.train import build_trainer, make_loggers, quiet_lightning_notices
 
     total = args.warmup + args.steps
@@ -366,6 +372,8 @@ def trainer_rate(module: DepthModule, batch: dict, args, device: torch.device, m
                 # the steps alone are timed: no validation loader, on purpose
                 warnings.filterwarnings("ignore", message=".*`validation_step` but have no `val_dataloader`.*")
                 trainer = build_trainer(recipe, Path(out), make_loggers(recipe, Path(out)))
+                # a time limit's SIGTERM ends the benchmark, not in a checkpoint of several GB
+                trainer.callbacks[:] = [cb for cb in trainer.callbacks if not isinstance(cb, SignalCheckpoint)]
                 trainer.callbacks.append(Clock())
                 trainer.fit(module, train_dataloaders=loader)
     finally:
@@ -497,16 +505,25 @@ def main(argv: list[str] | None = None) -> int:
     for encoder in encoders:
         for mode in modes:
             print(f"  {encoder} {mode} ...", flush=True)
-            try:
-                row = run_mode(encoder, mode, args, device, flops)
-            except Exception as exc:  # one failing mode (OOM, compiler) must not lose the others
-                row = {"encoder": encoder, "mode": mode, "error": _failure(exc)}
-            rows.append(row)
-            if "img_per_s" in row:
-                through = f", {row['trainer_img_per_s']:.1f} through the trainer" if "trainer_img_per_s" in row else ""
-                print(f"    {row['img_per_s']:.1f} img/s ({row['queued_img_per_s']:.1f} queued{through}), "
+
+            def measured(row):  # the step figures, written before the slower trainer column
+                rows.append(row)
+                print(f"    {row['img_per_s']:.1f} img/s ({row['queued_img_per_s']:.1f} queued), "
                       f"{row['tflops_per_s']:.3g} TFLOP/s, first step {row['first_step_s']:.1f} s, "
                       f"loss {row['first_loss']:.5f}", flush=True)
+                write_result(args, device, encoders, modes, rows)
+
+            before = len(rows)
+            try:
+                row = run_mode(encoder, mode, args, device, flops, measured)
+            except Exception as exc:  # one failing mode (OOM, compiler) must not lose the others
+                # a failure after the step figures (the profile) keeps them in their row
+                row = rows[-1] if len(rows) > before else {"encoder": encoder, "mode": mode}
+                row["error"] = _failure(exc)
+            if len(rows) == before:
+                rows.append(row)
+            if "trainer_img_per_s" in row:
+                print(f"    {row['trainer_img_per_s']:.1f} img/s through the trainer", flush=True)
             write_result(args, device, encoders, modes, rows)  # a later crash or timeout keeps these rows
             if mode.endswith("compile"):
                 torch._dynamo.reset()  # drop the compiled graphs of a model that is gone

@@ -55,6 +55,23 @@ def test_train_step_main_cpu(train_step, tmp_path):
     assert abs(rows[0]["first_loss"] - rows[1]["first_loss"]) < 2e-2 * rows[0]["first_loss"]
 
 
+def test_a_run_cut_short_in_the_trainer_column_keeps_its_step_figures(train_step, tmp_path, monkeypatch):
+    """A time limit that ends the run while the trainer column runs (a slow Lightning start, a
+    recompile) keeps the step figures measured before it: they are written first; and the
+    trainer column's Lightning loop has no stop-signal checkpoint to write."""
+    out = tmp_path / "train_step.json"
+
+    def killed(*args, **kwargs):
+        raise SystemExit(143)
+
+    monkeypatch.setattr(train_step, "trainer_rate", killed)
+    with pytest.raises(SystemExit):
+        train_step.main(["--encoders", "tiny", "--size", "28x42", "--batch", "2", "--steps", "1", "--warmup", "1",
+                         "--modes", "fp32", "--device", "cpu", "--trainer", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["encoder"], r["mode"]) for r in rows] == [("tiny", "fp32")] and rows[0]["img_per_s"] > 0
+
+
 def test_train_step_counts_attention_flops_on_the_cpu(train_step, monkeypatch):
     """torch's FLOP table knows only the CUDA attention kernels; the CPU ones are mapped by hand,
     so the CPU count includes exactly the attention FLOPs of every block, forward and backward."""
