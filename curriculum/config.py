@@ -165,7 +165,10 @@ def _check_keys(user: Any, schema: DictConfig, source: str, prefix: str = "") ->
         if key not in schema.keys():
             raise unknown_key(path, _valid_keys(schema, prefix) + _valid_keys(OmegaConf.structured(Recipe)), source)
         child = schema._get_node(key)
-        # omegaconf's own words for these ("Cannot merge incompatible container types") name no key
+        # omegaconf's own words for these ("Cannot merge incompatible container types") name no key;
+        # a ${...} reference is resolved later, and checked then
+        if isinstance(value, str) and "${" in value:
+            continue
         if isinstance(child, ListConfig) and value is not None and not isinstance(value, list):
             raise RecipeError(f"{source}: {path}: expected a list, got {_kind(value)}")
         if isinstance(child, DictConfig) and value is not None and not isinstance(value, dict):

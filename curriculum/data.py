@@ -490,6 +490,8 @@ def _raw_samples(urls: list[str], bad: Callable[[str, str], None]) -> Iterator[d
         stream = _PipeErrorsInWords(gopen(url), url) if url.startswith("pipe:") else gopen(url)
         try:
             yield from _complete(iter_tar_samples(stream, url, functools.partial(bad, url)), url, bad)
+            if isinstance(stream, _PipeErrorsInWords):
+                stream.drain()  # the tar ended at its marker: the command's end and exit status are read too
         finally:
             stream.close()
 
@@ -517,6 +519,14 @@ class _PipeErrorsInWords:
         if not data and size != 0:
             self.at_end = True
         return data
+
+    def drain(self) -> None:
+        """Read the command's output to its end (after the tar's end-of-archive marker, its padding)."""
+        try:
+            while self.read(1 << 16):
+                pass
+        except OSError:
+            raise DataError(f"{self.url}: {self._words()}") from None
 
     def close(self) -> None:
         proc = getattr(self.stream, "proc", None)
@@ -923,8 +933,8 @@ def uneven_split_note(urls: list[str], counts: list[int] | None, seed: int, worl
                 f"{readers} avoids it")
     size = dict(zip(urls, counts))
     drawn = [len(range(stream, batches_per_rank, workers)) * batch_size for stream in range(workers)]
-    twice = sum(max(0, drawn[slot % workers] - sum(size[u] for u in epoch_shards(urls, seed, 0, slot, readers)))
-                for slot in range(readers))
+    order = epoch_shards(urls, seed, 0, 0, 1)  # the first epoch's permutation, whose slices the readers read
+    twice = sum(max(0, drawn[slot % workers] - sum(size[u] for u in order[slot::readers])) for slot in range(readers))
     if twice == 0:
         return None
     epoch = batches_per_rank * batch_size * world_size

@@ -23,7 +23,12 @@ class DepthDataModule(pl.LightningDataModule):
         super().__init__()
         self.cfg, self.seed = data_cfg, seed
         self.train_urls, self.val_urls = (_shards(data_cfg, key) for key in ("train_shards", "val_shards"))
-        self.shard_counts = shard_sample_counts(self.train_urls)
+        try:
+            self.shard_counts = shard_sample_counts(self.train_urls)
+        except DataError:  # an index.json that does not list every shard: what epoch_samples is for
+            if not data_cfg["epoch_samples"]:
+                raise
+            self.shard_counts = None
         total = data_cfg["epoch_samples"] or (sum(self.shard_counts) if self.shard_counts is not None else 0)
         if not total:
             raise DataError(

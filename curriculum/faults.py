@@ -139,9 +139,11 @@ class SignalCheckpoint(pl.Callback):
         self._restore()
         if pending and pending != _DATA_ERROR:
             signum = _BY_PRIORITY[pending]
+            done = getattr(trainer.lightning_module, "validated_step", -1) == trainer.global_step
             _interrupt(trainer, signum, f"interrupted at step {trainer.global_step} by {signal.Signals(signum).name} "
-                       f"(training steps done; final validation skipped); checkpoint saved to {checkpoint}; "
-                       f"resume with resume={checkpoint}", checkpoint, self.requeue_command)
+                       f"({'training steps and their final validation done' if done else 'training steps done; final validation skipped'}); "
+                       f"checkpoint saved to {checkpoint}; resume with resume={checkpoint}", checkpoint,
+                       self.requeue_command)
 
     # ------------------------------------------------------------------ acting on a signal
     def _agreed(self, trainer, now: bool = False, reduced_only: bool = False) -> int:

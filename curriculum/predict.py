@@ -172,10 +172,16 @@ def list_inputs(path: str | os.PathLike, recursive: bool = False, skip: tuple = 
     path = Path(path)
     if path.is_dir():
         skip_dirs = {Path(d).resolve() for d in skip if d is not None}
+        seen = {path.resolve()}  # linked subfolders are followed, each folder read once (no loops)
         files = []
-        for folder, subfolders, names in os.walk(path):
-            subfolders[:] = sorted(d for d in subfolders if recursive and not d.startswith(".")
-                                   and Path(folder, d).resolve() not in skip_dirs)
+        for folder, subfolders, names in os.walk(path, followlinks=True):
+            keep = []
+            for d in sorted(subfolders):
+                real = Path(folder, d).resolve()
+                if recursive and not d.startswith(".") and real not in skip_dirs and real not in seen:
+                    seen.add(real)
+                    keep.append(d)
+            subfolders[:] = keep
             files += [Path(folder, n) for n in names if not n.startswith(".")
                       and Path(n).suffix.lower() in IMAGE_EXTENSIONS and Path(folder, n).is_file()]
         files.sort(key=lambda f: f.relative_to(path).parts)
@@ -195,9 +201,11 @@ def output_places(files: list[Path], inputs: str | os.PathLike, out_dir: str | o
     name distinct within that folder (``_output_stems``)."""
     root = Path(inputs) if Path(inputs).is_dir() else None
     rel = [f.parent.relative_to(root) if root is not None else Path() for f in files]
+    groups: dict[Path, list[int]] = {}
+    for i, r in enumerate(rel):
+        groups.setdefault(r, []).append(i)
     places: list[tuple[Path, str]] = [(Path(), "")] * len(files)
-    for sub in dict.fromkeys(rel):
-        idx = [i for i, r in enumerate(rel) if r == sub]
+    for sub, idx in groups.items():
         for i, stem in zip(idx, _output_stems([files[i] for i in idx])):
             places[i] = (Path(out_dir) / sub, stem)
     return places
@@ -371,7 +379,9 @@ def run_predict(checkpoint: str | os.PathLike, inputs: str | os.PathLike, out_di
     files = list_inputs(inputs, recursive, skip=(out_dir, pointcloud.sky_mask if pointcloud else None))
     if Path(inputs).is_dir():  # earlier runs' depth maps in the folder are outputs, not photos
         earlier = [f for f in files if f.suffix.lower() == ".png" and is_depth_png(f)]
-        files = [f for f in files if f not in set(earlier)] if earlier else files
+        if earlier:
+            skipped = set(earlier)
+            files = [f for f in files if f not in skipped]
         if earlier:
             log(f"skipped {len(earlier)} depth maps written by an earlier predict (e.g. {earlier[0]})")
         if not files:

@@ -363,3 +363,12 @@ def test_a_recipe_file_of_the_wrong_shape_names_the_file_and_key(tmp_path, text,
     with pytest.raises(RecipeError) as e:
         load_recipe([RECIPES_DIR / "smoke.yaml", path])
     assert str(e.value) == f"{path}: {message}"
+
+
+def test_a_recipe_file_may_point_a_section_at_another_with_a_reference(tmp_path):
+    """The shape check runs before references are resolved: a ${...} is left to omegaconf."""
+    path = tmp_path / "ref.yaml"
+    path.write_text("stages:\n  - {name: pretrain, steps: 4, policy: {name: max_depth, max_depth: 80.0}}\n"
+                    "  - name: finetune\n    steps: 4\n    policy: ${stages.0.policy}\n")
+    cfg = load_recipe([RECIPES_DIR / "smoke.yaml", path])
+    assert to_plain(cfg)["stages"][1]["policy"] == {"name": "max_depth", "max_depth": 80.0}

@@ -563,3 +563,20 @@ def test_color_jitter_rounds_to_the_nearest_level_on_host_and_device():
     for out in (host, device):
         err = out.astype(np.float64) - exact
         assert np.abs(err).max() <= 0.5 + 1e-3 and abs(err.mean()) < 0.02
+
+
+def test_epoch_samples_stands_in_for_an_index_that_misses_a_shard(tiny_shards, tmp_path):
+    """An index.json that does not list every shard (one copied in later) stops a run that relies
+    on it, naming the shard; data.epoch_samples is the way round it, and then the index is not
+    needed."""
+    import shutil
+
+    from curriculum.datamodule import DepthDataModule
+
+    train_dir, val_dir, train, _ = tiny_shards
+    shutil.copy(train[0], train_dir / "extra-000009.tar")
+    cfg = {"train_shards": f"{train_dir}/*.tar", "val_shards": f"{val_dir}/*.tar", "epoch_samples": 0}
+    with pytest.raises(DataError, match="no entry for shard extra-000009.tar"):
+        DepthDataModule(cfg, 0)
+    dm = DepthDataModule({**cfg, "epoch_samples": 12}, 0)
+    assert dm.epoch_samples == 12 and dm.shard_counts is None

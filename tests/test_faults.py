@@ -781,7 +781,10 @@ def test_a_signal_during_the_final_validation_stops_with_its_status(tiny_shards,
     assert [int(r["step"]) for r in read_metrics(out) if r.get("val/phantom_rate")] == [3]
 
 
-def test_a_signal_between_fit_and_the_final_save_waits_for_the_save(tiny_shards, tmp_path, add_callback, capsys):
+@pytest.mark.parametrize("val_every,said", [(3, "training steps done; final validation skipped"),
+                                             (8, "training steps and their final validation done")])
+def test_a_signal_between_fit_and_the_final_save_waits_for_the_save(tiny_shards, tmp_path, add_callback, capsys,
+                                                                    val_every, said):
     """Fit's teardown (loader shutdown) and the final save of a large model take seconds: a stop
     signal then met the default handlers, which ended the process without the final checkpoint
     (steps since the last periodic save lost, no message). It now waits for the save, then stops
@@ -796,14 +799,14 @@ def test_a_signal_between_fit_and_the_final_save_waits_for_the_save(tiny_shards,
 
     add_callback(SignalAtTeardown())
     out = tmp_path / "run"
-    common = ("stages.0.steps=4", "stages.1.steps=4", "trainer.val_every_steps=0", "trainer.ckpt_every_steps=3")
+    common = ("stages.0.steps=4", "stages.1.steps=4", f"trainer.val_every_steps={val_every}",
+              "trainer.ckpt_every_steps=3")
     with pytest.raises(RunInterrupted) as err:
         train_mod.train(_recipe(train_dir, val_dir, out, *common))
     ckpt = out / "checkpoints" / "last.ckpt"
     assert err.value.code == 128 + signal.SIGTERM and err.value.step == 8
     assert read_checkpoint(ckpt)["global_step"] == 8  # not the periodic save of step 6
-    assert f"interrupted at step 8 by SIGTERM (training steps done; final validation skipped); checkpoint saved " \
-           f"to {ckpt}" in capsys.readouterr().err
+    assert f"interrupted at step 8 by SIGTERM ({said}); checkpoint saved to {ckpt}" in capsys.readouterr().err
     assert {s: signal.getsignal(s) for s in before} == before
     assert not list((out / "checkpoints").glob(".*tmp*"))
 

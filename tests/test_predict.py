@@ -302,6 +302,19 @@ def test_recursive_folders_mirror_their_subfolders_and_skip_outputs_masks_and_hi
     assert rc == 0, err
     rc, _, err = _predict(["--checkpoint", trained, "--input", root / "s2" / "..", "--out", tmp_path / "o5"], capsys)
     assert rc == 0, err
+    # a linked subfolder is read like any other (datasets are often assembled from links); a link
+    # back up the tree is not followed round in a loop
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(elsewhere / "far.png")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "sub").symlink_to(elsewhere, target_is_directory=True)
+    (linked / "loop").symlink_to(linked, target_is_directory=True)
+    rc, _, err = _predict(["--checkpoint", trained, "--input", linked, "--out", tmp_path / "o7", "--recursive"],
+                          capsys)
+    assert rc == 0, err
+    assert [str(p.relative_to(tmp_path / "o7")) for p in (tmp_path / "o7").rglob("*_depth.png")] == ["sub/far_depth.png"]
     empty = tmp_path / "only_subfolders"
     (empty / "sub").mkdir(parents=True)
     Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(empty / "sub" / "x.png")

@@ -67,6 +67,12 @@ def test_a_pipe_read_only_in_part_is_no_failed_command(tmp_path, capfd):
     samples.close()
     with pytest.raises(DataError, match="command exited with status 3"):
         _training_reader(f"pipe:cat {path}; exit 3")
+    # a small shard ends at its marker long before the command exits: its failure is still read
+    small = _shard(tmp_path / "small", per_shard=3)
+    for command in (f"cat {small}; exit 3", f"cat {small}; sleep 0.3; exit 3"):
+        for _ in range(3):
+            with pytest.raises(DataError, match="command exited with status 3"):
+                _training_reader(f"pipe:{command}")
 
 
 def test_cut_at_a_member_boundary_drops_the_last_sample_once(tmp_path):
