@@ -184,11 +184,9 @@ def test_arms_trained_on_other_shards_are_not_reused(tmp_path, tiny_shards, caps
     assert rc == 2 and "was trained on other shards" in err and len(err.strip().splitlines()) == 1
 
 
-def test_an_interrupted_arm_resumes_from_its_last_checkpoint(tmp_path, tiny_shards, capsys, add_callback):
-    """A run killed after a checkpoint (last.ckpt, no done.json) continues from it, not from step 0."""
+def _killed_at_step_2():
+    """A callback that saves last.ckpt at step 2 and dies there, once: a run killed after a checkpoint."""
     import lightning.pytorch as pl
-
-    from curriculum.compare import run_compare
 
     class KilledAtStep2(pl.Callback):
         fired = False
@@ -199,7 +197,14 @@ def test_an_interrupted_arm_resumes_from_its_last_checkpoint(tmp_path, tiny_shar
                 trainer.save_checkpoint(trainer.default_root_dir + "/checkpoints/last.ckpt")
                 raise RuntimeError("killed")
 
-    add_callback(KilledAtStep2())
+    return KilledAtStep2()
+
+
+def test_an_interrupted_arm_resumes_from_its_last_checkpoint(tmp_path, tiny_shards, capsys, add_callback):
+    """A run killed after a checkpoint (last.ckpt, no done.json) continues from it, not from step 0."""
+    from curriculum.compare import run_compare
+
+    add_callback(_killed_at_step_2())
     c = load_compare([_compare_file(tmp_path, tiny_shards, arms="[A]")], ["total_steps=6"])
     with pytest.raises(RuntimeError, match="killed"):
         run_compare(c)
@@ -218,19 +223,8 @@ def test_a_resumed_arm_counts_every_attempts_time_and_its_data_is_checked(tmp_pa
                                                                           monkeypatch):
     """The report's training time of a resumed arm is the sum of its attempts (it was the last
     one's), and an interrupted arm is not resumed on training shards that changed since."""
-    import lightning.pytorch as pl
-
     from curriculum import compare as compare_mod
     from curriculum.compare import run_compare
-
-    class KilledAtStep2(pl.Callback):
-        fired = False
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step == 2 and not self.fired:
-                self.fired = True
-                trainer.save_checkpoint(trainer.default_root_dir + "/checkpoints/last.ckpt")
-                raise RuntimeError("killed")
 
     import time
     import types
@@ -238,7 +232,7 @@ def test_a_resumed_arm_counts_every_attempts_time_and_its_data_is_checked(tmp_pa
     clock = iter(range(0, 10_000, 100))  # each reading of compare's clock 100 s after the last
     monkeypatch.setattr(compare_mod, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock)),
                                                                    time=time.time))
-    add_callback(KilledAtStep2())
+    add_callback(_killed_at_step_2())
     c = load_compare([_compare_file(tmp_path, tiny_shards, arms="[A]")], ["total_steps=6"])
     with pytest.raises(RuntimeError, match="killed"):
         run_compare(c)
