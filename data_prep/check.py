@@ -54,7 +54,8 @@ class Stats:
         self.beyond_near += int((((depth > NEAR_LIMIT_M) | far) & ~sky).sum())
         finite = depth[(raw > 0) & ~far]
         if finite.size:
-            self.hist += np.histogram(finite, bins=_HIST_EDGES)[0]
+            # clipped into the histogram's range (1 mm .. 10 km), where np.histogram would drop them
+            self.hist += np.histogram(np.clip(finite, _HIST_EDGES[0], _HIST_EDGES[-1]), bins=_HIST_EDGES)[0]
             self.dmin = min(self.dmin, float(finite.min()))
             self.dmax = max(self.dmax, float(finite.max()))
         self.resolutions[f"{meta['width']}x{meta['height']}"] += 1

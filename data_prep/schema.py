@@ -326,7 +326,7 @@ def decode_sample(sample: dict, metres: bool = True) -> dict:
         raise SampleError(f"{key}: missing meta.json")
     try:
         meta = json.loads(meta_b.decode("utf-8") if isinstance(meta_b, (bytes, bytearray)) else meta_b)
-    except (ValueError, UnicodeDecodeError, TypeError, AttributeError) as e:
+    except (ValueError, UnicodeDecodeError, TypeError, AttributeError, RecursionError) as e:
         raise SampleError(f"{key}: meta.json is not valid JSON ({e})") from None
     validate_meta(meta, key)
     w, h = meta["width"], meta["height"]

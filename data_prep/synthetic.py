@@ -37,6 +37,7 @@ DEPTH_SCALE = 0.01
 MAX_FINITE_M = 650.0
 KITTI_FX, KITTI_CX, KITTI_CY, KITTI_W, KITTI_H = 721.5377, 609.5593, 172.854, 1242, 375
 DEFAULT_W, DEFAULT_H = 420, 140
+MAX_SIDE = 8192  # a frame of 8192 x 8192 is 64 Mpixel: larger is a typo, not a data set
 LAYOUTS = ("urban", "suburban", "rural")
 
 # object kinds
@@ -784,8 +785,8 @@ def main(argv: list[str] | None = None) -> int:
         return convert.fail(f"--frames must be >= 1, got {args.frames}")
     if args.seed < 0:
         return convert.fail(f"--seed must be >= 0, got {args.seed}")
-    if args.width < 16 or args.height < 16:
-        return convert.fail(f"--width and --height must be >= 16, got {args.width}x{args.height}")
+    if not (16 <= args.width <= MAX_SIDE and 16 <= args.height <= MAX_SIDE):
+        return convert.fail(f"--width and --height must lie in 16..{MAX_SIDE}, got {args.width}x{args.height}")
     opts = convert.common_opts(args) | {"width": args.width, "height": args.height}
     return convert.run("synthetic", frames_for(args.seed, args.frames), load, opts, args)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -105,8 +106,10 @@ class ShardWriter:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
         if max_bytes < self.MIN_BYTES:
             raise ValueError(f"max_bytes must be >= {self.MIN_BYTES}, got {max_bytes}")
-        if not prefix or "/" in prefix or prefix.startswith("."):
-            raise ValueError(f"bad shard prefix {prefix!r}")
+        # letters, digits, '_', '-', '.' only: a glob character (* ? [) would make the overwrite's
+        # match of this data set's shards take another data set's too
+        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", prefix or ""):
+            raise ValueError(f"bad shard prefix {prefix!r}: use letters, digits, '_', '-' and '.' (not first)")
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise NotADirectoryError(f"{self.out_dir}: exists and is not a folder")
@@ -292,7 +295,7 @@ def read_index(folder: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
         index = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser goes
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(index, dict):
         raise ValueError(f"{path}: expected a JSON object")

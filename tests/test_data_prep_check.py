@@ -177,3 +177,33 @@ def test_depth_percentiles_stay_within_the_depths_seen():
     stats.add(dec, "png")
     assert stats.percentiles([1, 50, 99]) == [pytest.approx(15.0)] * 3
     assert all(stats.dmin <= p <= stats.dmax for p in stats.percentiles([1, 50, 99]))
+
+
+def test_json_nested_past_the_parsers_depth_is_one_line(tmp_path, capsys):
+    """Python's parser gives up on very deep nesting with RecursionError, which no except caught:
+    a traceback from the checker (and, for a sample, from a training loader)."""
+    deep = b"[" * 100000 + b"]" * 100000
+    bad = sample(1)
+    bad["meta.json"] = deep
+    write(tmp_path / "a", [sample(0), bad])
+    rc, out, err = run(tmp_path / "a", capsys, "--quiet")
+    assert rc == 1 and "t_s_1: meta.json is not valid JSON" in out and "Traceback" not in err
+    write(tmp_path / "b", [sample(0)])
+    (tmp_path / "b" / "index.json").write_bytes(deep)
+    rc, out, err = run(tmp_path / "b", capsys, "--quiet")
+    assert rc == 1 and "index.json: not valid JSON" in out + err and "Traceback" not in err
+
+
+def test_depth_percentiles_count_depths_beyond_the_histogram(tmp_path, capsys):
+    """Depths past 10 km (a coarse depth_scale allows them) were left out of the percentiles while
+    the maximum counted them."""
+    h, w = 4, 8
+    raw = np.full((h, w), 30000, np.uint16)  # 15 km at 0.5 m per unit
+    raw[0] = 20  # 10 m
+    m = {"source": "t", "scene": "s", "frame": "0", "width": w, "height": h,
+         "fx": 1.0, "fy": 1.0, "cx": 1.0, "cy": 1.0, "depth_scale": 0.5}
+    write(tmp_path, [encode_sample("t_s_0", np.zeros((h, w, 3), np.uint8), raw, m)])
+    rc, out, _ = run(tmp_path, capsys)
+    line = next(x for x in out.splitlines() if "p50" in x)
+    p1, p5, p50, p95, p99 = (float(v) for v in line.split("p99", 1)[1].rstrip(" m").split("/"))
+    assert rc == 0 and p1 < 11 and p50 >= 9000 and p99 >= 9000, line

@@ -275,3 +275,24 @@ def test_a_rerun_completes_an_overwrite_stopped_while_it_replaced_the_old_set(tm
         w.write(sample(6))
     assert tars(tmp_path) == ["shard-000000.tar"] and hidden(tmp_path) == []
     assert read_index(tmp_path)["total"] == 1
+
+
+@pytest.mark.parametrize("prefix", ["*", "a[1]", "sh?rd", ".hidden", "", "a/b"])
+def test_a_prefix_that_globs_or_hides_is_refused(tmp_path, prefix):
+    """--prefix '*' --overwrite matched another data set's shards as its own and deleted them."""
+    with pytest.raises(ValueError, match="bad shard prefix"):
+        ShardWriter(tmp_path, prefix=prefix)
+
+
+def test_overwrite_with_a_glob_prefix_leaves_another_data_set_alone(tmp_path, capsys):
+    from data_prep import synthetic
+
+    args = ["--out", str(tmp_path), "--frames", "2", "--width", "32", "--height", "16", "--workers", "1",
+            "--no-progress"]
+    assert synthetic.main([*args, "--prefix", "mine"]) == 0
+    other = tmp_path / "someone-else-000000.tar"
+    other.write_bytes((tmp_path / "mine-000000.tar").read_bytes())
+    assert synthetic.main([*args, "--prefix", "*", "--overwrite"]) == 2
+    assert other.is_file() and "bad shard prefix" in capsys.readouterr().err
+    assert synthetic.main([*args, "--width", "300000"]) == 2
+    assert "--width and --height must lie in 16..8192" in capsys.readouterr().err
