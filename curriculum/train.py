@@ -10,6 +10,7 @@ import logging
 import netrc
 import os
 import shutil
+import socket
 import warnings
 from pathlib import Path
 from urllib.parse import urlparse
@@ -18,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig
 
@@ -41,7 +43,7 @@ class SetupError(RuntimeError):
 def _check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
+        probe = folder / f".write-test-{socket.gethostname()}-{os.getpid()}"  # nodes may share a folder and pids
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
@@ -78,7 +80,8 @@ def _inside(path: str | os.PathLike, folder: Path) -> bool:
 def _clear_folder(folder: Path) -> None:
     """Remove a replaced run's files (rank 0 only: the other ranks of a launch may start after it
     has begun to write)."""
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) != 0:
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("LOCAL_RANK", "0")))
+    if int(rank) != 0:
         return
     for name in RUN_FILES:
         path = folder / name
@@ -185,6 +188,7 @@ class _MetricsCSV(CSVLogger):
         super().log_metrics(metrics, step)
 
     @property
+    @rank_zero_experiment  # as Lightning's own: the other ranks get a dummy, and leave metrics.csv alone
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None and self.resume_step is not None:
             self._fs.makedirs(self.root_dir, exist_ok=True)

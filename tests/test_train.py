@@ -795,6 +795,10 @@ def test_a_new_run_never_silently_replaces_another(tiny_shards, tmp_path, monkey
     monkeypatch.setenv("LOCAL_RANK", "1")
     _clear_folder(out)
     assert (out / "metrics.csv").read_text() == keep
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setenv("SLURM_PROCID", "3")  # srun sets this one alone
+    _clear_folder(out)
+    assert (out / "metrics.csv").read_text() == keep
 
 
 def test_a_folder_with_metrics_but_no_checkpoint_is_not_offered_for_resume(tmp_path):
@@ -1040,3 +1044,20 @@ def test_images_per_second_leaves_out_validation_and_checkpoint_time(tiny_shards
     # with the 1 s saves (after steps 2 and 4) or the validation's sleep counted, a rate would read
     # below 2 images / 0.5 s; tiny steps on this machine take well under 0.2 s
     assert min(rates.values()) > 2 / 0.5, rates
+
+
+def test_only_rank_0_rewrites_metrics_csv_on_a_resume(tmp_path, monkeypatch):
+    """Lightning asks every rank's logger for its experiment; a resume's writer reads metrics.csv,
+    drops the rows past the checkpoint and writes it back, which rank 0 alone may do."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from curriculum.train import _MetricsCSV
+
+    rows = "step,train/loss\n1,0.5\n2,0.4\n3,0.3\n"
+    (tmp_path / "metrics.csv").write_text(rows)
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    _MetricsCSV(tmp_path, resume_step=1).experiment
+    assert (tmp_path / "metrics.csv").read_text() == rows
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    _MetricsCSV(tmp_path, resume_step=1).experiment
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == ["step,train/loss", "1,0.5"]
