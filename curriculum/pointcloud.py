@@ -120,7 +120,8 @@ def keep_not_sky(depth: np.ndarray, sky_threshold: float | None = None,
 
 def load_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
     """Read a PNG mask as bool (H, W): nonzero (in any colour channel) is True; turned upright by its
-    EXIF orientation, as predict's images are.
+    EXIF orientation, as predict's images are. A JPEG mask is lossy (its edges ring with small
+    nonzero values around the sky): there a channel counts from half its range (128) up.
 
     Raises ValueError with one line naming the file if it cannot be read or its size is not
     ``shape`` (H, W).
@@ -130,6 +131,7 @@ def load_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
     path = Path(path)
     try:
         with Image.open(path) as img:
+            lossy = img.format == "JPEG"
             img = ImageOps.exif_transpose(img)
             if img.mode in ("P", "PA"):  # palette indices are not colours: white sky may be index 0
                 img = img.convert("RGBA")
@@ -137,6 +139,8 @@ def load_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
             arr = np.asarray(img)
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read mask {path}: {_one_line(e)}") from None
+    if lossy:
+        arr = arr >= 128
     if arr.ndim == 3:
         # Alpha says nothing about sky; ignore it when colour channels are present.
         if mode in ("RGBA", "LA", "PA") and arr.shape[2] > 1:

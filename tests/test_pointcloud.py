@@ -533,3 +533,18 @@ def test_an_image_past_the_readers_pixel_limit_is_one_line(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="cannot read mask .*huge.png"):
         pc.load_mask(path, (40, 50))
     assert not is_depth_png(path)
+
+
+def test_a_jpeg_mask_is_read_from_half_range_so_its_ringing_is_not_sky(tmp_path):
+    """JPEG compression leaves small nonzero values around a white sky's edge (and in blocks of
+    the black ground): read as nonzero, they spread the sky over the ground."""
+    arr = np.zeros((32, 48), np.uint8)
+    arr[:12] = 255
+    arr[12:, 20:28] = 255  # a pole up into the sky
+    path = tmp_path / "sky.jpg"
+    Image.fromarray(arr).save(path, quality=30)
+    assert (np.asarray(Image.open(path)) > 0).sum() > (arr > 0).sum() + 20  # the ringing this is about
+    mask = pc.load_mask(path, (32, 48))
+    assert (mask != (arr > 0)).sum() <= 0.02 * arr.size
+    Image.fromarray(np.stack([arr] * 3, axis=2)).save(tmp_path / "rgb.jpg", quality=30)
+    assert (pc.load_mask(tmp_path / "rgb.jpg", (32, 48)) != (arr > 0)).sum() <= 0.02 * arr.size
