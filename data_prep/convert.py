@@ -252,6 +252,23 @@ def _catch_stop_signals() -> dict:
     return saved
 
 
+def _start_pool_helpers() -> None:
+    """Start multiprocessing's resource tracker and forkserver with SIGHUP ignored, which they keep
+    (an ignored signal survives exec). They ignore SIGINT and SIGTERM themselves but not a hangup:
+    a closed terminal's SIGHUP to the process group killed the tracker, whose relaunched copy then
+    printed a KeyError traceback for each shared-memory block the parent released as it cleaned up."""
+    from multiprocessing import forkserver, resource_tracker
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        resource_tracker.ensure_running()
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def _worker_init() -> None:
     # The parent handles Ctrl-C, SIGTERM and SIGHUP (and aborts the writer); workers finish
     # their frame and stop.
@@ -366,6 +383,8 @@ def _run(name: str, frames: Sequence[Any], load: Callable[[Any, dict], dict], op
     # parent left it, and can deadlock on its first cv2 call.
     # An executor, not multiprocessing.Pool: Pool replaces a worker that dies (OOM kill, segfault)
     # and waits for its frame forever; the executor reports it.
+    if workers > 1:
+        _start_pool_helpers()
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver"), initializer=_worker_init) \
         if workers > 1 else None
     # A few frames per worker ahead of the writer, not all of them: Executor.map submits every

@@ -253,6 +253,25 @@ def test_signal_to_a_subprocess_with_workers(tmp_path, signum, code, said):
     assert_nothing_final(out)
 
 
+def test_a_hangup_to_the_whole_process_group_cleans_up_quietly(tmp_path):
+    """A closed terminal sends SIGHUP to every process of the group, multiprocessing's helpers
+    too: the resource tracker died of it and its relaunched copy printed KeyError tracebacks."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "data_prep.synthetic", "--out", str(out), "--frames", "5000", "--width", "48",
+           "--height", "24", "--workers", "2", "--shard-size", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_for_shards(out, proc)
+        os.killpg(proc.pid, signal.SIGHUP)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGHUP, err
+    assert err.strip() == f"terminated by SIGHUP: removed the partial output in {out}", err
+    assert_nothing_final(out)
+
+
 @pytest.mark.slow
 def test_sigkill_leaves_only_complete_shards(tmp_path, capsys):
     out = tmp_path / "out"
