@@ -878,10 +878,10 @@ class _PositionedLoader(_Loader):
 def _worker_init(_: int) -> None:
     # One core per worker: OpenCV's own thread pool in every worker would oversubscribe the CPUs.
     cv2.setNumThreads(1)
-    # A SIGTERM/SIGINT/SIGUSR1 sent to the whole process group (SLURM time limit, scancel, Ctrl-C) is for
-    # the training process, which checkpoints and then ends its workers; a worker dying first
-    # would fail the run without a checkpoint.
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+    # A SIGTERM/SIGINT/SIGUSR1/SIGHUP sent to the whole process group (SLURM time limit, scancel,
+    # Ctrl-C, a closed terminal) is for the training process, which checkpoints and then ends its
+    # workers; a worker dying first would fail the run without a checkpoint.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
 
 

@@ -1,6 +1,6 @@
 """Faults during a run: stop signals that end in a checkpoint, checkpoint writes that fail in one line.
 
-Signals (SIGTERM, SIGINT, SIGUSR1) only set a flag; the run acts on it at a training-batch
+Signals (SIGTERM, SIGINT, SIGUSR1, SIGHUP) only set a flag; the run acts on it at a training-batch
 boundary (the next one; on GPUs under DDP the one after, see ``SignalCheckpoint._agreed``), where
 every rank agrees (an all-reduce MAX of the flag) so that all ranks save and stop after the same
 optimizer step, whichever rank the signal reached and when. The checkpoint then is
@@ -36,11 +36,13 @@ from curriculum.late_read import LateRead
 # wrapper's relay), not a request to stop at once.
 SECOND_SIGINT_AFTER_S = 1.0
 # Priority when ranks received different signals: a requeue request wins over a plain stop.
-_PRIORITY = {signal.SIGINT: 1, signal.SIGTERM: 2, signal.SIGUSR1: 3}
+# SIGHUP: a closed terminal (an ssh session that dropped) stops the run as SIGTERM does, with a
+# checkpoint, unless it is ignored (nohup), as it then stays.
+_PRIORITY = {signal.SIGINT: 1, signal.SIGHUP: 2, signal.SIGTERM: 3, signal.SIGUSR1: 4}
 _BY_PRIORITY = {v: k for k, v in _PRIORITY.items()}
 # A rank's training data failed (curriculum.data._StopTogether): above every signal, as that rank
 # has nothing left to train on.
-_DATA_ERROR = 4
+_DATA_ERROR = 5
 
 
 class RunInterrupted(SystemExit):
@@ -210,8 +212,9 @@ def _take_signals(trainer, handler) -> tuple[dict, object]:
     """Installs ``handler`` for the stop signals and holds off Lightning's own SIGTERM handling
     (it forwards the signal to the other local ranks, runs a collective inside the handler and
     exits without a checkpoint); returns what ``_give_back_signals`` puts back."""
-    previous = {signum: signal.getsignal(signum) for signum in _PRIORITY}
-    for signum in _PRIORITY:
+    previous = {signum: signal.getsignal(signum) for signum in _PRIORITY
+                if not (signum == signal.SIGHUP and signal.getsignal(signum) is signal.SIG_IGN)}
+    for signum in previous:
         signal.signal(signum, handler)
     connector = getattr(trainer, "_signal_connector", None)
     if connector is not None:
@@ -237,7 +240,10 @@ def _interrupt(trainer, signum: int, message: str, checkpoint, requeue_command: 
     if trainer.is_global_zero:
         from tqdm import tqdm
 
-        tqdm.write(message, file=sys.stderr)  # on a line of its own below a progress bar
+        try:
+            tqdm.write(message, file=sys.stderr)  # on a line of its own below a progress bar
+        except OSError:  # a terminal that hung up: the checkpoint is saved all the same
+            pass
     raise RunInterrupted(message, signum, int(trainer.global_step), str(checkpoint), requeued)
 
 

@@ -861,6 +861,26 @@ def test_resume_in_the_same_folder_continues_its_metrics_and_lineage(tiny_shards
     assert meta["recipe"]["logging"]["group"] == "exp"  # stage 2 joins stage 1's W&B group
 
 
+def test_a_hangup_stops_with_a_checkpoint_unless_it_is_ignored(tiny_shards, tmp_path, probe, capsys):
+    """A closed terminal (a dropped ssh session) sends SIGHUP: the run stops as for SIGTERM, with a
+    checkpoint (it died without one). Under nohup, where SIGHUP is ignored, it stays ignored."""
+    train_dir, val_dir, _, _ = tiny_shards
+    before = signal.getsignal(signal.SIGHUP)
+    probe(at_step={1: lambda: os.kill(os.getpid(), signal.SIGHUP)})
+    common = ("stages.0.steps=2", "stages.1.steps=1")
+    with pytest.raises(RunInterrupted) as err:
+        train_mod.train(_recipe(train_dir, val_dir, tmp_path / "run", *common))
+    assert err.value.code == 128 + signal.SIGHUP and "interrupted at step 2 by SIGHUP" in str(err.value)
+    assert read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 2
+    assert signal.getsignal(signal.SIGHUP) is before
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup
+    try:
+        done = train_mod.train(_recipe(train_dir, val_dir, tmp_path / "nohup", *common))
+        assert done["global_step"] == 3 and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 def test_signal_handlers_survive_a_failed_fit_and_agree_without_ddp(tmp_path):
     """The handlers are restored even when fitting ends in an error (no teardown hook then)."""
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
@@ -873,7 +893,7 @@ def test_signal_handlers_survive_a_failed_fit_and_agree_without_ddp(tmp_path):
     assert signal.getsignal(signal.SIGTERM) == cb._handle
     os.kill(os.getpid(), signal.SIGUSR1)
     os.kill(os.getpid(), signal.SIGTERM)
-    assert cb.received == [signal.SIGUSR1, signal.SIGTERM] and cb._agreed(FakeTrainer()) == 3  # requeue wins
+    assert cb.received == [signal.SIGUSR1, signal.SIGTERM] and cb._agreed(FakeTrainer()) == 4  # requeue wins
     cb.on_exception(FakeTrainer(), None, RuntimeError("boom"))
     assert {s: signal.getsignal(s) for s in before} == before
 
@@ -1682,6 +1702,7 @@ def test_signal_mid_stage_then_resume_matches_an_uninterrupted_run(kill_data, un
 @pytest.mark.parametrize("signum", [
     signal.SIGINT,  # Ctrl-C in a terminal
     signal.SIGTERM,
+    signal.SIGHUP,  # the terminal closed
 ])
 def test_signal_to_the_process_group_with_loader_workers(kill_data, signum):
     out = kill_data / f"group{int(signum)}"
