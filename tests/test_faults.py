@@ -34,7 +34,7 @@ from curriculum.checkpoint import AtomicCheckpointIO, CheckpointError, model_sta
 from curriculum.cli import main as cli_main
 from curriculum.config import RECIPES_DIR, RecipeError, load_recipe, to_plain
 from curriculum.data import DataError, StreamPositions, TrainSpec, TrainStream, ValStream, train_loader
-from curriculum.faults import ReportingCheckpointIO, RunInterrupted, SignalCheckpoint
+from curriculum.faults import _PRIORITY, ReportingCheckpointIO, RunInterrupted, SignalCheckpoint
 from curriculum.losses import compute_loss
 from curriculum.masks import build_policy
 from curriculum.model import DepthPrediction
@@ -545,7 +545,7 @@ def test_ranks_stop_together_on_a_data_error_naming_it_where_it_happened(tmp_pat
         other.on_train_batch_end(FakeTrainer(), None, None, {"key": ["a"]}, 0)  # nothing agreed yet
         with pytest.raises(DataError, match=r"^shard-x.tar: more than 0 bad samples$"):
             failing.on_train_batch_end(FakeTrainer(), None, None, {"data_error": "shard-x.tar: more than 0 bad samples"}, 0)
-        agreed.append(4)  # what the failing rank's flag makes of the all-reduce
+        agreed.append(faults._DATA_ERROR)  # what the failing rank's flag makes of the all-reduce
         with pytest.raises(DataError, match=r"^rank 1 stopped after step 7: another rank's training data failed"):
             other.on_train_batch_end(FakeTrainer(), None, None, {"key": ["a"]}, 0)
     finally:
@@ -893,7 +893,7 @@ def test_signal_handlers_survive_a_failed_fit_and_agree_without_ddp(tmp_path):
     assert signal.getsignal(signal.SIGTERM) == cb._handle
     os.kill(os.getpid(), signal.SIGUSR1)
     os.kill(os.getpid(), signal.SIGTERM)
-    assert cb.received == [signal.SIGUSR1, signal.SIGTERM] and cb._agreed(FakeTrainer()) == 4  # requeue wins
+    assert cb.received == [signal.SIGUSR1, signal.SIGTERM] and cb._agreed(FakeTrainer()) == _PRIORITY[signal.SIGUSR1]  # requeue wins
     cb.on_exception(FakeTrainer(), None, RuntimeError("boom"))
     assert {s: signal.getsignal(s) for s in before} == before
 
@@ -915,12 +915,12 @@ def test_a_second_sigint_while_a_stop_is_pending_stops_at_once(tmp_path, monkeyp
     cb.setup(FakeTrainer(), None, "fit")
     try:
         os.kill(os.getpid(), signal.SIGINT)
-        assert cb.pending == 1 and cb.received == [signal.SIGINT]
+        assert cb.pending == _PRIORITY[signal.SIGINT] and cb.received == [signal.SIGINT]
         clock[0] += 0.2
         os.kill(os.getpid(), signal.SIGINT)  # relayed: the same Ctrl-C
         assert cb.received == [signal.SIGINT]
         os.kill(os.getpid(), signal.SIGTERM)  # not a second Ctrl-C: still a checkpointed stop
-        assert cb.pending == 2
+        assert cb.pending == _PRIORITY[signal.SIGTERM]
         clock[0] += 2.0
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
@@ -1151,9 +1151,10 @@ def test_ranks_read_their_agreement_one_step_late_on_gpus(tmp_path, monkeypatch)
         assert cb._agreed(FakeTrainer()) == 0
         os.kill(os.getpid(), signal.SIGTERM)
         assert cb._agreed(FakeTrainer()) == 0  # the boundary right after the signal: not yet read
-        assert cb._agreed(FakeTrainer()) == 2  # one step late: SIGTERM
-        assert cb._agreed(FakeTrainer(), now=True) == 2
-        assert reduced == [0, 2, 2, 2]  # every call is a collective, late or not
+        term = _PRIORITY[signal.SIGTERM]
+        assert cb._agreed(FakeTrainer()) == term  # one step late: SIGTERM
+        assert cb._agreed(FakeTrainer(), now=True) == term
+        assert reduced == [0, term, term, term]  # every call is a collective, late or not
     finally:
         cb.on_exception(FakeTrainer(), None, RuntimeError("end"))
 
