@@ -119,7 +119,7 @@ def shard_sample_counts(urls: list[str]) -> list[int] | None:
             by_dir[folder] = {s["name"]: int(s["samples"]) for s in index["shards"]}
         except FileNotFoundError:
             return None
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise DataError(f"{path}: unreadable shard index ({exc})") from None
     counts = []
     for url in urls:

@@ -56,7 +56,7 @@ def first_frame_size(urls: list[str]) -> tuple[int, int] | None:
             try:
                 meta = json.loads(raw["meta.json"])
                 return int(meta["height"]), int(meta["width"])
-            except (KeyError, ValueError, TypeError):
+            except (KeyError, ValueError, TypeError, RecursionError):
                 continue
     except (OSError, DataError):
         return None

@@ -131,7 +131,7 @@ def load_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
     path = Path(path)
     try:
         with Image.open(path) as img:
-            lossy = img.format == "JPEG"
+            lossy = img.format in ("JPEG", "MPO")  # MPO: a phone camera's multi-picture JPEG
             img = ImageOps.exif_transpose(img)
             if img.mode in ("P", "PA"):  # palette indices are not colours: white sky may be index 0
                 img = img.convert("RGBA")

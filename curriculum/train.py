@@ -80,8 +80,9 @@ def _inside(path: str | os.PathLike, folder: Path) -> bool:
 def _clear_folder(folder: Path) -> None:
     """Remove a replaced run's files (rank 0 only: the other ranks of a launch may start after it
     has begun to write)."""
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("LOCAL_RANK", "0")))
-    if int(rank) != 0:
+    # any of them: Lightning's own launcher sets only LOCAL_RANK for the ranks it starts, inside
+    # a SLURM allocation whose SLURM_PROCID (0) they inherit; srun sets SLURM_PROCID alone
+    if any(int(os.environ.get(k) or 0) != 0 for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID")):
         return
     for name in RUN_FILES:
         path = folder / name

@@ -58,13 +58,19 @@ def existing_outputs(out_dir: Path) -> list[Path]:
     return found
 
 
+def _own_shard(name: str, prefix: str, suffix: str = ".tar") -> bool:
+    """``<prefix>-NNNNNN.tar`` exactly: a glob ``<prefix>-*.tar`` would take ``<prefix>-else-000000.tar``
+    of another prefix for one of this data set's."""
+    return re.fullmatch(re.escape(prefix) + r"-\d{6}" + re.escape(suffix), name) is not None
+
+
 def _replaced_outputs(out_dir: Path, prefix: str) -> list[Path]:
     """What ``overwrite`` replaces: this prefix's shards, the shards the old index lists, the index.
 
     Any other ``*.tar`` is refused rather than deleted or kept: the folder gets one index, and a
     shard it does not list (left by a killed run with another prefix) would still be read by a
     ``*.tar`` pattern, every frame twice."""
-    found = set(out_dir.glob(f"{prefix}-*.tar"))
+    found = {p for p in out_dir.glob("*.tar") if _own_shard(p.name, prefix)}
     try:
         found.update(out_dir / s["name"] for s in read_index(out_dir)["shards"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -124,9 +130,10 @@ class ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._replaces = _replaced_outputs(self.out_dir, prefix) if overwrite else []
         # Temporary files of an earlier killed run are garbage by construction.
-        for pattern in (f".{prefix}-*.tar.tmp", f".{prefix}-*.tar.done"):
-            for p in self.out_dir.glob(pattern):
-                p.unlink()
+        for suffix in (".tar.tmp", ".tar.done"):
+            for p in self.out_dir.glob(f".*{suffix}"):
+                if _own_shard(p.name[1:], prefix, suffix):
+                    p.unlink()
         self.shards: list[dict[str, Any]] = []
         self._keys: set[str] = set()
         self._tar: tarfile.TarFile | None = None

@@ -24,10 +24,17 @@ _OUTSIDE_NAMES = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_
 
 @pytest.fixture(autouse=True)
 def _without_outside_settings(monkeypatch, tmp_path_factory):
+    import signal
+
     for name in list(os.environ):
         if name.startswith(_OUTSIDE_PREFIXES) or name in _OUTSIDE_NAMES:
             monkeypatch.delenv(name)
     monkeypatch.setenv("NETRC", str(tmp_path_factory.getbasetemp() / "no-netrc"))
+    # the tests of hangups expect SIGHUP's default, which `nohup make test` would have ignored (and
+    # subprocesses inherit what the test process has)
+    hangup = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGHUP, hangup)
 
 
 @pytest.fixture

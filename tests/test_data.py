@@ -580,3 +580,10 @@ def test_epoch_samples_stands_in_for_an_index_that_misses_a_shard(tiny_shards, t
         DepthDataModule(cfg, 0)
     dm = DepthDataModule({**cfg, "epoch_samples": 12}, 0)
     assert dm.epoch_samples == 12 and dm.shard_counts is None
+
+
+def test_an_index_nested_past_the_parsers_depth_is_one_line(tiny_shards):
+    _, _, train, _ = tiny_shards
+    (Path(train[0]).parent / "index.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(DataError, match="index.json: unreadable shard index"):
+        shard_sample_counts(train)

@@ -294,5 +294,8 @@ def test_overwrite_with_a_glob_prefix_leaves_another_data_set_alone(tmp_path, ca
     other.write_bytes((tmp_path / "mine-000000.tar").read_bytes())
     assert synthetic.main([*args, "--prefix", "*", "--overwrite"]) == 2
     assert other.is_file() and "bad shard prefix" in capsys.readouterr().err
+    # a prefix that begins another's name: 'someone' must not take 'someone-else-000000.tar' for its own
+    assert synthetic.main([*args, "--prefix", "someone", "--overwrite"]) == 2
+    assert other.is_file() and "of no known data set (someone-else-000000.tar" in capsys.readouterr().err
     assert synthetic.main([*args, "--width", "300000"]) == 2
     assert "--width and --height must lie in 16..8192" in capsys.readouterr().err

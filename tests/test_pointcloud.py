@@ -548,3 +548,15 @@ def test_a_jpeg_mask_is_read_from_half_range_so_its_ringing_is_not_sky(tmp_path)
     assert (mask != (arr > 0)).sum() <= 0.02 * arr.size
     Image.fromarray(np.stack([arr] * 3, axis=2)).save(tmp_path / "rgb.jpg", quality=30)
     assert (pc.load_mask(tmp_path / "rgb.jpg", (32, 48)) != (arr > 0)).sum() <= 0.02 * arr.size
+
+
+def test_a_multi_picture_jpeg_mask_is_read_as_a_jpeg(tmp_path):
+    """Phone cameras write JPEGs with a second picture (MPO), which Pillow reports as MPO."""
+    arr = np.zeros((32, 48), np.uint8)
+    arr[:12] = 255
+    arr[12:, 20:28] = 255
+    img = Image.fromarray(np.stack([arr] * 3, axis=2))
+    img.save(tmp_path / "mask.mpo", format="MPO", save_all=True, append_images=[img], quality=30)
+    with Image.open(tmp_path / "mask.mpo") as check:
+        assert check.format == "MPO"
+    assert (pc.load_mask(tmp_path / "mask.mpo", (32, 48)) != (arr > 0)).sum() <= 0.02 * arr.size

@@ -928,3 +928,26 @@ def test_eval_chart_keeps_an_empty_last_slot_inside_its_axes(tmp_path, monkeypat
         slots = len(ax.get_xticks())
         left, right = ax.get_xlim()
         assert left <= -0.5 and right >= slots - 0.5, (ax.get_title(), ax.get_xlim())
+
+
+def test_eval_sizes_the_input_without_tripping_on_a_broken_first_sample(tmp_path):
+    """The first readable meta.json gives the frames' size; one nested past the JSON parser's depth
+    is skipped (evaluation then reports it as a bad sample), not a traceback."""
+    import io
+
+    from curriculum.evaluate import first_frame_size
+
+    _known_shards(tmp_path / "val")
+    shard = next((tmp_path / "val").glob("*.tar"))
+    broken = tmp_path / "broken.tar"
+    with tarfile.open(shard) as src, tarfile.open(broken, "w") as dst:
+        first = None
+        for m in src:
+            data = src.extractfile(m).read()
+            first = first or m.name.split(".")[0]
+            if m.name == f"{first}.meta.json":
+                data = b"[" * 100000 + b"]" * 100000
+                m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    assert first_frame_size([str(broken)]) == (H, W)  # from the second sample
+    assert first_frame_size([str(tmp_path / "missing.tar")]) is None

@@ -799,6 +799,11 @@ def test_a_new_run_never_silently_replaces_another(tiny_shards, tmp_path, monkey
     monkeypatch.setenv("SLURM_PROCID", "3")  # srun sets this one alone
     _clear_folder(out)
     assert (out / "metrics.csv").read_text() == keep
+    # a rank Lightning's own launcher started inside a SLURM allocation: LOCAL_RANK 1, SLURM_PROCID 0
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    _clear_folder(out)
+    assert (out / "metrics.csv").read_text() == keep
 
 
 def test_a_folder_with_metrics_but_no_checkpoint_is_not_offered_for_resume(tmp_path):
