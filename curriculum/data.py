@@ -718,12 +718,16 @@ class StreamPositions:
 
 
 class ValStream(IterableDataset):
-    """Every validation image exactly once over all ranks and workers."""
+    """Every validation image exactly once over all ranks and workers. Images are resized to
+    (height, width) as uint8, or with ``float_images`` as floats in [0, 1] with the cubic
+    overshoot kept, as Depth-Anything-V2's own evaluation feeds its official checkpoints."""
 
-    def __init__(self, urls, rank, world_size, batch_size, height, width, max_images=0, max_bad_samples=100):
+    def __init__(self, urls, rank, world_size, batch_size, height, width, max_images=0, max_bad_samples=100,
+                 float_images=False):
         self.urls = list(urls)
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.height, self.width = batch_size, height, width
+        self.float_images = float_images
         self.max_images, self.max_bad_samples = max_images, max_bad_samples
         self.data_error: str | None = None  # under DDP, set by _EndOnDataError for the module to share
 
@@ -751,7 +755,8 @@ class ValStream(IterableDataset):
             except SampleError as exc:
                 bad(raw.get("__url__", "?"), str(exc))
                 continue
-            s["rgb"] = cv2.resize(s["rgb"], (self.width, self.height), interpolation=cv2.INTER_CUBIC)
+            rgb = s["rgb"].astype(np.float32) / 255.0 if self.float_images else s["rgb"]
+            s["rgb"] = cv2.resize(rgb, (self.width, self.height), interpolation=cv2.INTER_CUBIC)
             if full is not None:
                 yield self._finish(full, bad)
                 full = None

@@ -8,6 +8,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -37,12 +38,13 @@ def protocol_text(protocol: str, min_depth: float, max_depth: float) -> str:
 
 def load_official_for_eval(path: str, ckpt: dict, encoder: str | None, max_depth: float | None):
     """An official Depth-Anything-V2 metric checkpoint as (model, metadata) for ``evaluate``: it is
-    fed what this project's checkpoints are, the validation stream's images (a uint8 cubic resize;
-    Depth-Anything-V2's own inference resizes floats, which ``predict`` does for such files)."""
+    fed its images as Depth-Anything-V2's own evaluation feeds them (a cubic resize of floats in
+    [0, 1], overshoot kept), where this project's checkpoints get the validation stream's uint8
+    resize they were validated with."""
     from curriculum.predict import load_official_file
 
     model = load_official_file(path, ckpt, encoder, max_depth)
-    return model, {"model": model.metadata(), "stage": "official Depth-Anything-V2"}
+    return model, {"model": model.metadata(), "stage": "official Depth-Anything-V2", "float_input": True}
 
 
 def first_frame_size(urls: list[str]) -> tuple[int, int] | None:
@@ -100,7 +102,8 @@ def evaluate(checkpoint: str, shards: str, protocol: str = "synthetic", batch_si
     width = width or recipe_size[1]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
-    stream = ValStream(urls, 0, 1, batch_size, height, width, max_images=max_images)
+    float_input = bool(meta.get("float_input", False))
+    stream = ValStream(urls, 0, 1, batch_size, height, width, max_images=max_images, float_images=float_input)
     acc = MetricAccumulator(min_depth=1e-3, max_depth=EVAL_MAX_DEPTH)
     # the colour range the run's own panels used (logging.depth_vmax)
     vmax = float(meta.get("recipe", {}).get("logging", {}).get("depth_vmax", LoggingConfig.depth_vmax))
@@ -108,7 +111,7 @@ def evaluate(checkpoint: str, shards: str, protocol: str = "synthetic", batch_si
     bar = tqdm(stream, desc="eval", unit="batch", disable=not progress)
     for batch in bar:
         bad += int(batch["bad_samples"])
-        pred = model(normalize_images(batch["image"].to(device))).depth.float().cpu()
+        pred = model(normalize_images(batch["image"].to(device), 1.0 if float_input else 255.0)).depth.float().cpu()
         for i in range(pred.shape[0]):
             h, w = (int(v) for v in batch["size"][i])
             if abs(math.log((w / h) / (width / height))) > 0.1 and (h, w) not in stretched:
@@ -133,6 +136,7 @@ def evaluate(checkpoint: str, shards: str, protocol: str = "synthetic", batch_si
         "model": meta.get("model", {}),
         "stage": meta.get("stage"),
         "input_size": [height, width],
+        "input_resize": "float cubic" if float_input else "uint8 cubic",
         "depth_range_shown": [PANEL_VMIN, vmax],  # the example panels' colour range
         "bad_samples": bad,
         "metrics": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in results.items()},
@@ -150,6 +154,8 @@ def image_panel(batch: dict, i: int, pred: torch.Tensor, vmax: float, rgb_key: s
     gt = batch["depth"][i, :h, :w].detach().float().cpu().clone()
     gt[batch["sky"][i, :h, :w].cpu()] = float("inf")
     rgb = batch[rgb_key][i].permute(1, 2, 0).cpu().numpy()  # depth_panel brings it to (h, w)
+    if rgb.dtype != np.uint8:  # floats in [0, 1] (an official checkpoint's input)
+        rgb = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
     return depth_panel(rgb, gt.numpy(), pred.detach().float().cpu().numpy(), vmin=PANEL_VMIN, vmax=vmax,
                        valid=None if valid is None else valid.cpu().numpy())
 
@@ -157,8 +163,6 @@ def image_panel(batch: dict, i: int, pred: torch.Tensor, vmax: float, rgb_key: s
 def save_figures(report: dict, stem: str | os.PathLike) -> list[str]:
     """``<stem>.png``: abs_rel per depth range and the phantom rates as bar charts; and
     ``<stem>_examples.png``: the report's depth panels, one per row (when it kept any)."""
-    import numpy as np
-
     from matplotlib.figure import Figure
 
     from curriculum.viz import save_figure
@@ -223,6 +227,7 @@ def format_table(report: dict) -> str:
     m = report["metrics"]
     lines = [report["protocol_text"], f"images: {int(m.get('images') or 0)}, each resized to "
              f"{report['input_size'][1]}x{report['input_size'][0]} for the network"
+             + (" (as floats, as Depth-Anything-V2 evaluates)" if report.get("input_resize") == "float cubic" else "")
              + (f"; {report['bad_samples']} bad samples skipped" if report.get("bad_samples") else "")]
     nonfinite = int(m.get("nonfinite_pixels") or 0)
     if nonfinite:  # else ranges left without finite predictions would read "n/a" like ranges without images

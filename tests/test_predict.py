@@ -951,3 +951,50 @@ def test_eval_sizes_the_input_without_tripping_on_a_broken_first_sample(tmp_path
             dst.addfile(m, io.BytesIO(data))
     assert first_frame_size([str(broken)]) == (H, W)  # from the second sample
     assert first_frame_size([str(tmp_path / "missing.tar")]) is None
+
+
+def test_eval_feeds_official_checkpoints_floats_as_depth_anything_v2_does(tmp_path, monkeypatch):
+    """An official checkpoint sees each frame resized as floats in [0, 1] (cubic overshoot kept),
+    normalised from there, as Depth-Anything-V2's evaluation feeds it; this project's checkpoints
+    keep the uint8 resize they were validated with."""
+    from curriculum import evaluate as evaluate_mod
+    from curriculum.data import ValStream
+    from curriculum.evaluate import evaluate, format_table, load_official_for_eval
+    from data_prep.schema import decode_sample
+
+    _known_shards(tmp_path / "val")
+    shards = f"{tmp_path}/val/*.tar"
+    raw = next(iter(ValStream([str(next((tmp_path / "val").glob("*.tar")))], 0, 1, 1, 28, 56, float_images=True)))
+    with tarfile.open(next((tmp_path / "val").glob("*.tar"))) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar}
+    key = sorted({n.split(".")[0] for n in members})[0]
+    rgb = decode_sample({"__key__": key, **{n.split(".", 1)[1]: b for n, b in members.items()
+                                            if n.startswith(key + ".")}})["rgb"]
+    expected = cv2.resize(rgb.astype(np.float32) / 255.0, (56, 28), interpolation=cv2.INTER_CUBIC)
+    assert raw["image"].dtype == torch.float32
+    np.testing.assert_allclose(raw["image"][0].permute(1, 2, 0).numpy(), expected, rtol=0, atol=1e-6)
+
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            seen.append(x.clone())
+            return self.inner(x)
+
+    model = DepthModel("tiny", "sigmoid", 1e-3, 80.0)
+    torch.save(official_state_dict(model), tmp_path / "official.pth")
+    loaded, meta = load_official_for_eval(str(tmp_path / "official.pth"), torch.load(tmp_path / "official.pth"),
+                                          "tiny", 80.0)
+    report = evaluate(str(tmp_path / "official.pth"), shards, height=28, width=56, model=Recording(loaded),
+                      meta=meta, progress=False, examples=1)
+    assert report["input_resize"] == "float cubic" and "(as floats, as Depth-Anything-V2 evaluates)" in format_table(report)
+    np.testing.assert_allclose(seen[0][0], normalize_images(torch.from_numpy(expected).permute(2, 0, 1)[None], 1.0)[0],
+                               rtol=0, atol=1e-5)
+    assert report["examples"][0].dtype == np.uint8  # the panel's rgb from the floats
+    seen.clear()
+    ours = evaluate(str(_constant_checkpoint(tmp_path)), shards, height=28, width=56, progress=False)
+    assert ours["input_resize"] == "uint8 cubic"
