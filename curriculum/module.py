@@ -106,17 +106,18 @@ class DepthModule(pl.LightningModule):
         batch["image"] = normalize_images(batch["image"]).contiguous(memory_format=fmt)
         return batch
 
-    def _predict_and_loss(self, images, target, weight):
-        pred = self.model(images)
+    def _predict_and_loss(self, images, target, weight, model=None):
+        pred = (self.model if model is None else model)(images)
         return pred.depth, compute_loss(pred, target, weight, **self.loss_args)
 
     _STEP_CALLABLES = ("_forward_model", "_predict_and_loss_fn")
 
     def _build_step_callables(self) -> None:
-        """What forward and training call: the model and ``_predict_and_loss``, compiled under
-        ``model.compile``. Training compiles the model and the loss as one graph, so the loss's
-        80-300 element-wise operators over full-resolution maps fuse into a few kernels; the mask
-        policy stays out, so a stage switch does not recompile.
+        """What forward and training call: the model, compiled under ``model.compile``, and
+        ``_predict_and_loss`` around it. The loss runs eagerly after the compiled model: traced
+        into one graph with it, its fused reduction kernels failed to compile for CUDA (Triton's
+        "PassManager::run failed" in make_ttgir, torch 2.11 on an H200, 2026-11-27), though
+        inductor's CPU code for them built; the mask policy stays outside either way.
 
         Held outside the module tree, so state dicts never hold `_orig_mod.` keys (what a compiled module saves).
         The plain function is compiled, not a bound method: one held by the instance would tie a
@@ -125,8 +126,8 @@ class DepthModule(pl.LightningModule):
         mcfg = self.recipe["model"]
         forward, step = self.model, DepthModule._predict_and_loss
         if mcfg.get("compile"):
-            mode = mcfg.get("compile_mode", "default")
-            forward, step = torch.compile(forward, mode=mode), torch.compile(step, mode=mode)
+            forward = torch.compile(self.model, mode=mcfg.get("compile_mode", "default"))
+            step = functools.partial(DepthModule._predict_and_loss, model=forward)
         object.__setattr__(self, "_forward_model", forward)
         object.__setattr__(self, "_predict_and_loss_fn", step)
 

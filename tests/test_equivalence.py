@@ -237,7 +237,7 @@ def test_crop_before_resize_same_support_at_kitti_scale(seed):
         np.testing.assert_array_equal(a, b[:, ::-1] if flipped else b)
 
 
-def test_compile_mode_reaches_both_compiled_callables(monkeypatch):
+def test_compile_mode_reaches_the_compiled_model(monkeypatch):
     from curriculum.config import load_recipe, to_plain
     from curriculum.module import DepthModule
 
@@ -247,7 +247,7 @@ def test_compile_mode_reaches_both_compiled_callables(monkeypatch):
     recipe = to_plain(load_recipe([RECIPES / "finetune.yaml"],
                                   ["model.compile=true", "model.compile_mode=max-autotune-no-cudagraphs"]))
     DepthModule(recipe)
-    assert modes == ["max-autotune-no-cudagraphs"] * 2  # the model (validation) and the training step
+    assert modes == ["max-autotune-no-cudagraphs"]  # one compiled model, for validation and the training step
 
 
 def test_compiled_module_state_has_no_orig_mod_keys():
@@ -335,10 +335,11 @@ def _training_loss_and_grads(module, batch, compiled: bool):
     return losses, depth, _grads(module.model)
 
 
-def test_compile_switch_captures_model_and_loss_as_one_graph(compile_backend):
-    """Under model.compile the model and the loss are traced together, without graph breaks (one
-    graph, so the loss fuses into the model's kernels), the numbers do not change, and a stage
-    switch (another mask policy) reuses the graph instead of recompiling."""
+def test_compile_switch_captures_the_model_in_one_graph_and_runs_the_loss_eagerly(compile_backend):
+    """Under model.compile the model is traced without graph breaks (one graph); the loss runs
+    eagerly after it (traced with the model, its fused reductions failed to compile for CUDA: see
+    DepthModule._build_step_callables); the numbers do not change, and a stage switch (another
+    mask policy) reuses the graph instead of recompiling."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     counter = compile_backend(CompileCounterWithBackend("eager"))
@@ -346,9 +347,9 @@ def test_compile_switch_captures_model_and_loss_as_one_graph(compile_backend):
     module.model.sum_projection = False  # as eager, so capture alone must change no number
     want, want_depth, want_grads = _training_loss_and_grads(module, batch, compiled=False)
     got, got_depth, got_grads = _training_loss_and_grads(module, batch, compiled=True)
-    assert counter.frame_count == 1, f"{counter.frame_count} graphs: the model and loss did not trace as one"
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs: the model did not trace as one"
     traced = {str(n.target) for g in counter.graphs for n in g.graph.nodes}
-    assert any("sqrt" in t for t in traced), "the loss (SiLog's sqrt) is not in the compiled graph"
+    assert not any("sqrt" in t for t in traced), "the loss (SiLog's sqrt) is in the compiled graph"
     assert set(got) == set(want)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
@@ -361,8 +362,8 @@ def test_compile_switch_captures_model_and_loss_as_one_graph(compile_backend):
 
 @pytest.mark.slow
 def test_compile_inductor_model_and_loss_same_loss():
-    """The training step as the compile switch runs it on a GPU (inductor, model and loss in one
-    graph, channels-last head, matrix-product resizes): loss within 1e-5 of eager, gradients close."""
+    """The training step as the compile switch runs it on a GPU (inductor for the model, the loss
+    eager, channels-last head, matrix-product resizes): loss within 1e-5 of eager, gradients close."""
     torch._dynamo.reset()
     module, batch = _module_and_batch("model.compile=true", "model.channels_last=true")
     module.model.matmul_resize = True  # what a CUDA compile picks; the CPU would keep F.interpolate

@@ -457,17 +457,18 @@ def test_training_steps_make_no_call_that_would_wait_for_a_gpu(tiny_shards, tmp_
 
 def test_compile_switch_trains_both_stages_with_one_training_graph(tiny_shards, tmp_path, compile_backend):
     """model.compile=true through Lightning (graphs captured by dynamo and run by its eager backend,
-    so it takes seconds): both stages train and validate, the model and loss are traced into one
-    training graph that the stage switch does not retrace, and checkpoints hold plain keys."""
+    so it takes seconds): both stages train and validate, the model is traced once for training
+    and once for validation (the stage switch retraces nothing; the loss stays eager: see
+    DepthModule._build_step_callables), and checkpoints hold plain keys."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     counter = compile_backend(CompileCounterWithBackend("eager"))
     result = train(_recipe(tiny_shards, tmp_path / "run", "stages.0.steps=3", "stages.1.steps=2",
                            "model.compile=true"))
     assert result["global_step"] == 5 and result["switches"] == [(0, "pretrain"), (3, "finetune")]
-    training_graphs = [g for g in counter.graphs if any("sqrt" in str(n.target) for n in g.graph.nodes)]
-    assert len(training_graphs) == 1, f"{len(training_graphs)} training graphs (one expected)"
-    assert counter.frame_count > 1, "validation did not run the compiled model"
+    assert not [g for g in counter.graphs if any("sqrt" in str(n.target) for n in g.graph.nodes)], \
+        "the loss (SiLog's sqrt) was compiled"
+    assert counter.frame_count == 2, f"{counter.frame_count} graphs: training's and validation's expected"
     losses = [float(r["train/loss"]) for r in read_metrics(tmp_path / "run") if r.get("train/loss")]
     assert len(losses) == 5 and all(torch.isfinite(torch.tensor(losses)))
     ckpt = read_checkpoint(result["checkpoint"])
