@@ -141,11 +141,9 @@ class SignalCheckpoint(pl.Callback):
         self._restore()
         if pending and pending != _DATA_ERROR:
             signum = _BY_PRIORITY[pending]
-            done = getattr(trainer.lightning_module, "validated_step", -1) == trainer.global_step
-            _interrupt(trainer, signum, f"interrupted at step {trainer.global_step} by {signal.Signals(signum).name} "
-                       f"({'training steps and their final validation done' if done else 'training steps done; final validation skipped'}); "
-                       f"checkpoint saved to {checkpoint}; resume with resume={checkpoint}", checkpoint,
-                       self.requeue_command)
+            _interrupt(trainer, signum, f"interrupted at step {trainer.global_step} by {signal.Signals(signum).name}"
+                       f"{_after_training(trainer, trainer.lightning_module)}; checkpoint saved to {checkpoint}; "
+                       f"resume with resume={checkpoint}", checkpoint, self.requeue_command)
 
     # ------------------------------------------------------------------ acting on a signal
     def _agreed(self, trainer, now: bool = False, reduced_only: bool = False) -> int:
@@ -180,10 +178,7 @@ class SignalCheckpoint(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         # A signal after the last step's boundary (epoch-end validation): keep the final state.
-        # The validation it came during may have finished (one scheduled at the last step).
-        done = getattr(pl_module, "validated_step", -1) == trainer.global_step
-        self._maybe_stop(trainer, " (training steps and their final validation done)" if done
-                         else " (training steps done; final validation skipped)", now=True)
+        self._maybe_stop(trainer, _after_training(trainer, pl_module), now=True)
 
     def _maybe_stop(self, trainer, note: str, now: bool = False, reduced_only: bool = False,
                     flush: bool = False) -> None:
@@ -206,6 +201,14 @@ class SignalCheckpoint(pl.Callback):
         _interrupt(trainer, signum, f"interrupted at step {trainer.global_step} by {signal.Signals(signum).name}"
                    f"{note}; checkpoint saved to {self.checkpoint}; resume with resume={self.checkpoint}",
                    self.checkpoint, self.requeue_command)
+
+
+def _after_training(trainer, pl_module) -> str:
+    """What a stop after the last step leaves undone: the final validation, unless one scheduled
+    at that step has finished (a signal during it is taken at fit's end)."""
+    if getattr(pl_module, "validated_step", -1) == trainer.global_step:
+        return " (training steps and their final validation done)"
+    return " (training steps done; final validation skipped)"
 
 
 def _take_signals(trainer, handler) -> tuple[dict, object]:
